@@ -1,0 +1,391 @@
+"""Label file formats: readers that turn a file into :class:`Record` s, writers that export a
+dataset. Readers never touch the store; :mod:`annotation_db.importer` writes what they read.
+
+- ``jsonl``: the original labeling system's format, one JSON object per image with one-hot
+  class keys by display name: ``{"image_name": "a.png", "正常肾小球": 1, "节段性硬化": 0, ...}``.
+  A JSON array of the same objects is read too. UTF-8, non-ASCII kept.
+- ``csv``: ``image,label[,annotator][,slide]`` (``path``/``image_name`` and ``slide_id`` accepted;
+  several classes joined by ``;`` for multi-label datasets).
+- ``folders``: ImageFolder layout, ``ROOT/<class>/<image>``.
+- ``labelstudio``: Label Studio JSON tasks with ``choices`` results.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+from sqlalchemy.orm import Session
+
+from annotation_db.db import StoreError
+from annotation_db.models import Dataset
+from annotation_db.store import IMAGE_SUFFIXES, dataset_images, resolve_labels
+
+FORMATS = ("jsonl", "csv", "folders", "labelstudio")
+JSONL_IMAGE_KEY = "image_name"
+MULTI_SEP = ";"
+LABEL_STUDIO_FROM = "class"
+LABEL_STUDIO_TO = "image"
+
+
+class FormatError(StoreError):
+    """A label file is malformed; the message names the file, the line and the field."""
+
+    def __init__(self, file: str | Path, line: int | None, field: str | None, problem: str):
+        self.file, self.line, self.field = str(file), line, field
+        where = f"{file}" + (f", line {line}" if line else "") + (f", field {field!r}" if field else "")
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass
+class Record:
+    """One image of a label file. ``classes`` None = registered without a label."""
+
+    image: str
+    classes: list[str] | None
+    where: str
+    annotator: str | None = None
+    slide: str | None = None
+    uncertain: bool = False
+
+
+# --- readers -----------------------------------------------------------------------------------
+
+
+def _iter_json_objects(path: Path) -> Iterator[tuple[int, object]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise FormatError(path, None, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise FormatError(path, e.lineno, None, f"invalid JSON array: {e.msg} (column {e.colno})") from None
+        for i, obj in enumerate(items, 1):
+            yield i, obj  # array element index stands in for the line
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FormatError(path, lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+def read_jsonl(path: str | Path) -> tuple[list[str], list[Record]]:
+    """Read the seed labeling system's file: (class names in file order, records)."""
+    path = Path(path)
+    class_names: list[str] | None = None
+    records: list[Record] = []
+    for lineno, obj in _iter_json_objects(path):
+        if not isinstance(obj, dict):
+            raise FormatError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+        image = obj.get(JSONL_IMAGE_KEY)
+        if not isinstance(image, str) or not image.strip():
+            raise FormatError(path, lineno, JSONL_IMAGE_KEY, "missing or empty image name")
+        names = [k for k in obj if k != JSONL_IMAGE_KEY]
+        if class_names is None:
+            if not names:
+                raise FormatError(path, lineno, None, "no class keys besides 'image_name'")
+            class_names = names
+        elif set(names) != set(class_names):
+            missing = [c for c in class_names if c not in names]
+            extra = [c for c in names if c not in class_names]
+            field = (missing or extra)[0]
+            raise FormatError(
+                path, lineno, field,
+                f"class keys differ from line 1's ({'missing ' + ', '.join(missing) if missing else ''}"
+                f"{'; ' if missing and extra else ''}{'unknown ' + ', '.join(extra) if extra else ''})",
+            )
+        classes = []
+        for name in class_names:
+            value = obj[name]
+            if type(value) is not int or value not in (0, 1):
+                raise FormatError(path, lineno, name, f"one-hot value must be 0 or 1, got {value!r}")
+            if value == 1:
+                classes.append(name)
+        records.append(Record(image=image, classes=classes or None, where=f"{path}:{lineno}"))
+    if class_names is None:
+        raise FormatError(path, None, None, "no records")
+    return class_names, records
+
+
+_CSV_IMAGE = ("image", "path", "image_name", "file", "filename")
+_CSV_SLIDE = ("slide", "slide_id", "slide_name")
+
+
+def read_csv(path: str | Path) -> list[Record]:
+    """Read ``image,label[,annotator][,slide]`` rows (header required)."""
+    path = Path(path)
+    try:
+        f = path.open(newline="", encoding="utf-8-sig")
+    except OSError as e:
+        raise FormatError(path, None, None, f"cannot open ({e.strerror})") from None
+    with f:
+        reader = csv.DictReader(f)
+        header = [h.strip().lower() for h in (reader.fieldnames or [])]
+        reader.fieldnames = header
+        image_col = next((c for c in _CSV_IMAGE if c in header), None)
+        if image_col is None or "label" not in header:
+            raise FormatError(path, 1, None, f"header must name an image column and 'label', got {header}")
+        slide_col = next((c for c in _CSV_SLIDE if c in header), None)
+        records = []
+        for row in reader:
+            lineno = reader.line_num
+            image = (row.get(image_col) or "").strip()
+            if not image:
+                raise FormatError(path, lineno, image_col, "empty image path")
+            raw = (row.get("label") or "").strip()
+            classes = [c.strip() for c in raw.split(MULTI_SEP) if c.strip()] or None
+            records.append(
+                Record(
+                    image=image,
+                    classes=classes,
+                    where=f"{path}:{lineno}",
+                    annotator=(row.get("annotator") or "").strip() or None,
+                    slide=((row.get(slide_col) or "").strip() or None) if slide_col else None,
+                )
+            )
+    return records
+
+
+def scan_folder(folder: str | Path, *, labels_from_subfolders: bool = False) -> list[Record]:
+    """Every image under ``folder`` (sorted); the first sub-folder names the class when asked."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FormatError(folder, None, None, "not a folder")
+    records = []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
+            continue
+        rel = p.relative_to(folder).as_posix()
+        classes = None
+        if labels_from_subfolders:
+            parts = rel.split("/")
+            if len(parts) < 2:
+                raise FormatError(p, None, "folder", "image sits directly in the root, not in a class sub-folder")
+            classes = [parts[0]]
+        records.append(Record(image=rel, classes=classes, where=str(p)))
+    return records
+
+
+def _label_studio_image(data: dict) -> str | None:
+    if isinstance(data.get("glom_path"), str):
+        return data["glom_path"]
+    image = data.get("image")
+    if not isinstance(image, str):
+        return None
+    # Local-files URLs carry the path in ?d=...; anything else: keep the last path part.
+    from urllib.parse import parse_qs, unquote, urlparse
+
+    parsed = urlparse(image)
+    if "d" in parse_qs(parsed.query):
+        return unquote(parse_qs(parsed.query)["d"][0])
+    return unquote(parsed.path.rsplit("/", 1)[-1]) if parsed.scheme else image
+
+
+def read_label_studio(path: str | Path) -> list[Record]:
+    """Read Label Studio JSON tasks: one record per completed annotation (or per task without one)."""
+    path = Path(path)
+    try:
+        tasks = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise FormatError(path, e.lineno, None, f"invalid JSON: {e.msg}") from None
+    if isinstance(tasks, dict):
+        tasks = [tasks]
+    if not isinstance(tasks, list):
+        raise FormatError(path, None, None, "expected a list of tasks")
+    records = []
+    for i, task in enumerate(tasks):
+        where = f"{path}:task {i}"
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise FormatError(path, None, f"[{i}].data", "task has no 'data' object")
+        image = _label_studio_image(task["data"])
+        if not image:
+            raise FormatError(path, None, f"[{i}].data.image", "task has no image")
+        annotations = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+        if not annotations:
+            records.append(Record(image=image, classes=None, where=where))
+        for a in annotations:
+            choices = [
+                c for r in a.get("result") or [] if r.get("type") == "choices" for c in r.get("value", {}).get("choices", [])
+            ]
+            who = a.get("completed_by")
+            if isinstance(who, dict):
+                who = who.get("email") or who.get("username") or who.get("id")
+            records.append(
+                Record(image=image, classes=choices or None, where=where, annotator=str(who) if who is not None else None)
+            )
+    return records
+
+
+# --- writers -----------------------------------------------------------------------------------
+
+
+def _atomic_write_text(out: Path, text: str) -> None:
+    """Write ``text`` to ``out`` through a temp file, so a crash leaves the old file or none."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    images: int
+    labeled: int
+    undecided: int
+
+
+def export_jsonl(
+    session: Session, dataset: Dataset, out: str | Path, *, source: str = "majority", labeled_only: bool = False
+) -> ExportReport:
+    """Write the seed system's JSON lines: every image (all zeros when unlabeled), schema order."""
+    resolved = resolve_labels(session, dataset, source)
+    lines, labeled = [], 0
+    for image, _slide in dataset_images(session, dataset):
+        classes = resolved.by_image.get(image.id)
+        if classes:
+            labeled += 1
+        elif labeled_only:
+            continue
+        obj = {JSONL_IMAGE_KEY: image.path}
+        for c in dataset.classes:
+            obj[c.display_name] = int(bool(classes) and c.key in classes)
+        lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
+    _atomic_write_text(Path(out), "".join(lines))
+    return ExportReport(Path(out), len(lines), labeled, len(resolved.undecided))
+
+
+def export_csv(session: Session, dataset: Dataset, out: str | Path, *, source: str = "majority") -> ExportReport:
+    """Write ``image,label,slide`` for every labeled image (class keys; ``;`` joins multi-label)."""
+    import io
+
+    resolved = resolve_labels(session, dataset, source)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", "label", "slide"])
+    n = 0
+    for image, slide in dataset_images(session, dataset):
+        classes = resolved.by_image.get(image.id)
+        if classes:
+            writer.writerow([image.path, MULTI_SEP.join(classes), slide or ""])
+            n += 1
+    _atomic_write_text(Path(out), buf.getvalue())
+    return ExportReport(Path(out), n, n, len(resolved.undecided))
+
+
+def export_class_folders(
+    session: Session, dataset: Dataset, out: str | Path, *, source: str = "majority", link: bool = False
+) -> ExportReport:
+    """ImageFolder layout ``OUT/<class key>/<file>`` (copies, or hard links with ``link``).
+
+    Nested paths are flattened with ``__`` so two crops with one file name cannot collide.
+    """
+    out = Path(out)
+    resolved = resolve_labels(session, dataset, source)
+    root = Path(dataset.root or ".")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    n = 0
+    try:
+        for c in dataset.classes:
+            (staging / c.key).mkdir()
+        for image, _slide in dataset_images(session, dataset):
+            for key in resolved.by_image.get(image.id, []):
+                src, dst = root / image.path, staging / key / image.path.replace("/", "__")
+                if not src.is_file():
+                    raise StoreError(f"{src}: image file of {image.path!r} is missing; cannot export it")
+                if link:
+                    try:
+                        os.link(src, dst)
+                        continue
+                    except OSError:
+                        pass
+                shutil.copy2(src, dst)
+            n += bool(resolved.by_image.get(image.id))
+        if out.exists():
+            if any(out.iterdir()):
+                raise StoreError(f"{out}: export folder exists and is not empty; choose a new one")
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportReport(out, n, n, len(resolved.undecided))
+
+
+def label_studio_config(dataset: Dataset) -> str:
+    """The labeling config XML that matches :func:`export_label_studio`'s tasks."""
+    choice = "multiple" if dataset.multi_label else "single"
+    options = "\n".join(f"    <Choice value={quoteattr(c.display_name)}/>" for c in dataset.classes)
+    return (
+        f'<View>\n  <Image name="{LABEL_STUDIO_TO}" value="$image" zoom="true"/>\n'
+        f'  <Choices name="{LABEL_STUDIO_FROM}" toName="{LABEL_STUDIO_TO}" choice="{choice}" showInLine="true">\n'
+        f"{options}\n  </Choices>\n</View>\n"
+    )
+
+
+def export_label_studio(
+    session: Session,
+    dataset: Dataset,
+    out: str | Path,
+    *,
+    source: str = "majority",
+    url_prefix: str = "/data/local-files/?d=",
+) -> ExportReport:
+    """Label Studio tasks (every image; labeled ones carry an annotation with ``choices``).
+
+    Writes the matching labeling config beside it as ``<out>.config.xml``.
+    """
+    resolved = resolve_labels(session, dataset, source)
+    display = {c.key: c.display_name for c in dataset.classes}
+    tasks, n = [], 0
+    for image, slide in dataset_images(session, dataset):
+        task: dict = {"data": {"image": url_prefix + image.path, "glom_path": image.path}}
+        if slide:
+            task["data"]["slide"] = slide
+        classes = resolved.by_image.get(image.id)
+        if classes:
+            n += 1
+            task["annotations"] = [
+                {
+                    "result": [
+                        {
+                            "from_name": LABEL_STUDIO_FROM,
+                            "to_name": LABEL_STUDIO_TO,
+                            "type": "choices",
+                            "value": {"choices": [display[k] for k in classes]},
+                        }
+                    ],
+                    "was_cancelled": False,
+                    "ground_truth": source in ("adjudicated", "final"),
+                }
+            ]
+        tasks.append(task)
+    out = Path(out)
+    _atomic_write_text(out, json.dumps(tasks, ensure_ascii=False, indent=1) + "\n")
+    _atomic_write_text(out.with_name(out.name + ".config.xml"), label_studio_config(dataset))
+    return ExportReport(out, len(tasks), n, len(resolved.undecided))
+
+
+EXPORTERS = {
+    "jsonl": export_jsonl,
+    "csv": export_csv,
+    "folders": export_class_folders,
+    "labelstudio": export_label_studio,
+}

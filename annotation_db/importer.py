@@ -1,0 +1,276 @@
+"""Write what a label file holds into the store, in batches whose cost does not grow with the
+store: every lookup is an indexed ``IN`` query over the batch, every write one statement per batch.
+
+The caller owns the transaction: an error anywhere (malformed line, unknown class, missing file)
+raises before commit, so nothing of the file is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.orm import Session
+from tqdm.auto import tqdm
+
+from annotation_db import formats
+from annotation_db.db import StoreError
+from annotation_db.formats import FormatError, Record
+from annotation_db.models import Dataset, Image, Label
+from annotation_db.store import (
+    GLOMERULUS_CLASSES,
+    ClassSpec,
+    ImageFileError,
+    InvalidLabelError,
+    create_dataset,
+    get_or_create_annotator,
+    get_or_create_slide,
+    normalize_rel_path,
+    read_image_meta,
+    resolve_in_root,
+    set_labels_bulk,
+)
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 2000
+
+
+@dataclass
+class ImportReport:
+    dataset: str
+    records: int = 0
+    images_added: int = 0
+    images_existing: int = 0
+    labels_written: int = 0
+    labels_unchanged: int = 0
+    missing: list[str] = field(default_factory=list)  # "where: path" of files skipped as missing
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, path of the same bytes)
+    duplicates_skipped: int = 0
+
+    def summary(self) -> str:
+        parts = [
+            f"{self.records} records",
+            f"{self.images_added} images added",
+            f"{self.images_existing} already registered",
+            f"{self.labels_written} labels written",
+        ]
+        if self.labels_unchanged:
+            parts.append(f"{self.labels_unchanged} unchanged")
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing files skipped")
+        if self.duplicates:
+            verb = "skipped" if self.duplicates_skipped else "kept"
+            parts.append(f"{len(self.duplicates)} duplicate images by hash ({verb})")
+        return f"{self.dataset}: " + ", ".join(parts)
+
+
+def schema_for(class_names: Sequence[str]) -> list[ClassSpec]:
+    """Class schema for a new dataset from the names a file uses.
+
+    The default glomerulus classes are recognised by display name or key (keeping the file's
+    order); anything else becomes a class whose key and display name are the name itself.
+    """
+    known = {c.display_name: c for c in GLOMERULUS_CLASSES} | {c.key: c for c in GLOMERULUS_CLASSES}
+    if all(n in known for n in class_names):
+        return [ClassSpec(known[n].key, known[n].display_name, None) for n in class_names]
+    return [ClassSpec(n, n) for n in class_names]
+
+
+def class_names_of(records: Iterable[Record]) -> list[str]:
+    """Distinct class names used by records, sorted (for folder, CSV and Label Studio files)."""
+    return sorted({c for r in records for c in (r.classes or [])})
+
+
+def ensure_dataset(
+    session: Session,
+    name: str,
+    *,
+    class_names: Sequence[str],
+    root: str | Path,
+    multi_label: bool = False,
+) -> Dataset:
+    """The dataset ``name``; created from ``class_names`` and ``root`` when it does not exist."""
+    from annotation_db.store import DatasetNotFoundError, get_dataset
+
+    try:
+        return get_dataset(session, name)
+    except DatasetNotFoundError:
+        if not class_names:
+            raise StoreError(
+                f"Dataset {name!r} does not exist and the file names no classes; pass --classes."
+            ) from None
+        return create_dataset(session, name, schema_for(class_names), multi_label=multi_label, root=root)
+
+
+def _class_key_map(dataset: Dataset) -> dict[str, str]:
+    """Name -> key, accepting keys and display names."""
+    out = {c.display_name: c.key for c in dataset.classes}
+    out.update({c.key: c.key for c in dataset.classes})
+    return out
+
+
+def _keys_for(record: Record, dataset: Dataset, name_to_key: dict[str, str]) -> list[str]:
+    keys = []
+    for name in record.classes or []:
+        key = name_to_key.get(name)
+        if key is None:
+            raise InvalidLabelError(
+                f"{record.where}: field 'label': unknown class {name!r} for dataset {dataset.name!r} "
+                f"(its classes: {', '.join(c.display_name if c.display_name == c.key else f'{c.key} ({c.display_name})' for c in dataset.classes)})"
+            )
+        keys.append(key)
+    if len(set(keys)) > 1 and not dataset.multi_label:
+        raise InvalidLabelError(
+            f"{record.where}: field 'label': {len(keys)} classes {keys} for single-label dataset {dataset.name!r}"
+        )
+    order = dataset.class_keys
+    return sorted(set(keys), key=order.index)
+
+
+def import_records(
+    session: Session,
+    dataset: Dataset,
+    records: Sequence[Record],
+    *,
+    annotator: str,
+    source: str,
+    skip_missing: bool = False,
+    skip_duplicates: bool = False,
+    progress: bool = False,
+) -> ImportReport:
+    """Register every record's image (reading its bytes once) and write its label.
+
+    ``annotator`` is used where a record names none. Raises :class:`FormatError`,
+    :class:`InvalidLabelError` or :class:`ImageFileError` naming the record's file and line.
+    """
+    report = ImportReport(dataset=dataset.name, records=len(records))
+    name_to_key = _class_key_map(dataset)
+    annotator_ids: dict[str, int] = {}
+    slide_ids: dict[str, int] = {}
+    image_table = Image.__table__
+    bar = tqdm(total=len(records), desc=f"import {dataset.name}", unit="img", disable=not progress)
+    for start in range(0, len(records), BATCH_SIZE):
+        batch = records[start : start + BATCH_SIZE]
+        rels: list[str] = []
+        for r in batch:
+            try:
+                rels.append(normalize_rel_path(dataset, r.image))
+            except ImageFileError as e:
+                raise ImageFileError(f"{r.where}: field 'image': {e}") from None
+        keys = [_keys_for(r, dataset, name_to_key) for r in batch]
+
+        existing = dict(
+            session.execute(
+                select(Image.path, Image.id).where(Image.dataset_id == dataset.id, Image.path.in_(set(rels)))
+            ).all()
+        )
+        new_rows: dict[str, dict] = {}
+        skip: set[int] = set()
+        for i, (r, rel) in enumerate(zip(batch, rels)):
+            if rel in existing or rel in new_rows:
+                continue
+            path = resolve_in_root(dataset, rel)
+            if not path.is_file():
+                if skip_missing:
+                    report.missing.append(f"{r.where}: {rel}")
+                    skip.add(i)
+                    continue
+                raise ImageFileError(
+                    f"{r.where}: field 'image': {rel} not found under the data root {dataset.root} "
+                    "(pass --skip-missing to import the rest and list what is missing)"
+                )
+            try:
+                meta = read_image_meta(path)
+            except ImageFileError as e:
+                raise ImageFileError(f"{r.where}: field 'image': {e}") from None
+            slide_id = None
+            if r.slide:
+                if r.slide not in slide_ids:
+                    slide_ids[r.slide] = get_or_create_slide(session, r.slide).id
+                slide_id = slide_ids[r.slide]
+            new_rows[rel] = dict(
+                dataset_id=dataset.id,
+                path=rel,
+                sha256=meta.sha256,
+                width=meta.width,
+                height=meta.height,
+                slide_id=slide_id,
+                _index=i,
+            )
+
+        # Duplicates by content: against the store, and within this batch.
+        by_hash: dict[str, str] = {}
+        if new_rows:
+            hashes = {row["sha256"] for row in new_rows.values()}
+            by_hash = dict(
+                session.execute(
+                    select(Image.sha256, Image.path).where(Image.dataset_id == dataset.id, Image.sha256.in_(hashes))
+                ).all()
+            )
+        for rel, row in list(new_rows.items()):
+            twin = by_hash.get(row["sha256"])
+            if twin is not None and twin != rel:
+                report.duplicates.append((rel, twin))
+                if skip_duplicates:
+                    report.duplicates_skipped += 1
+                    skip.add(row["_index"])
+                    del new_rows[rel]
+                    continue
+            by_hash.setdefault(row["sha256"], rel)
+
+        if new_rows:
+            inserted = session.execute(
+                image_table.insert().returning(image_table.c.path, image_table.c.id),
+                [{k: v for k, v in row.items() if k != "_index"} for row in new_rows.values()],
+            ).all()
+            existing.update(dict(inserted))
+            report.images_added += len(inserted)
+        report.images_existing += sum(
+            1 for i, rel in enumerate(rels) if i not in skip and rel in existing and rel not in new_rows
+        )
+
+        # Labels: last record wins per (image, annotator); unchanged labels write no history.
+        wanted: dict[tuple[int, int], tuple[list[str], bool]] = {}
+        for i, (r, rel, k) in enumerate(zip(batch, rels, keys)):
+            if i in skip or not k:
+                continue
+            name = r.annotator or annotator
+            if name not in annotator_ids:
+                annotator_ids[name] = get_or_create_annotator(session, name).id
+            wanted[(existing[rel], annotator_ids[name])] = (k, r.uncertain)
+        if wanted:
+            current = {
+                (i, a): (list(c), u)
+                for i, a, c, u in session.execute(
+                    select(Label.image_id, Label.annotator_id, Label.classes, Label.uncertain).where(
+                        tuple_(Label.image_id, Label.annotator_id).in_(list(wanted))
+                    )
+                )
+            }
+            changed = [(i, a, k, u, "") for (i, a), (k, u) in wanted.items() if current.get((i, a)) != (k, u)]
+            set_labels_bulk(session, changed, source=source)
+            report.labels_written += len(changed)
+            report.labels_unchanged += len(wanted) - len(changed)
+        bar.update(len(batch))
+    bar.close()
+    session.flush()
+    return report
+
+
+def read_records(fmt: str, path: str | Path, *, labels_from_subfolders: bool = True) -> tuple[list[str], list[Record]]:
+    """(class names in the file's order, records) for any import format."""
+    if fmt == "jsonl":
+        return formats.read_jsonl(path)
+    if fmt == "csv":
+        records = formats.read_csv(path)
+    elif fmt == "folders":
+        records = formats.scan_folder(path, labels_from_subfolders=labels_from_subfolders)
+    elif fmt == "labelstudio":
+        records = formats.read_label_studio(path)
+    else:
+        raise FormatError(path, None, None, f"unknown format {fmt!r}; use one of {', '.join(formats.FORMATS)}")
+    return class_names_of(records), records

@@ -1,0 +1,238 @@
+"""ORM tables of the annotation store (SQLAlchemy 2.0 typed declarative models).
+
+Every table here is created by the Alembic migrations in ``annotation_db/migrations``; the
+models and the migrations must agree (``tests/test_db.py`` checks it).
+
+Conventions: class labels are stored as JSON lists of class *keys* (never display names), in
+schema order; coordinates are level-0 pixels; times are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Stable constraint names so Alembic migrations work the same on SQLite and PostgreSQL.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Stain(str, enum.Enum):
+    HE = "HE"
+    PAS = "PAS"
+    OTHER = "other"
+
+
+class Dataset(Base):
+    """A set of images sharing one ordered class schema."""
+
+    __tablename__ = "dataset"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    multi_label: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Absolute folder the images' relative paths resolve against (may be re-pointed later).
+    root: Mapped[str] = mapped_column(Text, default="")
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    classes: Mapped[list[ClassDef]] = relationship(
+        back_populates="dataset", order_by="ClassDef.position", cascade="all, delete-orphan"
+    )
+
+    @property
+    def class_keys(self) -> list[str]:
+        return [c.key for c in self.classes]
+
+
+class ClassDef(Base):
+    """One class of a dataset's schema: a stable key, what people read, and its hotkey."""
+
+    __tablename__ = "class_def"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "key", name="uq_class_def_dataset_key"),
+        UniqueConstraint("dataset_id", "position", name="uq_class_def_dataset_position"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(String(200))
+    display_name: Mapped[str] = mapped_column(String(200))
+    hotkey: Mapped[str | None] = mapped_column(String(8))
+
+    dataset: Mapped[Dataset] = relationship(back_populates="classes")
+
+
+class Slide(Base):
+    """A whole-slide image (or just its name when only crops are known)."""
+
+    __tablename__ = "slide"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(300), unique=True)
+    path: Mapped[str | None] = mapped_column(Text)
+    stain: Mapped[Stain] = mapped_column(
+        Enum(Stain, name="stain", native_enum=False, values_callable=lambda e: [m.value for m in e]),
+        default=Stain.OTHER,
+    )
+    mpp: Mapped[float | None] = mapped_column(Float)  # µm per level-0 pixel
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Image(Base):
+    """One crop, addressed by its path relative to the dataset's root."""
+
+    __tablename__ = "image"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "path", name="uq_image_dataset_path"),
+        Index("ix_image_dataset_sha256", "dataset_id", "sha256"),
+        Index("ix_image_slide", "slide_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    slide_id: Mapped[int | None] = mapped_column(ForeignKey("slide.id", ondelete="SET NULL"))
+    # Level-0 box on the slide: x, y of the top-left corner, then width and height.
+    x0: Mapped[int | None] = mapped_column(Integer)
+    y0: Mapped[int | None] = mapped_column(Integer)
+    box_w: Mapped[int | None] = mapped_column(Integer)
+    box_h: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    dataset: Mapped[Dataset] = relationship()
+    slide: Mapped[Slide | None] = relationship()
+
+
+class Annotator(Base):
+    __tablename__ = "annotator"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Label(Base):
+    """The current label of one image by one annotator (its past lives in ``label_event``)."""
+
+    __tablename__ = "label"
+    __table_args__ = (
+        UniqueConstraint("image_id", "annotator_id", name="uq_label_image_annotator"),
+        Index("ix_label_annotator", "annotator_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"))
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotator.id", ondelete="CASCADE"))
+    classes: Mapped[list[str]] = mapped_column(JSON)
+    uncertain: Mapped[bool] = mapped_column(Boolean, default=False)
+    note: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    image: Mapped[Image] = relationship()
+    annotator: Mapped[Annotator] = relationship()
+
+
+class LabelEvent(Base):
+    """Append-only history: one row per label change, never updated or deleted."""
+
+    __tablename__ = "label_event"
+    __table_args__ = (Index("ix_label_event_image", "image_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"))
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotator.id", ondelete="CASCADE"))
+    action: Mapped[str] = mapped_column(String(16))  # "set" | "clear"
+    classes: Mapped[list[str]] = mapped_column(JSON)
+    uncertain: Mapped[bool] = mapped_column(Boolean, default=False)
+    note: Mapped[str] = mapped_column(Text, default="")
+    source: Mapped[str] = mapped_column(String(64), default="")  # "app", "import:jsonl", ...
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Adjudication(Base):
+    """The final label of an image, and who decided it."""
+
+    __tablename__ = "adjudication"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"), unique=True)
+    decided_by_id: Mapped[int] = mapped_column(ForeignKey("annotator.id"))
+    classes: Mapped[list[str]] = mapped_column(JSON)
+    note: Mapped[str] = mapped_column(Text, default="")
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    image: Mapped[Image] = relationship()
+    decided_by: Mapped[Annotator] = relationship()
+
+
+class Prediction(Base):
+    """A model's class probabilities for an image (viewer, model-assisted queues)."""
+
+    __tablename__ = "prediction"
+    __table_args__ = (Index("ix_prediction_image_checkpoint", "image_id", "checkpoint_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"))
+    checkpoint_id: Mapped[str] = mapped_column(String(200))
+    probs: Mapped[dict[str, float]] = mapped_column(JSON)  # class key -> probability
+    predicted: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SlideBox(Base):
+    """A rectangle drawn on a slide in the app (level-0 pixels); ``image_id`` once it is cropped."""
+
+    __tablename__ = "slide_box"
+    __table_args__ = (Index("ix_slide_box_slide", "slide_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slide_id: Mapped[int] = mapped_column(ForeignKey("slide.id", ondelete="CASCADE"))
+    x0: Mapped[int] = mapped_column(Integer)
+    y0: Mapped[int] = mapped_column(Integer)
+    box_w: Mapped[int] = mapped_column(Integer)
+    box_h: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str | None] = mapped_column(String(200))  # class key, or None when unlabelled
+    created_by: Mapped[str] = mapped_column(String(200))  # annotator name
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("image.id", ondelete="SET NULL"))
+
+    slide: Mapped[Slide] = relationship()
+    image: Mapped[Image | None] = relationship()
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return (self.x0, self.y0, self.box_w, self.box_h)
