@@ -212,9 +212,10 @@ def read_label_studio(path: str | Path) -> list[Record]:
         image = _label_studio_image(task["data"])
         if not image:
             raise FormatError(path, None, f"[{i}].data.image", "task has no image")
+        slide = task["data"].get("slide") if isinstance(task["data"].get("slide"), str) else None
         annotations = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
         if not annotations:
-            records.append(Record(image=image, classes=None, where=where))
+            records.append(Record(image=image, classes=None, where=where, slide=slide))
         for a in annotations:
             choices = [
                 c for r in a.get("result") or [] if r.get("type") == "choices" for c in r.get("value", {}).get("choices", [])
@@ -223,7 +224,13 @@ def read_label_studio(path: str | Path) -> list[Record]:
             if isinstance(who, dict):
                 who = who.get("email") or who.get("username") or who.get("id")
             records.append(
-                Record(image=image, classes=choices or None, where=where, annotator=str(who) if who is not None else None)
+                Record(
+                    image=image,
+                    classes=choices or None,
+                    where=where,
+                    annotator=str(who) if who is not None else None,
+                    slide=slide,
+                )
             )
     return records
 

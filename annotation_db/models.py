@@ -236,3 +236,9 @@ class SlideBox(Base):
     @property
     def box(self) -> tuple[int, int, int, int]:
         return (self.x0, self.y0, self.box_w, self.box_h)
+
+
+# Labeling-app queues (migration 0003): keyset pages of a dataset's images in id order, and an
+# annotator's most recent label events (the "previous" button after a reload).
+Index("ix_image_dataset_id", Image.dataset_id, Image.id)
+Index("ix_label_event_annotator_id", LabelEvent.annotator_id, LabelEvent.id)
