@@ -5,9 +5,12 @@ the transaction (``with Session() as s, s.begin(): ...``), so a batch of calls i
 from __future__ import annotations
 
 import hashlib
+import os
+import posixpath
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image as PILImage
@@ -201,27 +204,35 @@ def read_image_meta(path: Path) -> ImageMeta:
     return ImageMeta(hashlib.sha256(data).hexdigest(), width, height)
 
 
+@lru_cache(maxsize=64)
+def _resolved_root(root: str) -> Path:
+    return Path(root or ".").resolve()
+
+
 def resolve_in_root(dataset: Dataset, rel_path: str) -> Path:
-    """Absolute path of ``rel_path`` under the dataset's root; refuses paths that escape it."""
-    root = Path(dataset.root or ".").resolve()
-    candidate = (root / rel_path).resolve()
-    if not candidate.is_relative_to(root):
-        raise ImageFileError(f"{rel_path}: resolves to {candidate}, outside the data root {root}")
-    return candidate
+    """Absolute path of ``rel_path`` under the dataset's root; refuses paths that escape it.
+
+    The check is on the normalised text (``..``, absolute paths): a data tree reached through a
+    symbolic link stays usable, and the check costs no file-system call per image.
+    """
+    root = _resolved_root(dataset.root)
+    norm = posixpath.normpath(rel_path.replace("\\", "/"))
+    if norm == ".." or norm.startswith("../") or posixpath.isabs(norm):
+        raise ImageFileError(f"{rel_path}: resolves outside the data root {root}")
+    return root / norm
 
 
 def normalize_rel_path(dataset: Dataset, path: str | Path) -> str:
     """A POSIX path relative to the dataset root (absolute paths must lie inside the root)."""
-    p = Path(path)
-    if p.is_absolute():
-        root = Path(dataset.root or ".").resolve()
-        rp = p.resolve()
+    text = str(path)
+    if posixpath.isabs(text) or os.path.isabs(text):
+        root = _resolved_root(dataset.root)
+        rp = Path(text).resolve()
         if not rp.is_relative_to(root):
             raise ImageFileError(f"{path}: outside the data root {root}")
-        p = rp.relative_to(root)
-    rel = p.as_posix()
-    resolve_in_root(dataset, rel)
-    return rel
+        text = rp.relative_to(root).as_posix()
+    resolve_in_root(dataset, text)
+    return posixpath.normpath(text.replace("\\", "/"))
 
 
 def find_image(session: Session, dataset: Dataset, rel_path: str) -> Image | None:
