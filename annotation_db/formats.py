@@ -13,11 +13,12 @@ dataset. Readers never touch the store; :mod:`annotation_db.importer` writes wha
 from __future__ import annotations
 
 import csv
+import fnmatch
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -158,8 +159,14 @@ def read_csv(path: str | Path) -> list[Record]:
     return records
 
 
-def scan_folder(folder: str | Path, *, labels_from_subfolders: bool = False) -> list[Record]:
-    """Every image under ``folder`` (sorted); the first sub-folder names the class when asked."""
+def scan_folder(
+    folder: str | Path, *, labels_from_subfolders: bool = False, exclude: Sequence[str] = ()
+) -> list[Record]:
+    """Every image under ``folder`` (sorted); the first sub-folder names the class when asked.
+
+    ``exclude``: glob patterns matched against each relative path and each of its folders
+    (``_masks`` leaves out a ``_masks/`` folder anywhere).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FormatError(folder, None, None, "not a folder")
@@ -168,6 +175,8 @@ def scan_folder(folder: str | Path, *, labels_from_subfolders: bool = False) -> 
         if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
             continue
         rel = p.relative_to(folder).as_posix()
+        if any(fnmatch.fnmatch(rel, pat) or any(fnmatch.fnmatch(part, pat) for part in rel.split("/")[:-1]) for pat in exclude):
+            continue
         classes = None
         if labels_from_subfolders:
             parts = rel.split("/")

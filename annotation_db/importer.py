@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 from tqdm.auto import tqdm
 
@@ -152,6 +152,9 @@ def import_records(
     annotator_ids: dict[str, int] = {}
     slide_ids: dict[str, int] = {}
     image_table = Image.__table__
+    is_pg = session.get_bind().dialect.name == "postgresql"
+    if is_pg:
+        session.execute(text("ANALYZE image, label"))
     bar = tqdm(total=len(records), desc=f"import {dataset.name}", unit="img", disable=not progress)
     for start in range(0, len(records), BATCH_SIZE):
         batch = records[start : start + BATCH_SIZE]
@@ -243,11 +246,12 @@ def import_records(
                 annotator_ids[name] = get_or_create_annotator(session, name).id
             wanted[(existing[rel], annotator_ids[name])] = (k, r.uncertain)
         if wanted:
+            # Two plain IN lists (not a row-value IN, which PostgreSQL may answer with a scan).
             current = {
                 (i, a): (list(c), u)
                 for i, a, c, u in session.execute(
                     select(Label.image_id, Label.annotator_id, Label.classes, Label.uncertain).where(
-                        tuple_(Label.image_id, Label.annotator_id).in_(list(wanted))
+                        Label.image_id.in_({i for i, _ in wanted}), Label.annotator_id.in_({a for _, a in wanted})
                     )
                 )
             }
@@ -256,19 +260,29 @@ def import_records(
             report.labels_written += len(changed)
             report.labels_unchanged += len(wanted) - len(changed)
         bar.update(len(batch))
+        batch_no = start // BATCH_SIZE + 1
+        if is_pg and batch_no & (batch_no - 1) == 0:
+            # The planner's statistics predate this transaction's rows: without a fresh ANALYZE,
+            # PostgreSQL keeps treating the tables as tiny and scans them whole for every batch.
+            session.execute(text("ANALYZE image, label"))
     bar.close()
     session.flush()
     return report
 
 
-def read_records(fmt: str, path: str | Path, *, labels_from_subfolders: bool = True) -> tuple[list[str], list[Record]]:
-    """(class names in the file's order, records) for any import format."""
+def read_records(
+    fmt: str, path: str | Path, *, labels_from_subfolders: bool = False, exclude: Sequence[str] = ()
+) -> tuple[list[str], list[Record]]:
+    """(class names in the file's order, records) for any import format.
+
+    ``labels_from_subfolders`` and ``exclude`` apply to the ``folders`` format only.
+    """
     if fmt == "jsonl":
         return formats.read_jsonl(path)
     if fmt == "csv":
         records = formats.read_csv(path)
     elif fmt == "folders":
-        records = formats.scan_folder(path, labels_from_subfolders=labels_from_subfolders)
+        records = formats.scan_folder(path, labels_from_subfolders=labels_from_subfolders, exclude=exclude)
     elif fmt == "labelstudio":
         records = formats.read_label_studio(path)
     else:

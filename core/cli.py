@@ -49,7 +49,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     from annotation_db import importer
 
     path = Path(args.path)
-    class_names, records = importer.read_records(args.format, path, labels_from_subfolders=not args.unlabeled)
+    class_names, records = importer.read_records(
+        args.format, path, labels_from_subfolders=args.labels_from_subfolders, exclude=args.exclude
+    )
     if args.classes:
         class_names = [c.strip() for c in args.classes.split(",") if c.strip()]
     root = Path(args.root) if args.root else _default_root(args.format, path)
@@ -187,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotator", default="imported", help="who the labels are attributed to when the file names no one")
     p.add_argument("--classes", help="comma-separated class names for a new dataset (default: from the file)")
     p.add_argument("--multi-label", action="store_true", help="a new dataset allows several classes per image")
-    p.add_argument("--unlabeled", action="store_true", help="folders: register images without labels from sub-folders")
+    p.add_argument(
+        "--labels-from-subfolders", action="store_true", help="folders: the first sub-folder of each image names its class"
+    )
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="folders: leave out matching paths or folders (repeatable)")
     p.add_argument("--skip-missing", action="store_true", help="skip (and list) records whose image file is missing")
     p.add_argument("--skip-duplicates", action="store_true", help="skip images whose bytes are already registered")
     p.set_defaults(func=cmd_import)

@@ -19,7 +19,9 @@ SEED_CLASSES = ["正常肾小球", "节段性硬化", "系膜细胞增生", "新
 
 
 def _import(Session, fmt, path, dataset="d", root=None, annotator="imported", **kw):
-    class_names, records = importer.read_records(fmt, path, labels_from_subfolders=kw.pop("subfolders", True))
+    class_names, records = importer.read_records(
+        fmt, path, labels_from_subfolders=kw.pop("subfolders", True), exclude=kw.pop("exclude", ())
+    )
     root = root or (path if fmt == "folders" else Path(path).parent)
     with Session() as s, s.begin():
         ds = importer.ensure_dataset(s, dataset, class_names=class_names, root=root, multi_label=kw.pop("multi", False))
@@ -226,7 +228,9 @@ def test_folder_import_labels_from_subfolders_and_skips_duplicates(SqliteSession
         PILImage.new("RGB", (8, 9), color).save(root / cls / "b.jpg")
     (root / "crescent" / "copy_of_a.png").write_bytes((root / "normal" / "a.png").read_bytes())
     (root / "crescent" / "readme.txt").write_text("not an image, ignored")
-    report = _import(SqliteSession, "folders", root, skip_duplicates=True)
+    (root / "normal" / "_masks").mkdir()
+    PILImage.new("L", (8, 8), 255).save(root / "normal" / "_masks" / "a.png")
+    report = _import(SqliteSession, "folders", root, skip_duplicates=True, exclude=["_masks"])
     assert report.images_added == 4 and report.duplicates_skipped == 1
     assert report.duplicates == [("crescent/copy_of_a.png", "normal/a.png")] or report.duplicates == [
         ("normal/a.png", "crescent/copy_of_a.png")
@@ -234,7 +238,7 @@ def test_folder_import_labels_from_subfolders_and_skips_duplicates(SqliteSession
     labels = _labels_by_path(SqliteSession)
     assert labels["normal/b.jpg"] == ["normal"] and labels["crescent/a.png"] == ["crescent"]
     # Re-importing changes nothing and writes no history.
-    again = _import(SqliteSession, "folders", root, skip_duplicates=True)
+    again = _import(SqliteSession, "folders", root, skip_duplicates=True, exclude=["_masks"])
     assert again.images_added == 0 and again.labels_written == 0 and again.labels_unchanged == 4
 
 
