@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, WeightedRandomSampler
 
+from core.stain import PerStainNormalizer
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -112,29 +114,49 @@ def load_from_store(dataset: str, source: str = "majority", db_url: str | None =
         keys = [c.key for c in ds.classes]
         names = [c.display_name for c in ds.classes]
         items = labeled_items(session, dataset, source=source)
+        stain_of = _slide_stains(session)
     index = {k: i for i, k in enumerate(keys)}
     samples = []
     for it in items:
         label = _single_label(f"image {it.path}", it.classes, index)
         if label is not None:
             samples.append(Sample(it.path, label, it.slide, getattr(it, "patient", None),
-                                  getattr(it, "stain", None), it.image_id))
+                                  stain_of.get(it.slide) if it.slide else None, it.image_id))
     if not samples:
         raise DataError(f"dataset {dataset!r} has no single-class labels from source {source!r}")
     return LabeledSet(keys, samples, names, source=f"store:{dataset}:{source}")
 
 
+def _slide_stains(session) -> dict[str, str]:
+    """Slide name → stain (``HE``, ``PAS``; slides marked ``other`` are left out)."""
+    from sqlalchemy import select
+
+    from annotation_db.models import Slide
+
+    rows = session.execute(select(Slide.name, Slide.stain)).all()
+    return {name: getattr(stain, "value", stain) for name, stain in rows if getattr(stain, "value", stain) != "other"}
+
+
 def _slide_from_name(path: str) -> str | None:
+    """Slide id from a crop name: before the last ``-`` (``SAS_21883_001-10``), else before the
+    last ``_`` (the seed labeling system's ``0496052bb_10``); None when neither is there."""
     stem = Path(path).stem
-    return stem.rsplit("-", 1)[0] if "-" in stem else None
+    for sep in ("-", "_"):
+        if sep in stem:
+            return stem.rsplit(sep, 1)[0]
+    return None
 
 
 def load_from_folder(root: str | Path, slide_from_name: bool = True) -> LabeledSet:
-    """A class-per-subfolder tree; the slide is the file name before its last ``-`` when asked."""
+    """A class-per-subfolder tree; the slide comes from the file name when asked (see ``_slide_from_name``).
+
+    Sub-folders whose name starts with ``_`` or ``.`` (masks, caches) are not classes.
+    """
     from annotation_db.formats import scan_folder
 
     root = Path(root).resolve()
-    records = scan_folder(root, labels_from_subfolders=True)
+    records = [r for r in scan_folder(root, labels_from_subfolders=True)
+               if r.classes and not r.classes[0].startswith(("_", "."))]
     keys = sorted({r.classes[0] for r in records if r.classes})
     index = {k: i for i, k in enumerate(keys)}
     samples = [
@@ -280,7 +302,7 @@ def _assign_groups(labels: np.ndarray, groups: Sequence[str], ratios: Sequence[f
             trial[s] += counts[g]
             # Relative shortfall/excess per class, plus the split's overall size.
             cost = (((trial - target) / np.maximum(total, 1)) ** 2).sum() \
-                + ((trial.sum(1) - target.sum(1)) / max(total.sum(), 1)) ** 2 @ np.ones(len(r))
+                + (((trial.sum(1) - target.sum(1)) / max(total.sum(), 1)) ** 2).sum()
             if best_cost is None or cost < best_cost - 1e-12:
                 best, best_cost = s, cost
         have[best] += counts[g]
@@ -311,7 +333,8 @@ def split_grouped(ls: LabeledSet, ratios: Sequence[float] = (0.6, 0.2, 0.2), see
     if len(ratios) == 2:
         parts = [parts[0], [], parts[1]]
         part_groups = [part_groups[0], set(), part_groups[1]]
-    empty = [n for n, p, r in zip(("train", "val", "test"), parts, [*ratios, 0][:3]) if not p and r > 0]
+    r3 = list(ratios) if len(ratios) == 3 else [ratios[0], 0.0, ratios[1]]
+    empty = [n for n, p, r in zip(("train", "val", "test"), parts, r3) if not p and r > 0]
     if empty:
         raise DataError(f"split {empty} came out empty: too few {group_by}s for ratios {list(ratios)}")
     named = {n: sorted(g for g in pg if not g.startswith("__image_"))
@@ -353,7 +376,7 @@ def _log_split(ls: LabeledSet, split: Split) -> None:
     label_of = {s.path: s.label for s in ls.samples}
     for name in ("train", "val", "test"):
         c = Counter(label_of[p] for p in getattr(split, name))
-        log.info("%s: %d images, %d %ss, per class %s", name, len(getattr(split, name)),
+        log.info("%s: %d images, %d groups (%s), per class %s", name, len(getattr(split, name)),
                  len(split.groups.get(name, [])), split.group_by,
                  {ls.classes[i]: c.get(i, 0) for i in range(len(ls.classes))})
 
@@ -365,7 +388,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
     """Decode an image file to HWC uint8 RGB."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except OSError as e:
         raise DataError(f"cannot read image {path}: {e}") from None
 
@@ -380,7 +403,7 @@ class ImageDataset(Dataset):
     def __init__(self, samples: Sequence[Sample], transform: Callable | None = None,
                  stain_normalizer: Callable[[np.ndarray], np.ndarray] | None = None,
                  cache: bool = False, same_class_mix_p: float = 0.0,
-                 same_class_mix_alpha: float = 0.4, seed: int = 0) -> None:
+                 same_class_mix_alpha: float = 0.4) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.stain_normalizer = stain_normalizer
@@ -391,7 +414,6 @@ class ImageDataset(Dataset):
         self._by_class: dict[int, list[int]] = {}
         for i, s in enumerate(self.samples):
             self._by_class.setdefault(s.label, []).append(i)
-        self._rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -400,8 +422,11 @@ class ImageDataset(Dataset):
         """The decoded (and stain-normalised) image, HWC uint8."""
         if index in self._cache:
             return self._cache[index]
-        rgb = read_rgb(self.samples[index].path)
-        if self.stain_normalizer is not None:
+        sample = self.samples[index]
+        rgb = read_rgb(sample.path)
+        if isinstance(self.stain_normalizer, PerStainNormalizer):
+            rgb = self.stain_normalizer(rgb, sample.stain)
+        elif self.stain_normalizer is not None:
             rgb = self.stain_normalizer(rgb)
         if self.cache:
             self._cache[index] = rgb
@@ -410,10 +435,13 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         rgb = self.load_rgb(index)
         label = self.samples[index].label
-        if self.same_class_mix_p > 0 and self._rng.random() < self.same_class_mix_p:
-            other = self.load_rgb(int(self._rng.choice(self._by_class[label])))
+        # torch's generator: DataLoader seeds it per worker and per epoch.
+        if self.same_class_mix_p > 0 and torch.rand(()).item() < self.same_class_mix_p:
+            peers = self._by_class[label]
+            other = self.load_rgb(peers[int(torch.randint(len(peers), ()).item())])
             if other.shape == rgb.shape:
-                lam = float(self._rng.beta(self.same_class_mix_alpha, self.same_class_mix_alpha))
+                a = torch.tensor(self.same_class_mix_alpha)
+                lam = float(torch.distributions.Beta(a, a).sample())
                 rgb = (lam * rgb + (1 - lam) * other).round().astype(np.uint8)
         x = self.transform(rgb) if self.transform is not None else torch.from_numpy(rgb).permute(2, 0, 1)
         return x, label

@@ -14,20 +14,31 @@ Reading::
     open_slide("no-mpp.svs", mpp=0.25)               # the user supplies µm/px
     NumpySlideReader(rgb, mpp=0.5, downsamples=(1, 2, 4))     # same interface, for tests
 
-API for the "Slides" page of the labeling app (all of it plain functions, no Streamlit here):
+API for the "Slides" page of the labeling app (plain functions; no Streamlit in core/):
 
-* Viewing: ``thumbnail_png(slide, max_size_px)`` and ``render_view(slide, center_xy,
-  downsample, view_size_px)`` -> :class:`ViewRender` (PNG bytes of a region view plus the
-  level-0 box it shows, and ``view_to_level0`` / ``level0_to_view`` for mapping mouse
-  coordinates). For a Deep Zoom viewer (OpenSeadragon), ``DeepZoomTiles(slide)`` gives
-  ``dzi_xml()`` and ``tile_png(dz_level, col, row)``.
-* Storing drawn boxes: ``annotation_db.boxes.add_box(session, slide_row, (x, y, w, h),
-  label=..., created_by=...)``, ``list_boxes(session, slide_row, uncropped_only=True)``,
-  ``delete_box``, and ``export_boxes_geojson(session, slide_row)`` (QuPath GeoJSON dict).
-* Cropping them into a dataset at once: ``core.extract.crop_boxes_into_dataset(session,
-  dataset_name, slide_path, boxes, settings=CropSettings(mpp=0.5), annotator=...)`` writes
-  the crops under the dataset root, registers them (slide, stain, level-0 box, label) and
-  links each ``SlideBox`` to its image; it returns an :class:`core.extract.ExtractReport`.
+* The slide row: ``annotation_db.store.get_or_create_slide(session, slide_name(path),
+  path=str(path), stain=..., mpp=slide.mpp)``. Keep one reader per slide in
+  ``@st.cache_resource`` (``open_slide(path, fallback_mpp=...)``; OpenSlide is thread-safe).
+* Viewing: ``thumbnail_png(slide, max_size_px)`` for the navigation map, and
+  ``render_view(slide, center_xy, downsample, view_size_px)`` -> :class:`ViewRender`: PNG
+  bytes of a region view plus the level-0 ``box`` it shows. ``view_box_to_level0(x, y, w, h)``
+  turns a rectangle drawn on the view (view pixels) into a level-0 box; ``view_to_level0`` /
+  ``level0_to_view`` map points (clicks, drawing existing boxes). For a Deep Zoom viewer
+  (OpenSeadragon), ``DeepZoomTiles(slide)`` gives ``dzi_xml()`` and
+  ``tile_png(dz_level, col, row)`` / ``tile_jpeg(...)``.
+* Storing drawn boxes (``annotation_db.boxes``, caller owns the transaction):
+  ``add_box(session, slide_row, (x, y, w, h), created_by=name, label=key_or_None)``,
+  ``list_boxes(session, slide_row, uncropped_only=False)``, ``delete_box(session, box_id)``,
+  ``export_boxes_geojson(session, slide_row)`` -> QuPath GeoJSON dict (``json.dumps`` it for
+  a download button).
+* Cropping them into the dataset at once: ``core.extract.crop_boxes_into_dataset(session,
+  dataset_name, slide_path, list_boxes(session, slide_row, uncropped_only=True),
+  annotator=name, settings=CropSettings(mpp=0.5, pad_px=16), stain="PAS")`` writes crops
+  under ``<dataset root>/wsi/<slide>/``, registers them (slide, stain, level-0 box), labels
+  them where the box has a label, sets each ``SlideBox.image_id``, and returns an
+  :class:`core.extract.ExtractReport` (``written``, ``clipped``, ``refused`` with reasons to
+  show). It raises :class:`SlideError` for an unreadable slide and ``ExtractError`` for a label
+  that is not a class of the dataset; roll back the transaction then.
 """
 
 from __future__ import annotations
@@ -258,7 +269,7 @@ def _flatten_rgba(rgba: Image.Image, background: tuple[int, int, int]) -> Image.
     """RGB: transparent (outside the slide / empty tiles) becomes the background colour."""
     if rgba.mode == "RGB":
         return rgba
-    if rgba.getextrema()[3][0] == 255:
+    if rgba.getchannel("A").getextrema()[0] == 255:
         return rgba.convert("RGB")
     out = Image.new("RGB", rgba.size, background)
     out.paste(rgba, None, rgba)
@@ -268,7 +279,7 @@ def _flatten_rgba(rgba: Image.Image, background: tuple[int, int, int]) -> Image.
 class OpenSlideReader(SlideReader):
     """A slide in any format OpenSlide reads; keep one per process (handles are not picklable)."""
 
-    def __init__(self, path: str | Path, *, mpp: float | None = None) -> None:
+    def __init__(self, path: str | Path, *, mpp: float | None = None, fallback_mpp: float | None = None) -> None:
         import openslide
 
         self.path = Path(path)
@@ -285,9 +296,9 @@ class OpenSlideReader(SlideReader):
         except openslide.OpenSlideError as e:
             raise SlideOpenError(f"{self.path}: the slide is corrupt or truncated ({e})") from None
         self._properties = MappingProxyType(dict(self._osr.properties))
-        self._mpp = self._resolve_mpp(mpp)
+        self._mpp = self._resolve_mpp(mpp, fallback_mpp)
 
-    def _resolve_mpp(self, given: float | None) -> float | None:
+    def _resolve_mpp(self, given: float | None, fallback: float | None) -> float | None:
         recorded = None
         try:
             recorded = float(self._properties["openslide.mpp-x"])
@@ -296,8 +307,15 @@ class OpenSlideReader(SlideReader):
                 log.warning("%s: non-square pixels (mpp-x %.4f, mpp-y %.4f); using mpp-x", self.path, recorded, mpp_y)
         except (KeyError, ValueError, ZeroDivisionError):
             recorded = None
+        if recorded is not None and recorded <= 0:
+            recorded = None
         if given is None:
-            return recorded if recorded and recorded > 0 else None
+            if recorded is None and fallback is not None:
+                if fallback <= 0:
+                    raise RegionError(f"{self.path}: mpp must be positive, got {fallback}")
+                log.debug("%s: records no µm/px; using the given %.4f", self.path, fallback)
+                return float(fallback)
+            return recorded
         if given <= 0:
             raise RegionError(f"{self.path}: mpp must be positive, got {given}")
         if recorded and abs(given / recorded - 1) > 0.05:
@@ -404,9 +422,14 @@ def slide_name(path: str | Path) -> str:
     return Path(path).stem
 
 
-def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
-    """Open a whole-slide image with OpenSlide; ``mpp`` supplies (or overrides) µm per level-0 px."""
-    return OpenSlideReader(path, mpp=mpp)
+def open_slide(path: str | Path, mpp: float | None = None, *, fallback_mpp: float | None = None) -> SlideReader:
+    """Open a whole-slide image with OpenSlide (any format it reads).
+
+    ``mpp`` sets µm per level-0 pixel, overriding the slide's own value (with a warning when
+    they differ); ``fallback_mpp`` is used only when the slide records none (batch runs).
+    Raises :class:`SlideOpenError` naming the file when it is missing, unreadable or truncated.
+    """
+    return OpenSlideReader(path, mpp=mpp, fallback_mpp=fallback_mpp)
 
 
 # --- viewing (the "Slides" page) ---------------------------------------------------------------
@@ -440,6 +463,12 @@ class ViewRender:
 
     def level0_to_view(self, x: float, y: float) -> tuple[float, float]:
         return ((x - self.box[0]) / self.downsample, (y - self.box[1]) / self.downsample)
+
+    def view_box_to_level0(self, x_px: float, y_px: float, w_px: float, h_px: float) -> Box:
+        """A rectangle drawn on the view (view pixels) as a level-0 box (x, y, w, h)."""
+        x0, y0 = self.view_to_level0(x_px, y_px)
+        x1, y1 = self.view_to_level0(x_px + w_px, y_px + h_px)
+        return (x0, y0, x1 - x0, y1 - y0)
 
 
 def render_view(

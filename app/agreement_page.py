@@ -1,0 +1,119 @@
+"""Agreement between annotators: kappa per class, the between-annotator confusion matrix, the
+disagreements, and the adjudicator's final label for each."""
+
+from __future__ import annotations
+
+import math
+
+import streamlit as st
+from sqlalchemy.exc import SQLAlchemyError
+
+from annotation_db import agreement, queues, store
+from annotation_db.db import StoreError
+from annotation_db.models import Annotator, Image
+from app.session import current_dataset, is_adjudicator, who
+from app.store_cache import DatasetView, crop_bytes, get_sessionmaker, store_url
+
+SHOWN_DISAGREEMENTS = 30
+
+
+@st.cache_data(ttl=15, show_spinner="Computing agreement…")
+def _report(url: str, dataset_name: str, annotators: tuple[str, ...] | None) -> dict:
+    with get_sessionmaker()() as s:
+        dataset = store.get_dataset(s, dataset_name)
+        return agreement.agreement_report(s, dataset, list(annotators) if annotators else None).to_dict()
+
+
+@st.cache_data(ttl=15, show_spinner=False)
+def _annotators(url: str, dataset_name: str) -> list[str]:
+    with get_sessionmaker()() as s:
+        return sorted(store.dataset_stats(s, store.get_dataset(s, dataset_name))["labels_per_annotator"])
+
+
+def on_decide(image_id: int) -> None:
+    choice = st.session_state.get(f"final_{image_id}")
+    classes = list(choice or []) if isinstance(choice, list) else ([choice] if choice else [])
+    if not classes:
+        st.session_state.flash.append(("warning", "Pick the final class first."))
+        return
+    me = who()
+    try:
+        with get_sessionmaker()() as s, s.begin():
+            store.adjudicate(s, s.get(Image, image_id), s.get(Annotator, me.annotator_id), classes)
+    except (StoreError, SQLAlchemyError) as e:
+        st.session_state.flash.append(("error", f"Final label not saved — {e}"))
+        return
+    _report.clear()
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def summary_panel(dataset: DatasetView, report: dict) -> None:
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Overall kappa", _fmt(report["kappa"]), help=f"{report['method']} kappa")
+    c2.metric("Images labeled by ≥ 2", report["items"])
+    c3.metric("Disagreements", len(report["disagreements"]))
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Kappa per class**")
+        st.dataframe(
+            {"class": [dataset.display(k) for k in report["per_class_kappa"]],
+             "kappa": [_fmt(v) for v in report["per_class_kappa"].values()]},
+            hide_index=True, width="stretch",
+        )
+    with right:
+        st.markdown("**Between-annotator confusion** (rows: first annotator of each pair)")
+        names = [dataset.display(k) for k in report["classes"]]
+        st.dataframe({"": names} | {n: [row[j] for row in report["confusion"]] for j, n in enumerate(names)},
+                     hide_index=True, width="stretch")
+
+
+def disagreements_panel(dataset: DatasetView, report: dict) -> None:
+    me = who()
+    may_decide = is_adjudicator(me.name)
+    st.subheader("Disagreements, worst first")
+    if not may_decide:
+        st.caption("Only adjudicators (secrets: glomlab.adjudicators) can set final labels.")
+    for d in report["disagreements"][:SHOWN_DISAGREEMENTS]:
+        image_id = d["image_id"]
+        with st.container(border=True):
+            img, votes, decide = st.columns([1, 2, 2], vertical_alignment="center")
+            try:
+                img.image(crop_bytes(str(dataset.abspath(d["path"]))), width=140)
+            except OSError:
+                img.warning("file missing")
+            votes.markdown(f"`{d['path']}`  \n" + "  \n".join(
+                f"**{a}**: {', '.join(dataset.display(k) for k in c)}" for a, c in d["votes"].items()))
+            with get_sessionmaker()() as s:
+                final = queues.adjudication_of(s, image_id)
+            if final:
+                decide.success(f"Final: {', '.join(dataset.display(k) for k in final[0])} — {final[1]}")
+            decide.pills("Final label", dataset.keys, key=f"final_{image_id}", format_func=dataset.display,
+                         selection_mode="multi" if dataset.multi_label else "single", disabled=not may_decide)
+            decide.button("Set final label", key=f"decide_{image_id}", on_click=on_decide, args=(image_id,),
+                          disabled=not may_decide)
+
+
+def page() -> None:
+    dataset = current_dataset()
+    if dataset is None:
+        st.info("Pick a dataset in the sidebar.")
+        return
+    st.header(f"Agreement · {dataset.name}")
+    for kind, message in st.session_state.flash:
+        getattr(st, kind)(message)
+    st.session_state.flash = []
+    everyone = _annotators(store_url(), dataset.name)
+    chosen = st.multiselect("Annotators", everyone, default=everyone, key="agreement_annotators")
+    if len(chosen) < 2:
+        st.info("Agreement needs at least two annotators' labels.")
+        return
+    report = _report(store_url(), dataset.name, tuple(sorted(chosen)))
+    summary_panel(dataset, report)
+    disagreements_panel(dataset, report)
+
+
+if __name__ == "__main__":  # run by st.navigation as a page script
+    page()

@@ -1,0 +1,134 @@
+"""Import: register a folder on the server, or an uploaded zip of images or label file."""
+
+from __future__ import annotations
+
+import tempfile
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import streamlit as st
+from sqlalchemy.exc import SQLAlchemyError
+
+from annotation_db import importer, store
+from annotation_db.db import StoreError
+from app.store_cache import dataset_names, dataset_view, get_sessionmaker, store_url
+
+SOURCES = {
+    "folders-unlabeled": "Folder of images (no labels)",
+    "folders": "Folder with one sub-folder per class",
+    "csv": "CSV label file (image,label[,annotator][,slide])",
+    "jsonl": "JSONL (original labeling system)",
+    "labelstudio": "Label Studio JSON",
+}
+UPLOAD_ROOT = Path("data") / "uploads"
+
+
+def _import(fmt: str, path: Path, dataset_name: str, root: Path | None, annotator: str, skip_missing: bool) -> str:
+    unlabeled = fmt == "folders-unlabeled"
+    fmt = "folders" if unlabeled else fmt
+    class_names, records = importer.read_records(fmt, path, labels_from_subfolders=not unlabeled)
+    if unlabeled:
+        records = [r for r in records if not r.image.startswith("_")]  # e.g. _masks/
+    root = root or (path if fmt == "folders" else path.parent)
+    with get_sessionmaker()() as s, s.begin():
+        if dataset_name in dataset_names(store_url()):
+            dataset = store.get_dataset(s, dataset_name)
+        else:
+            classes = [c.strip() for c in st.session_state.get("import_classes", "").split(",") if c.strip()]
+            dataset = importer.ensure_dataset(
+                s, dataset_name, class_names=classes or class_names, root=root,
+                multi_label=st.session_state.get("import_multi", False),
+            )
+        report = importer.import_records(
+            s, dataset, records, annotator=annotator, source=f"import:{fmt}", skip_missing=skip_missing
+        )
+    dataset_names.clear()
+    dataset_view.clear()
+    return report.summary()
+
+
+def _run(fmt: str, path: Path, root: Path | None = None) -> None:
+    name = (st.session_state.get("import_dataset") or "").strip()
+    if not name:
+        st.session_state.import_result = ("error", "Name the dataset to import into.")
+        return
+    try:
+        summary = _import(fmt, path, name, root, st.session_state.get("import_annotator") or "imported",
+                          st.session_state.get("import_skip_missing", False))
+    except (StoreError, SQLAlchemyError, OSError) as e:
+        st.session_state.import_result = ("error", f"Nothing imported: {e}")
+        return
+    st.session_state.import_result = ("success", summary)
+
+
+def on_import_folder() -> None:
+    path = Path(st.session_state.get("import_path") or "").expanduser()
+    if not path.exists():
+        st.session_state.import_result = ("error", f"{path} does not exist on the server.")
+        return
+    _run(st.session_state.import_format, path.resolve())
+
+
+def _safe_extract(zf: zipfile.ZipFile, dest: Path) -> None:
+    for member in zf.infolist():
+        target = (dest / member.filename).resolve()
+        if not target.is_relative_to(dest.resolve()):
+            raise OSError(f"{member.filename}: refuses to write outside {dest}")
+    zf.extractall(dest)
+
+
+def on_import_upload() -> None:
+    upload = st.session_state.get("import_upload")
+    if upload is None:
+        st.session_state.import_result = ("error", "Choose a file first.")
+        return
+    name = (st.session_state.get("import_dataset") or "").strip()
+    existing = name in dataset_names(store_url())
+    if upload.name.lower().endswith(".zip"):
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        base = Path(dataset_view(store_url(), name).root) if existing else UPLOAD_ROOT.resolve() / name
+        dest = base / "uploads" / stamp if existing else base
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            with zipfile.ZipFile(upload) as zf:
+                _safe_extract(zf, dest)
+        except (zipfile.BadZipFile, OSError) as e:
+            st.session_state.import_result = ("error", f"Cannot unpack {upload.name}: {e}")
+            return
+        _run("folders-unlabeled", dest, root=base)
+        return
+    fmt = st.session_state.import_format
+    if not existing:
+        st.session_state.import_result = ("error", "A label file needs an existing dataset (its images' root).")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / upload.name
+        path.write_bytes(upload.getvalue())
+        _run(fmt, path, root=Path(dataset_view(store_url(), name).root))
+
+
+def page() -> None:
+    st.header("Import")
+    st.text_input("Dataset (existing, or a new name)", key="import_dataset",
+                  value=st.session_state.get("dataset_name") or "")
+    c1, c2, c3 = st.columns(3)
+    c1.text_input("Attribute labels to", key="import_annotator", value="imported")
+    c2.text_input("Classes of a new dataset (comma-separated; default: from the file)", key="import_classes")
+    c3.checkbox("New dataset is multi-label", key="import_multi")
+    st.radio("Format", list(SOURCES), format_func=SOURCES.get, key="import_format", horizontal=True)
+    st.checkbox("Skip (and list) missing image files", key="import_skip_missing")
+    folder, upload = st.tabs(["Folder or file on the server", "Upload"])
+    with folder:
+        st.text_input("Path on the server", key="import_path", placeholder="/data/crops or /data/labels.csv")
+        st.button("Import", on_click=on_import_folder, type="primary", key="import_folder_btn")
+    with upload:
+        st.file_uploader("A zip of images, or a label file", type=["zip", "csv", "jsonl", "json"], key="import_upload")
+        st.button("Import upload", on_click=on_import_upload, type="primary", key="import_upload_btn")
+    result = st.session_state.pop("import_result", None)
+    if result:
+        getattr(st, result[0])(result[1])
+
+
+if __name__ == "__main__":  # run by st.navigation as a page script
+    page()

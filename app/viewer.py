@@ -1,0 +1,581 @@
+"""Diagnosis viewer: a classifier's predictions and heatmaps on glomerulus crops, for clinicians.
+
+    python app/viewer.py [--checkpoint PATH] [--runs runs] [--host 127.0.0.1] [--port 7860]
+
+``demo`` is built at import (tests import it); nothing is loaded until a request needs it.
+Named API endpoints (``gradio_client``): ``/checkpoints``, ``/predict``, ``/cam``, ``/batch``,
+``/store_batch``, ``/disagree``, ``/slide_summary``. Settings come from the environment, which
+the command line fills in: ``GLOM_RUNS`` (runs folder), ``GLOM_VIEWER_CHECKPOINT``, ``GLOM_DB``
+(the store), ``GLOM_DATA_ROOT`` (where uploaded crops are kept) and ``GLOM_VIEWER_AUTH``
+(``user:password[,user:password]`` turns the login on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import wraps
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python app/viewer.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gradio as gr
+import numpy as np
+
+from annotation_db.db import StoreError, open_store
+from annotation_db.store import find_image, get_dataset, list_datasets
+from core.checkpoint import CheckpointError
+from core.data import DataError
+from core.diagnosis import CropResult, ViewerCheckpoint, diagnose, find_checkpoints, load_viewer_checkpoint
+from core.explain import CAM_METHODS, CLASS_AGNOSTIC, ExplainError, overlay
+from core.feedback import (
+    dataset_crops,
+    dataset_slides,
+    ensure_uploads_dataset,
+    record_disagreement,
+    record_predictions,
+    store_upload,
+)
+from core.slide_summary import DECISION_SUPPORT_NOTE, SlideSummary, summarize_by_slide
+from core.uploads import CheckedImage, UploadError, UploadLimits, check_upload
+
+log = logging.getLogger("glomlab.viewer")
+
+PREDICTED = "__predicted__"  # target-class choice: explain whatever the model predicts
+NONE = "__none__"  # "versus" choice: no contrast
+MAX_BATCH = 200
+UPLOAD_LIMITS = UploadLimits()
+STORE_REF_PREFIX = "store:"
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    runs_dir: Path
+    checkpoint: Path | None
+    data_root: Path
+    db_url: str | None
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        ckpt = os.environ.get("GLOM_VIEWER_CHECKPOINT")
+        return cls(Path(os.environ.get("GLOM_RUNS", "runs")), Path(ckpt) if ckpt else None,
+                   Path(os.environ.get("GLOM_DATA_ROOT", "data")), os.environ.get("GLOM_DB"))
+
+
+def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
+    """``user:password[,user:password]`` → Gradio's auth list (None: no login)."""
+    if not text:
+        return None
+    pairs = []
+    for item in text.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise SystemExit("GLOM_VIEWER_AUTH must be user:password[,user:password]")
+        pairs.append((user, password))
+    return pairs
+
+
+# --- errors in the page, not stack traces ------------------------------------------------------
+
+_USER_ERRORS = (UploadError, CheckpointError, ExplainError, StoreError, DataError, ValueError)
+
+
+def _clinician_errors(fn: Callable) -> Callable:
+    """Show known failures as a message in the page; log unexpected ones with their trace."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except _USER_ERRORS as e:
+            raise gr.Error(str(e), title=_error_title(e)) from None
+        except Exception as e:  # noqa: BLE001 - the page must say something; the log keeps the trace
+            log.exception("viewer request failed")
+            raise gr.Error(f"Unexpected error ({type(e).__name__}); the server log has the details.") from None
+
+    return wrapper
+
+
+def _error_title(e: Exception) -> str:
+    if isinstance(e, UploadError):
+        return "Image refused"
+    if isinstance(e, CheckpointError):
+        return "Checkpoint problem"
+    if isinstance(e, StoreError):
+        return "Store"
+    return "Cannot do that"
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _sessionmaker():
+    return open_store(Settings.from_env().db_url)
+
+
+def _checkpoint(value: str | None) -> ViewerCheckpoint:
+    """The checkpoint the dropdown names; only files under the runs folder or the --checkpoint one."""
+    settings = Settings.from_env()
+    if not value:
+        if settings.checkpoint is None:
+            raise CheckpointError("choose a checkpoint first (none found under "
+                                  f"{settings.runs_dir}/; train one with `glom train --recipe recipes/quick.yaml`)")
+        value = str(settings.checkpoint)
+    path = Path(value)
+    if not path.is_absolute() and not path.exists():
+        path = settings.runs_dir / path
+    path = path.with_suffix(".safetensors").resolve()
+    allowed = path.is_relative_to(settings.runs_dir.resolve()) or (
+        settings.checkpoint is not None and path == settings.checkpoint.with_suffix(".safetensors").resolve())
+    if not allowed:
+        raise CheckpointError(f"{value} is not a checkpoint under the runs folder {settings.runs_dir}")
+    return load_viewer_checkpoint(path, settings.runs_dir)
+
+
+def _image(path: str | None) -> CheckedImage:
+    if not path:
+        raise UploadError("upload a crop first (PNG, JPEG, TIFF, BMP or WebP)")
+    return check_upload(path, UPLOAD_LIMITS)
+
+
+def _label_value(ckpt: ViewerCheckpoint, r: CropResult) -> dict[str, float]:
+    names = ckpt.display_names
+    return {_pretty(names.get(k, k), k): p for k, p in r.ranked}
+
+
+def _pretty(display: str, key: str) -> str:
+    return display if display == key else f"{display} ({key})"
+
+
+def _result_markdown(ckpt: ViewerCheckpoint, r: CropResult, extra: str = "") -> str:
+    names = ckpt.display_names
+    top, p = r.ranked[0]
+    second, p2 = r.ranked[1] if len(r.ranked) > 1 else (top, 0.0)
+    sure = "uncertain, review closely" if r.margin < 0.2 else ("fairly sure" if r.margin < 0.6 else "confident")
+    cal = (f"calibrated (temperature {ckpt.predictor.temperature:.2f})" if ckpt.calibrated
+           else "not calibrated (no temperature in the checkpoint)")
+    lines = [f"### Predicted: **{_pretty(names.get(top, top), top)}** — {100 * p:.1f}%",
+             f"Runner-up {_pretty(names.get(second, second), second)} {100 * p2:.1f}% · margin {r.margin:.2f} ({sure})",
+             f"<small>Checkpoint `{ckpt.id}` · {ckpt.predictor.meta.architecture} · probabilities {cal}</small>"]
+    if extra:
+        lines.append(extra)
+    return "\n\n".join(lines)
+
+
+def _class_choices(ckpt: ViewerCheckpoint) -> list[tuple[str, str]]:
+    return [(_pretty(ckpt.display_names.get(k, k), k), k) for k in ckpt.classes]
+
+
+def _target(value: str | None) -> str | None:
+    return None if value in (None, "", PREDICTED) else value
+
+
+def _versus(value: str | None) -> str | None:
+    return None if value in (None, "", NONE) else value
+
+
+def _clinician(name: str | None, request: gr.Request | None) -> str:
+    user = getattr(request, "username", None) if request is not None else None
+    return (user or name or "").strip()
+
+
+def _store_image_for(session, ckpt: ViewerCheckpoint, crop: CheckedImage, ref: str | None):
+    """The store row for this crop: the picked store crop (``store:<id>``) or the stored upload."""
+    if ref and ref.startswith(STORE_REF_PREFIX):
+        from annotation_db.models import Image
+
+        image = session.get(Image, int(ref.removeprefix(STORE_REF_PREFIX)))
+        if image is None:
+            raise StoreError(f"crop {ref} is no longer in the store")
+        if image.sha256 != crop.sha256:
+            raise StoreError("the crop shown is not the store crop it was picked as; pick it again")
+        missing = set(ckpt.classes) - set(image.dataset.class_keys)
+        if missing:
+            raise StoreError(f"dataset {image.dataset.name!r} has no classes {sorted(missing)} of this checkpoint")
+        return image
+    dataset = ensure_uploads_dataset(session, ckpt.classes, ckpt.display_names, Settings.from_env().data_root)
+    return store_upload(session, dataset, crop)
+
+
+# --- handlers (one per endpoint) -----------------------------------------------------------------
+
+
+@_clinician_errors
+def list_checkpoints() -> gr.Dropdown:
+    """Checkpoints under the runs folder (and the one given on the command line), newest first."""
+    settings = Settings.from_env()
+    paths = find_checkpoints(settings.runs_dir)
+    choices = []
+    for p in paths:
+        try:
+            choices.append((p.relative_to(settings.runs_dir).as_posix(), str(p)))
+        except ValueError:
+            choices.append((str(p), str(p)))
+    if settings.checkpoint is not None and str(settings.checkpoint) not in [v for _, v in choices]:
+        choices.insert(0, (f"{settings.checkpoint} (command line)", str(settings.checkpoint)))
+    value = str(settings.checkpoint) if settings.checkpoint else (choices[0][1] if choices else None)
+    return gr.Dropdown(choices=choices, value=value)
+
+
+@_clinician_errors
+def checkpoint_info(checkpoint: str | None):
+    """What the chosen checkpoint is, and its classes for the target / disagree selectors."""
+    if not checkpoint:
+        return ("No checkpoint yet: train one (`glom train --recipe recipes/quick.yaml`) or start the "
+                "viewer with `--checkpoint`.", gr.Dropdown(), gr.Dropdown(), gr.Radio())
+    ckpt = _checkpoint(checkpoint)
+    meta = ckpt.predictor.meta
+    metrics = ", ".join(f"{k} {v:.3f}" for k, v in (meta.metrics or {}).items()
+                        if isinstance(v, (int, float)) and k.startswith(("test_", "val_")))
+    size = meta.preprocess.get("input_size", ["?"])[-1]
+    info = (f"**{meta.architecture}** · input {size} px · classes: "
+            + ", ".join(f"`{k}`" for k in ckpt.classes)
+            + (f" · temperature {ckpt.predictor.temperature:.2f}" if ckpt.calibrated else " · uncalibrated")
+            + (f"<br><small>{metrics}</small>" if metrics else ""))
+    choices = _class_choices(ckpt)
+    return (info, gr.Dropdown(choices=[("Predicted class", PREDICTED), *choices], value=PREDICTED),
+            gr.Dropdown(choices=[("—", NONE), *choices], value=NONE), gr.Radio(choices=choices, value=None))
+
+
+@_clinician_errors
+def predict(checkpoint: str | None, image: str | None, crop_ref: str | None = "") -> tuple[dict, str]:
+    """Class probabilities for one crop; the prediction is stored for the labeling app's queues."""
+    ckpt, crop = _checkpoint(checkpoint), _image(image)
+    [r] = diagnose(ckpt, [crop.rgb], method=None)
+    with _sessionmaker().begin() as s:
+        stored = _store_image_for(s, ckpt, crop, crop_ref)
+        record_predictions(s, [(stored, r.probs)], ckpt.id)
+    return _label_value(ckpt, r), _result_markdown(ckpt, r)
+
+
+def _analyse(checkpoint, image, method, target, versus, opacity, crop_ref, record: bool):
+    ckpt, crop = _checkpoint(checkpoint), _image(image)
+    method = method or "gradcam"
+    [r] = diagnose(ckpt, [crop.rgb], method=method, target_class=_target(target), versus_class=_versus(versus))
+    if record:
+        with _sessionmaker().begin() as s:
+            record_predictions(s, [(_store_image_for(s, ckpt, crop, crop_ref), r.probs)], ckpt.id)
+    names = ckpt.display_names
+    explained = _target(target) or r.predicted
+    what = f"Heatmap: **{CAM_METHODS[method][1]}** for *{names.get(explained, explained)}*"
+    if _versus(versus) and method not in CLASS_AGNOSTIC:
+        what += f" rather than *{names.get(_versus(versus), _versus(versus))}*"
+    if method in CLASS_AGNOSTIC:
+        what += " (this method ignores the class choice)"
+    what += ". Warm colours: regions that raised the score."
+    shown = _display_rgb(crop.rgb)
+    return (_label_value(ckpt, r), _result_markdown(ckpt, r, what), shown,
+            overlay(shown, r.heat, float(opacity)), {"heat": r.heat, "rgb": shown})
+
+
+@_clinician_errors
+def cam(checkpoint: str | None, image: str | None, method: str = "gradcam", target: str | None = PREDICTED,
+        versus: str | None = NONE, opacity: float = 0.45):
+    """Probabilities plus the heatmap beside the original (API: writes nothing to the store)."""
+    return _analyse(checkpoint, image, method, target, versus, opacity, "", record=False)
+
+
+@_clinician_errors
+def analyse_in_page(checkpoint, image, method, target, versus, opacity, crop_ref):
+    return _analyse(checkpoint, image, method, target, versus, opacity, crop_ref, record=True)
+
+
+def reblend(state: dict | None, opacity: float):
+    """Opacity changes redraw the overlay from the kept heatmap; nothing is recomputed."""
+    if not state:
+        return gr.Image()
+    return overlay(state["rgb"], state["heat"], float(opacity))
+
+
+def _display_rgb(rgb: np.ndarray, max_side_px: int = 512) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    if max(h, w) <= max_side_px:
+        return rgb
+    from PIL import Image as PILImage
+
+    scale = max_side_px / max(h, w)
+    return np.asarray(PILImage.fromarray(rgb).resize((round(w * scale), round(h * scale)), PILImage.BILINEAR))
+
+
+def _batch(ckpt: ViewerCheckpoint, crops: list[CheckedImage], slides: list[str | None], method: str | None,
+           opacity: float, images_in_store: list | None):
+    results = diagnose(ckpt, [c.rgb for c in crops], method=method or None)
+    with _sessionmaker().begin() as s:
+        if images_in_store is None:
+            dataset = ensure_uploads_dataset(s, ckpt.classes, ckpt.display_names, Settings.from_env().data_root)
+            stored = [store_upload(s, dataset, c) for c in crops]
+        else:
+            from annotation_db.models import Image
+
+            stored = [s.get(Image, i) for i in images_in_store]
+        record_predictions(s, [(img, r.probs) for img, r in zip(stored, results)], ckpt.id)
+        image_ids = [img.id for img in stored]
+    order = sorted(range(len(results)), key=lambda i: (results[i].margin, i))
+    names = ckpt.display_names
+    gallery, rows = [], []
+    for rank, i in enumerate(order, 1):
+        r, c = results[i], crops[i]
+        shown = _display_rgb(c.rgb, 256)
+        pic = overlay(shown, r.heat, float(opacity)) if r.heat is not None else shown
+        gallery.append((pic, f"#{rank} {names.get(r.predicted, r.predicted)} {100 * r.probs[r.predicted]:.0f}% "
+                             f"(margin {r.margin:.2f}) · {c.name}"))
+        rows.append([rank, c.name, slides[i] or "", r.predicted, round(r.probs[r.predicted], 4), round(r.margin, 4),
+                     *[round(r.probs[k], 4) for k in ckpt.classes], image_ids[i], c.sha256, ckpt.id])
+    header = ["uncertainty_rank", "name", "slide", "predicted", "p_predicted", "margin",
+              *[f"p_{k}" for k in ckpt.classes], "store_image_id", "sha256", "checkpoint"]
+    out_dir = Path(tempfile.mkdtemp(prefix="glom-viewer-"))
+    csv_path = out_dir / "predictions.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+    summaries = summarize_by_slide([(slides[i], results[i].predicted) for i in range(len(results))], ckpt.classes,
+                                   no_slide="uploaded crops")
+    md, table = _summary_outputs(ckpt, summaries)
+    refs = [f"{STORE_REF_PREFIX}{image_ids[i]}" for i in order]
+    paths = [crops[i].name for i in order]
+    return gallery, str(csv_path), md, table, {"refs": refs, "names": paths, "files": [None] * len(order)}
+
+
+@_clinician_errors
+def batch(checkpoint: str | None, files: list[str] | None, method: str | None = "gradcam", opacity: float = 0.45):
+    """Many uploaded crops: gallery most-uncertain first with heatmaps, CSV of every prediction,
+    and the counts summary. Predictions (and the crops) go to the store."""
+    ckpt = _checkpoint(checkpoint)
+    if not files:
+        raise UploadError("add one or more crops first")
+    if len(files) > MAX_BATCH:
+        raise UploadError(f"{len(files)} files: at most {MAX_BATCH} crops per batch")
+    crops = [check_upload(f, UPLOAD_LIMITS) for f in files]
+    out = _batch(ckpt, crops, [None] * len(crops), method, opacity, None)
+    out[4]["files"] = [files[[c.name for c in crops].index(n)] for n in out[4]["names"]]
+    return out
+
+
+@_clinician_errors
+def store_batch(checkpoint: str | None, dataset: str | None, slide: str | None = "", method: str | None = "gradcam",
+                opacity: float = 0.45, limit: int = 64):
+    """Crops of a store dataset (one slide, or all): same outputs as /batch, summary per slide."""
+    ckpt = _checkpoint(checkpoint)
+    if not dataset:
+        raise StoreError("choose a dataset from the store")
+    with _sessionmaker()() as s:
+        ds = get_dataset(s, dataset)
+        missing = set(ckpt.classes) - set(ds.class_keys)
+        if missing:
+            raise StoreError(f"dataset {dataset!r} (classes {ds.class_keys}) does not have this checkpoint's "
+                             f"classes {sorted(missing)}")
+        items = dataset_crops(s, dataset, slide or None, limit=int(limit))
+    if not items:
+        raise StoreError(f"no crops in {dataset!r}" + (f" for slide {slide!r}" if slide else ""))
+    crops = [check_upload(it.path, UPLOAD_LIMITS) for it in items]
+    out = _batch(ckpt, crops, [it.slide for it in items], method, opacity, [it.image_id for it in items])
+    by_name = {c.name: str(it.path) for c, it in zip(crops, items)}
+    out[4]["files"] = [by_name[n] for n in out[4]["names"]]
+    return out
+
+
+def _summary_outputs(ckpt: ViewerCheckpoint, summaries: list[SlideSummary]):
+    names = ckpt.display_names
+    parts = []
+    for sm in summaries:
+        counts = ", ".join(f"{names.get(k, k)} {n} ({sm.percent[k]:.0f}%)" for k, n in sm.counts.items())
+        parts.append(f"**{sm.slide}** — {sm.n_glomeruli} glomeruli: {counts}")
+        if sm.mestc is not None:
+            parts.append(f"&nbsp;&nbsp;MEST-C-style: **{sm.mestc.code}** — " + " ".join(sm.mestc.explain()))
+    parts.append(f"<small>⚠ {DECISION_SUPPORT_NOTE}</small>")
+    header = ["slide", "glomeruli", *[f"{k} n (%)" for k in ckpt.classes], "MEST-C-style"]
+    table = [[sm.slide, sm.n_glomeruli, *[f"{sm.counts[k]} ({sm.percent[k]:.0f}%)" for k in ckpt.classes],
+              sm.mestc.code if sm.mestc else "n/a (schema)"] for sm in summaries]
+    return "\n\n".join(parts), gr.Dataframe(value=table, headers=header)
+
+
+@_clinician_errors
+def slide_summary(checkpoint: str | None, dataset: str | None, slide: str | None = ""):
+    """Per slide: number of glomeruli, counts and percentages per class, MEST-C-style summary."""
+    _, _, md, table, _ = store_batch(checkpoint, dataset, slide, None, 0.0, limit=MAX_BATCH * 5)
+    return md, table
+
+
+@_clinician_errors
+def disagree(checkpoint: str | None, image: str | None, correct: str | None, clinician: str | None,
+             crop_ref: str | None = "", request: gr.Request = None) -> str:
+    """The clinician's class for this crop, attributed; the crop enters the disagreement queue."""
+    ckpt, crop = _checkpoint(checkpoint), _image(image)
+    who = _clinician(clinician, request)
+    if not correct or correct not in ckpt.classes:
+        raise ExplainError(f"pick the right class (one of {', '.join(ckpt.classes)})")
+    [r] = diagnose(ckpt, [crop.rgb], method=None)
+    with _sessionmaker().begin() as s:
+        image_row = _store_image_for(s, ckpt, crop, crop_ref)
+        res = record_disagreement(s, image_row, who, correct, r.predicted, r.probs, ckpt.id)
+    names = ckpt.display_names
+    return (f"✔ Recorded: **{who}** labels this crop *{names.get(correct, correct)}* (model: "
+            f"*{names.get(r.predicted, r.predicted)}*). Crop #{res.image_id} in dataset `{res.dataset}` is now in "
+            "the labeling app's disagreement queue.")
+
+
+def list_store_datasets() -> gr.Dropdown:
+    try:
+        with _sessionmaker()() as s:
+            names = [d.name for d in list_datasets(s)]
+    except StoreError as e:
+        log.warning("store unavailable: %s", e)
+        names = []
+    return gr.Dropdown(choices=names, value=names[0] if names else None)
+
+
+def list_slides(dataset: str | None) -> gr.Dropdown:
+    if not dataset:
+        return gr.Dropdown(choices=[("All slides", "")], value="")
+    try:
+        with _sessionmaker()() as s:
+            slides = dataset_slides(s, dataset)
+    except StoreError:
+        slides = []
+    return gr.Dropdown(choices=[("All slides", ""), *[(x, x) for x in slides]], value="")
+
+
+def pick_from_gallery(state: dict | None, evt: gr.SelectData):
+    """A click in the gallery opens that crop in the single-crop view (with its store reference)."""
+    if not state or evt.index is None or evt.index >= len(state["files"]):
+        return gr.Image(), "", gr.Tabs()
+    return state["files"][evt.index], state["refs"][evt.index], gr.Tabs(selected="crop")
+
+
+# --- the page ------------------------------------------------------------------------------------
+
+THEME = gr.themes.Soft(primary_hue="teal", secondary_hue="slate", neutral_hue="slate",
+                       font=["system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"])
+CSS = """
+.glom-header {border-bottom: 2px solid var(--color-accent); padding-bottom: 4px; margin-bottom: 4px}
+.glom-note {font-size: 0.85em; color: var(--body-text-color-subdued)}
+footer {display: none !important}
+"""
+
+with gr.Blocks(title="GlomLab · Diagnosis viewer", analytics_enabled=False) as demo:
+    gr.Markdown("## GlomLab · Diagnosis viewer\n"
+                "<span class='glom-note'>Model predictions with heatmaps for glomerulus crops. Decision support for "
+                "review by a nephropathologist, not a diagnosis.</span>", elem_classes="glom-header")
+    with gr.Row():
+        checkpoint_dd = gr.Dropdown(label="Checkpoint (runs folder)", choices=[], allow_custom_value=True, scale=3)
+        refresh_btn = gr.Button("↻ Refresh", scale=0, min_width=90)
+        checkpoint_md = gr.Markdown(elem_classes="glom-note")
+    crop_ref = gr.Textbox(visible=False, value="")
+    heat_state = gr.State(None)
+    batch_state = gr.State(None)
+    with gr.Tabs() as tabs:
+        with gr.Tab("Crop", id="crop"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    image_in = gr.Image(label="Glomerulus crop", type="filepath", image_mode=None,
+                                        sources=["upload", "clipboard"], height=300, elem_id="crop-input")
+                    method_dd = gr.Dropdown(label="Heatmap method", value="gradcam",
+                                            choices=[(label, k) for k, (_, label) in CAM_METHODS.items()])
+                    with gr.Row():
+                        target_dd = gr.Dropdown(label="Explain class (why this?)", value=PREDICTED,
+                                                choices=[("Predicted class", PREDICTED)], allow_custom_value=True)
+                        versus_dd = gr.Dropdown(label="…rather than (why not that?)", value=NONE,
+                                                choices=[("—", NONE)], allow_custom_value=True)
+                    opacity = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="Heatmap opacity")
+                    analyse_btn = gr.Button("Analyse crop", variant="primary", elem_id="analyse")
+                with gr.Column(scale=3):
+                    probs_out = gr.Label(label="Class probabilities", num_top_classes=6, elem_id="probs")
+                    result_md = gr.Markdown(elem_id="result")
+                    with gr.Row():
+                        original_out = gr.Image(label="Original", interactive=False, height=280)
+                        overlay_out = gr.Image(label="Heatmap", interactive=False, height=280, elem_id="heatmap")
+                    with gr.Accordion("I disagree", open=False):
+                        correct_radio = gr.Radio(label="The right class is", choices=[])
+                        clinician_tb = gr.Textbox(label="Your name (ignored when logged in)", max_lines=1)
+                        disagree_btn = gr.Button("Record my label", variant="stop")
+                        disagree_md = gr.Markdown()
+        with gr.Tab("Batch", id="batch"):
+            with gr.Row():
+                with gr.Column():
+                    files_in = gr.File(label="Crops (several)", file_count="multiple", file_types=["image"],
+                                       height=140)
+                    batch_btn = gr.Button("Predict uploaded crops", variant="primary")
+                with gr.Column():
+                    dataset_dd = gr.Dropdown(label="…or a dataset from the store", choices=[])
+                    slide_dd = gr.Dropdown(label="Slide / biopsy", choices=[("All slides", "")], value="")
+                    limit_nb = gr.Number(label="At most this many crops", value=64, precision=0, minimum=1,
+                                         maximum=MAX_BATCH)
+                    store_btn = gr.Button("Predict store crops")
+            batch_method = gr.Dropdown(label="Heatmap in gallery", value="gradcam",
+                                       choices=[("None (faster)", ""), *[(lbl, k) for k, (_, lbl) in CAM_METHODS.items()
+                                                                        if k != "scorecam"]])
+            gallery = gr.Gallery(label="Most uncertain first (click to open)", columns=6, height=420,
+                                 object_fit="contain", elem_id="gallery")
+            csv_out = gr.File(label="All predictions (CSV)")
+            summary_md = gr.Markdown()
+            summary_table = gr.Dataframe(label="Per slide / biopsy", interactive=False)
+
+    # Page load: fill the pickers (nothing is loaded at import).
+    demo.load(list_checkpoints, None, checkpoint_dd, api_name="checkpoints")
+    demo.load(list_store_datasets, None, dataset_dd, api_visibility="private")
+    refresh_btn.click(list_checkpoints, None, checkpoint_dd, api_visibility="private")
+    checkpoint_dd.change(checkpoint_info, checkpoint_dd, [checkpoint_md, target_dd, versus_dd, correct_radio],
+                         api_name="checkpoint_info")
+    dataset_dd.change(list_slides, dataset_dd, slide_dd, api_visibility="private")
+
+    analysis_outputs = [probs_out, result_md, original_out, overlay_out, heat_state]
+    image_in.upload(lambda: "", None, crop_ref, api_visibility="private").then(
+        analyse_in_page, [checkpoint_dd, image_in, method_dd, target_dd, versus_dd, opacity, crop_ref],
+        analysis_outputs, api_visibility="private")
+    analyse_btn.click(analyse_in_page, [checkpoint_dd, image_in, method_dd, target_dd, versus_dd, opacity, crop_ref],
+                      analysis_outputs, api_visibility="private")
+    opacity.release(reblend, [heat_state, opacity], overlay_out, api_visibility="private")
+    disagree_btn.click(disagree, [checkpoint_dd, image_in, correct_radio, clinician_tb, crop_ref], disagree_md,
+                       api_name="disagree")
+    batch_outputs = [gallery, csv_out, summary_md, summary_table, batch_state]
+    batch_btn.click(batch, [checkpoint_dd, files_in, batch_method, opacity], batch_outputs, api_name="batch")
+    store_btn.click(store_batch, [checkpoint_dd, dataset_dd, slide_dd, batch_method, opacity, limit_nb],
+                    batch_outputs, api_name="store_batch")
+    gallery.select(pick_from_gallery, batch_state, [image_in, crop_ref, tabs], api_visibility="private")
+
+    # API-only endpoints: same functions, no page wiring.
+    gr.api(predict, api_name="predict")
+    gr.api(cam, api_name="cam")
+    gr.api(slide_summary, api_name="slide_summary")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="a .safetensors checkpoint (with its .json) to open first")
+    parser.add_argument("--runs", default=os.environ.get("GLOM_RUNS", "runs"), help="folder of training runs")
+    parser.add_argument("--db", help="store URL (default $GLOM_DB or sqlite:///data/glomlab.db)")
+    parser.add_argument("--data-root", default=os.environ.get("GLOM_DATA_ROOT", "data"),
+                        help="where uploaded crops are kept (under <data-root>/viewer-uploads*)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    parser.add_argument("--port", type=int, default=7860)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ["GLOM_RUNS"] = args.runs
+    os.environ["GLOM_DATA_ROOT"] = args.data_root
+    if args.checkpoint:
+        os.environ["GLOM_VIEWER_CHECKPOINT"] = args.checkpoint
+    if args.db:
+        os.environ["GLOM_DB"] = args.db
+    auth = parse_auth(os.environ.get("GLOM_VIEWER_AUTH"))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+        log.warning("binding %s without a login: set GLOM_VIEWER_AUTH=user:password", args.host)
+    demo.queue(default_concurrency_limit=2).launch(
+        server_name=args.host, server_port=args.port, auth=auth, max_file_size=UPLOAD_LIMITS.max_bytes,
+        theme=THEME, css=CSS, footer_links=["api"], show_error=False, ssr_mode=False)
+
+
+if __name__ == "__main__":
+    main()

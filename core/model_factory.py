@@ -1,0 +1,103 @@
+"""Creating the classifier a config asks for: timm name, pretrained weights, dropout, freezing."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+import models  # noqa: F401  (registers the custom architectures)
+from core.config import ModelConfig
+from models.freeze import FreezeReport, freeze_backbone
+from models.partial_init import copy_matching_tensors
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PretrainedUnavailableError", "ModelConfigError", "create_classifier", "apply_freeze",
+           "model_kwargs", "load_weights_file"]
+
+
+class ModelConfigError(ValueError):
+    """Unknown architecture or arguments it does not take."""
+
+
+class PretrainedUnavailableError(RuntimeError):
+    """Pretrained weights were asked for and cannot be had (offline, missing file)."""
+
+
+def model_kwargs(cfg: ModelConfig) -> dict:
+    """Arguments that rebuild the architecture (stored in the checkpoint sidecar)."""
+    kw = dict(cfg.kwargs)
+    if cfg.drop_rate:
+        kw["drop_rate"] = cfg.drop_rate
+    return kw
+
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from ``.safetensors``, or a ``.pth``/``.pt``/``.bin`` state dict read with ``weights_only``."""
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedUnavailableError(f"pretrained_file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def create_classifier(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """``timm.create_model(cfg.name, ...)`` with pretrained weights from the hub or a local file.
+
+    Offline with ``pretrained: true`` fails with a :class:`PretrainedUnavailableError` that says how
+    to go on (``pretrained_file:`` or ``pretrained: false``).
+    """
+    if not timm.is_model(cfg.name):
+        raise ModelConfigError(f"unknown architecture {cfg.name!r}: see timm.list_models() and models/")
+    kw = model_kwargs(cfg)
+    if cfg.pretrained and not cfg.pretrained_file:
+        try:
+            return timm.create_model(cfg.name, pretrained=True, num_classes=num_classes, **kw)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise PretrainedUnavailableError(
+                f"ImageNet weights for {cfg.name} could not be loaded from the timm hub ({type(e).__name__}: "
+                f"{str(e)[:200]}). Offline? Set `pretrained_file: /path/to/weights.safetensors` to load "
+                f"local weights, or `pretrained: false` to train from scratch."
+            ) from None
+    try:
+        model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, **kw)
+    except TypeError as e:
+        raise ModelConfigError(f"{cfg.name} does not take these arguments: {e}") from None
+    if cfg.pretrained_file:
+        state = load_weights_file(cfg.pretrained_file)
+        own = model.state_dict()
+        n = copy_matching_tensors(model, state)
+        body = [k for k in own if not k.startswith(_classifier_prefix(model))]
+        if n < 0.5 * len(body):
+            raise PretrainedUnavailableError(
+                f"{cfg.pretrained_file} matches only {n} of {len(body)} tensors of {cfg.name}: "
+                f"is it the right architecture?")
+        log.info("loaded %d of %d tensors from %s", n, len(own), cfg.pretrained_file)
+    return model
+
+
+def _classifier_prefix(model: nn.Module) -> str:
+    clf = model.get_classifier() if hasattr(model, "get_classifier") else None
+    for name, mod in model.named_modules():
+        if mod is clf:
+            return name + "."
+    return "\0"
+
+
+def apply_freeze(model: nn.Module, cfg: ModelConfig) -> FreezeReport | None:
+    """Freeze as ``cfg.freeze`` says; None when nothing is asked."""
+    f = cfg.freeze
+    if f.fraction is None and f.stages is None and f.conv_layers is None:
+        return None
+    return freeze_backbone(model, fraction=f.fraction, stages=f.stages, conv_layers=f.conv_layers)

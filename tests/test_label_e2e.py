@@ -1,0 +1,200 @@
+"""End to end in real Chromium: two clinicians label real crops by keyboard at the same time,
+one goes back and changes a label, reloads the page, and exports JSONL; nothing is lost.
+
+Needs Debian's ``chromium`` (``apt-get install chromium``) and the ``playwright`` package; the
+browser is never downloaded. Set ``GLOM_UPDATE_SCREENSHOT=1`` to refresh ``docs/label_app.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from annotation_db import importer
+from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
+from annotation_db.formats import Record, read_csv
+from annotation_db.models import Annotator, Image, Label, LabelEvent
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]
+CAPTION = ".st-key-crop_caption"
+CLASSES = ["globally_sclerotic", "non_globally_sclerotic"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def store_url(tmp_path: Path, bueno_dir: Path) -> str:
+    """All 789 real crops registered without labels (images stay in ../shared/data)."""
+    url = f"sqlite:///{tmp_path / 'e2e.db'}"
+    engine = create_store_engine(url)
+    upgrade(engine)
+    records = [Record(r.image, None, r.where, slide=r.slide) for r in read_csv(bueno_dir / "labels.csv")]
+    with make_sessionmaker(engine)() as s, s.begin():
+        dataset = importer.ensure_dataset(s, "bueno", class_names=CLASSES, root=bueno_dir)
+        importer.import_records(s, dataset, records, annotator="unused", source="test")
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def app_url(store_url: str, tmp_path: Path):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: `apt-get install chromium` (Debian's build; never `playwright install`)")
+    port = _free_port()
+    log = (tmp_path / "streamlit.log").open("w")
+    proc = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "streamlit"), "run", "app/label.py", "--server.port", str(port)],
+        cwd=REPO, env=dict(os.environ, GLOM_DB=store_url), stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail(f"streamlit did not start: {(tmp_path / 'streamlit.log').read_text()[-2000:]}")
+                time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
+def _shown(page) -> int:
+    """The id of the crop on screen, once the keyboard listens for it (app/hotkeys.py)."""
+    text = page.inner_text(CAPTION)
+    image_id = int(text.split("#")[1].split(" ")[0])
+    page.wait_for_function(
+        "(id) => { const s = window.__glomHotkeys;"
+        " return !!(s && s.el && s.el.isConnected && s.data && s.data.image_id === id); }",
+        arg=image_id, timeout=15_000,
+    )
+    return image_id
+
+
+def _wait_change(page, before: int) -> int:
+    page.wait_for_function(
+        "([sel, before]) => { const el = document.querySelector(sel);"
+        " return el && !el.innerText.includes('#' + before + ' '); }",
+        arg=[CAPTION, before], timeout=15_000,
+    )
+    return _shown(page)
+
+
+def _sign_in(page, base: str, name: str) -> None:
+    page.goto(base)
+    page.get_by_label("Your name").fill(name)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_selector(CAPTION, timeout=30_000)
+
+
+def _labels(url: str, name: str) -> dict[str, list[str]]:
+    engine = create_store_engine(url)
+    with make_sessionmaker(engine)() as s:
+        rows = s.execute(
+            select(Image.path, Label.classes).join(Label, Label.image_id == Image.id)
+            .join(Annotator, Annotator.id == Label.annotator_id).where(Annotator.name == name)
+        ).all()
+    engine.dispose()
+    return {p: list(c) for p, c in rows}
+
+
+def test_two_clinicians_label_by_keyboard_and_nothing_is_lost(app_url, store_url, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    alice_keys = ["1", "2", "1", "1", "2"]
+    bob_keys = ["2", "2", "2", "1", "1"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        alice = browser.new_context(viewport={"width": 1440, "height": 900}, accept_downloads=True).new_page()
+        bob = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+        _sign_in(alice, app_url, "alice")
+        _sign_in(bob, app_url, "bob")
+
+        # Both press their keys at the same time: each press is sent before either page updates.
+        seen = {"alice": [], "bob": []}
+        for ka, kb in zip(alice_keys, bob_keys):
+            a0, b0 = _shown(alice), _shown(bob)
+            seen["alice"].append(a0)
+            seen["bob"].append(b0)
+            alice.keyboard.press(ka)
+            bob.keyboard.press(kb)
+            _wait_change(alice, a0)
+            _wait_change(bob, b0)
+        assert len(set(seen["alice"])) == 5, "alice was shown the same crop twice"
+
+        # Back twice (← then Backspace) to the fourth crop and change its label.
+        now = _shown(alice)
+        alice.keyboard.press("ArrowLeft")
+        now = _wait_change(alice, now)
+        assert now == seen["alice"][4]
+        alice.keyboard.press("Backspace")
+        now = _wait_change(alice, now)
+        assert now == seen["alice"][3]
+        assert "Your label: globally_sclerotic" in alice.inner_text("[data-testid='stMain']")
+        alice.keyboard.press("2")
+        _wait_change(alice, now)
+
+        # A reload (new browser session) keeps the user signed in and everything stored.
+        alice.reload()
+        alice.wait_for_selector(CAPTION, timeout=30_000)
+        alice.get_by_text("5 / 789").wait_for(timeout=15_000)
+        shot = tmp_path / "label_app.png"
+        alice.wait_for_timeout(300)
+        alice.screenshot(path=str(shot))
+
+        # Export through the page: JSONL in the original labeling system's format.
+        alice.get_by_role("link", name="Export").click()
+        alice.get_by_text("annotator:alice").click()
+        alice.get_by_role("button", name="Prepare export").click()
+        with alice.expect_download() as download:
+            alice.get_by_role("button", name="Download bueno.jsonl").click()
+        exported = tmp_path / "bueno.jsonl"
+        download.value.save_as(exported)
+        browser.close()
+
+    if os.environ.get("GLOM_UPDATE_SCREENSHOT"):
+        (REPO / "docs").mkdir(exist_ok=True)
+        (REPO / "docs" / "label_app.png").write_bytes(shot.read_bytes())
+
+    engine = create_store_engine(store_url)
+    with make_sessionmaker(engine)() as s:
+        paths = dict(s.execute(select(Image.id, Image.path)).all())
+        n_events = s.scalar(
+            select(func.count()).select_from(LabelEvent).join(Annotator).where(Annotator.name == "alice")
+        )
+    engine.dispose()
+    expected_alice = {paths[i]: [CLASSES[int(k) - 1]] for i, k in zip(seen["alice"], alice_keys)}
+    expected_alice[paths[seen["alice"][3]]] = ["non_globally_sclerotic"]  # the edit
+    assert _labels(store_url, "alice") == expected_alice
+    assert _labels(store_url, "bob") == {paths[i]: [CLASSES[int(k) - 1]] for i, k in zip(seen["bob"], bob_keys)}
+    assert n_events == 6  # five labels and one edit, all kept in the history
+
+    lines = [json.loads(line) for line in exported.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 789
+    by_name = {obj["image_name"]: obj for obj in lines}
+    for path, classes in expected_alice.items():
+        assert by_name[path] == {"image_name": path, **{c: int(c in classes) for c in CLASSES}}
+    assert sum(any(v for k, v in obj.items() if k != "image_name") for obj in lines) == 5
