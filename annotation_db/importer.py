@@ -140,11 +140,13 @@ def import_records(
     source: str,
     skip_missing: bool = False,
     skip_duplicates: bool = False,
+    stain: str | None = None,
     progress: bool = False,
 ) -> ImportReport:
     """Register every record's image (reading its bytes once) and write its label.
 
-    ``annotator`` is used where a record names none. Raises :class:`FormatError`,
+    ``annotator`` is used where a record names none; ``stain`` (HE, PAS, other) fills in the
+    stain of the slides the records name. Raises :class:`FormatError`,
     :class:`InvalidLabelError` or :class:`ImageFileError` naming the record's file and line.
     """
     report = ImportReport(dataset=dataset.name, records=len(records))
@@ -193,7 +195,7 @@ def import_records(
             slide_id = None
             if r.slide:
                 if r.slide not in slide_ids:
-                    slide_ids[r.slide] = get_or_create_slide(session, r.slide).id
+                    slide_ids[r.slide] = get_or_create_slide(session, r.slide, stain=stain).id
                 slide_id = slide_ids[r.slide]
             new_rows[rel] = dict(
                 dataset_id=dataset.id,

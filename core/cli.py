@@ -67,6 +67,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             source=f"import:{args.format}",
             skip_missing=args.skip_missing,
             skip_duplicates=args.skip_duplicates,
+            stain=args.stain,
             progress=True,
         )
     print(report.summary())
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="folders: leave out matching paths or folders (repeatable)")
     p.add_argument("--skip-missing", action="store_true", help="skip (and list) records whose image file is missing")
     p.add_argument("--skip-duplicates", action="store_true", help="skip images whose bytes are already registered")
+    p.add_argument("--stain", choices=["HE", "PAS", "other"], help="stain of the slides the file names")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", parents=[common], help="export a dataset's labels")

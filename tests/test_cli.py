@@ -47,6 +47,19 @@ def test_demo_stats_export_agreement(capsys, sqlite_url, tmp_path):
     assert "1 disagreements" in out and "dr_b=crescent" in out
 
 
+def test_import_records_slides_with_their_stain(capsys, sqlite_url, bueno_dir):
+    code, out, _ = run(capsys, "--db", sqlite_url, "import", "csv", str(bueno_dir / "labels.csv"),
+                       "--dataset", "bueno", "--stain", "PAS")
+    assert code == 0 and "789 images added" in out
+    from annotation_db.db import open_store
+    from annotation_db.models import Slide
+    from sqlalchemy import select
+
+    with open_store(sqlite_url)() as s:
+        stains = set(s.scalars(select(Slide.stain)))
+        assert len(s.scalars(select(Slide)).all()) == 24 and {st.value for st in stains} == {"PAS"}
+
+
 def test_bad_input_is_a_clear_error_not_a_traceback(capsys, sqlite_url, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image_name": "a.png", "正常肾小球": 1}\n{oops\n', encoding="utf-8")
