@@ -426,6 +426,8 @@ class _ExtractRun:
             log.warning("refused %s", p)
         for p in plan.clipped:
             log.warning("clipped %s", p)
+        for p in plan.no_tissue:
+            log.info("skipped %s", p)
         self.report.refused += plan.refused
         self.report.clipped += plan.clipped
         self.report.no_tissue += plan.no_tissue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,37 @@ def test_two_workers_write_identical_crops(tmp_path: Path, tiff: Path, wsi_dir: 
     assert one.written == two.written == 12
     for a, b in zip(sorted(j.path for j in one.jobs), sorted(j.path for j in two.jobs), strict=True):
         assert a.name == b.name and a.read_bytes() == b.read_bytes()
+
+
+def test_workers_share_the_work_and_open_each_slide_once(
+    tmp_path: Path, tiff: Path, wsi_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import core.extract as extract
+
+    log = tmp_path / "calls.log"
+    real_open, real_save = extract.open_slide, extract.save_atomic
+
+    def logged_open(path, **kw):  # noqa: ANN001, ANN202 - runs in the forked workers too
+        with log.open("a") as f:
+            f.write(f"open {os.getpid()} {Path(path).name}\n")
+        return real_open(path, **kw)
+
+    def logged_save(img, path, settings):  # noqa: ANN001, ANN202
+        with log.open("a") as f:
+            f.write(f"save {os.getpid()} {path.name}\n")
+        return real_save(img, path, settings)
+
+    monkeypatch.setattr(extract, "open_slide", logged_open)
+    monkeypatch.setattr(extract, "save_atomic", logged_save)
+    anns = boxes(*[(40 + 90 * i, 30 + 60 * i, 80, 70) for i in range(8)])
+    tasks = [SlideTask(tiff, anns), SlideTask(wsi_dir / CMU, anns)]
+    report = extract_crops(tasks, tmp_path / "out", CropSettings(), workers=2, chunk_size=2, progress=False)
+    assert report.written == 16
+    calls = [line.split() for line in log.read_text().splitlines()]
+    savers = {pid for kind, pid, _ in calls if kind == "save"}
+    assert len(savers) == 2 and os.getpid() not in savers  # both workers cut crops, not the parent
+    worker_opens = [(pid, name) for kind, pid, name in calls if kind == "open" and pid in savers]
+    assert len(worker_opens) == len(set(worker_opens))  # a worker keeps its slide handle open
 
 
 def test_jpeg_crops(tmp_path: Path, tiff: Path) -> None:
