@@ -2,8 +2,10 @@
 
 Streamlit's ``st.button(shortcut=...)`` runs the callback bound in the last server run, so a key
 pressed while the next crop is still on its way would label a crop the clinician never saw. This
-``st.components.v2`` component sends the key *and the id of the crop shown when it was pressed*;
-actions for any other crop are dropped.
+``st.components.v2`` component sends the key *and the id of the crop on screen when it was
+pressed*, read from the crop's ``alt`` text in the page (``#<image id>``) rather than from the
+last data sent, which can arrive a few milliseconds after the image; actions for any other crop
+are dropped.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import streamlit as st
 
 # One document listener for the page, whatever the number of renders: each render only swaps in
 # the newest data and sender. Keys typed into text fields are left alone.
-_JS = """
+_JS = r"""
 export default function (component) {
   const { data, setTriggerValue, parentElement } = component;
   const s = (window.__glomHotkeys = window.__glomHotkeys || { seq: 0 });
@@ -28,13 +30,18 @@ export default function (component) {
     if (!cur.el || !cur.el.isConnected || !cur.data) return;
     if (e.ctrlKey || e.metaKey || e.altKey || e.isComposing) return;
     const t = e.target;
-    if (t && (t.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(t.tagName))) return;
+    const typing = t && (t.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(t.tagName));
+    if (typing && e.key === "Escape") { t.blur(); return; }  // back to the keys after a note
+    if (typing) return;
     const key = e.key.length === 1 ? e.key.toLowerCase() : e.key;
     if (!cur.data.keys.includes(key)) return;
+    const img = document.querySelector(cur.data.crop_selector);
+    const shown = img && img.alt && img.alt.match(/#(\d+)/);
+    if (!shown) return;
     e.preventDefault();
     if (e.repeat) return;
     cur.seq += 1;
-    cur.send("press", { key: key, image: cur.data.image_id, seq: cur.seq });
+    cur.send("press", { key: key, image: Number(shown[1]), seq: cur.seq });
   }, true);
 }
 """
@@ -51,12 +58,20 @@ def _on_press(state_key: str, actions: Mapping[str, Action]) -> None:
         action(press["image"])
 
 
-def hotkey_layer(image_id: int, actions: Mapping[str, Action], *, key: str = "hotkeys") -> None:
+def crop_alt(image_id: int) -> str:
+    """The ``alt`` text of the crop image: the keyboard layer reads the id on screen from it."""
+    return f"Glomerulus crop #{image_id}"
+
+
+def hotkey_layer(
+    image_id: int, actions: Mapping[str, Action], *, crop_selector: str, key: str = "hotkeys"
+) -> None:
     """Listen for ``actions``' keys (``"1"``, ``"u"``, ``"Enter"``, ``"ArrowLeft"``, ...); each
-    action is called with the id of the crop that was on screen when the key went down."""
+    action is called with the id of the crop on screen (``crop_selector``, alt from
+    :func:`crop_alt`) when the key went down."""
     _component(
         key=key,
-        data={"image_id": image_id, "keys": list(actions)},
+        data={"image_id": image_id, "keys": list(actions), "crop_selector": crop_selector},
         on_press_change=lambda: _on_press(key, actions),
         height="content",
     )

@@ -34,7 +34,9 @@ PAGES = {
         st.Page(APP_DIR / "labeling_page.py", title="Label", icon=":material/label:", url_path="label", default=True),
         st.Page(APP_DIR / "grid_page.py", title="Grid", icon=":material/grid_view:", url_path="grid"),
     ],
-    "Review": [st.Page(APP_DIR / "agreement_page.py", title="Agreement", icon=":material/groups:", url_path="agreement")],
+    "Review": [
+        st.Page(APP_DIR / "agreement_page.py", title="Agreement", icon=":material/groups:", url_path="agreement"),
+    ],
     "Data": [
         st.Page(APP_DIR / "import_page.py", title="Import", icon=":material/upload:", url_path="import"),
         st.Page(APP_DIR / "export_page.py", title="Export", icon=":material/download:", url_path="export"),
@@ -75,10 +77,20 @@ def _on_queue_change() -> None:
     st.session_state.slide_id = None
 
 
+def _demo_dir() -> Path:
+    """Where `glom demo` writes its images: beside an SQLite store, else ``data/demo``."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(store_url())
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        return Path(url.database).resolve().parent / "demo"
+    return Path("data") / "demo"
+
+
 def _create_demo() -> None:
     from core.cli import main as glom
 
-    glom(["--db", store_url(), "demo", "--if-empty"])
+    glom(["--db", store_url(), "demo", "--if-empty", "--out", str(_demo_dir())])
     dataset_names.clear()
     st.session_state.dataset_name = "demo"
 
@@ -107,7 +119,8 @@ def sidebar_panel() -> None:
                          placeholder="Pick a slide")
         with st.expander("Keyboard", expanded=False):
             st.markdown(KEY_HELP)
-        st.caption(f"Store: `{_safe_url()}`")
+        with st.expander("Store", expanded=False):
+            st.caption(f"`{_safe_url()}`")
 
 
 def _safe_url() -> str:

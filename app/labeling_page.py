@@ -8,10 +8,10 @@ stays on the crop and says why.
 from __future__ import annotations
 
 import time
-from functools import partial
-from pathlib import PurePosixPath
 from collections import deque
 from datetime import datetime, timedelta, timezone
+from functools import partial
+from pathlib import PurePosixPath
 
 import streamlit as st
 from sqlalchemy.exc import SQLAlchemyError
@@ -19,10 +19,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from annotation_db import queues, store
 from annotation_db.db import StoreError
 from annotation_db.models import Annotator, Image
+from app.hotkeys import crop_alt, hotkey_layer
 from app.session import Who, current_dataset, is_adjudicator, queue_spec, who
 from app.store_cache import DatasetView, crop_data_url, get_sessionmaker, slide_thumbnail_with_box
-from app.hotkeys import hotkey_layer
 from app.trail import Trail
+from core.wsi import SlideError
 
 CROP_WIDTH_PX = 560
 
@@ -31,7 +32,7 @@ CROP_WIDTH_PX = 560
 
 
 def _ranking(spec: queues.QueueSpec) -> list[int]:
-    """The model-uncertainty order of the dataset, computed once per session and checkpoint."""
+    """The model-uncertainty order of the dataset (latest checkpoint), once per browser session."""
     cache = st.session_state.setdefault("ranking", {})
     if spec.dataset_id not in cache:
         with get_sessionmaker()() as s:
@@ -119,6 +120,8 @@ def _save(image_id: int, classes: list[str], uncertain: bool = False) -> None:
     try:
         with get_sessionmaker()() as s, s.begin():
             image = s.get(Image, image_id)
+            if image is None:
+                raise StoreError(f"crop #{image_id} is no longer in the store")
             before = queues.label_of(s, image_id, me.annotator_id)
             store.set_label(s, image, s.get(Annotator, me.annotator_id), classes, uncertain=uncertain, note=note)
     except (StoreError, SQLAlchemyError) as e:
@@ -222,7 +225,7 @@ def progress_panel(dataset: DatasetView) -> None:
 
 def crop_panel(dataset: DatasetView, info: queues.CropInfo, data: str) -> None:
     with st.container(key="crop", border=False, height=640 if st.session_state.zoom else "content"):
-        st.image(data, width=info.width if st.session_state.zoom else CROP_WIDTH_PX)
+        st.image(data, width=info.width if st.session_state.zoom else CROP_WIDTH_PX, alt=crop_alt(info.image_id))
     # The file name only: folder names often carry an earlier label, and labeling here is blind.
     with st.container(key="crop_caption"):
         st.caption(f"`{PurePosixPath(info.path).name}` · #{info.image_id} · {info.width}×{info.height} px")
@@ -248,9 +251,9 @@ def context_panel(info: queues.CropInfo) -> None:
     st.markdown("  \n".join(parts))
     if info.slide_path:
         try:
-            st.image(slide_thumbnail_with_box(info.slide_path, info.box), width=260)
-        except Exception as e:  # noqa: BLE001 - any unreadable slide must not block labeling
-            st.caption(f"Slide thumbnail unavailable: {type(e).__name__}: {e}")
+            st.image(slide_thumbnail_with_box(info.slide_path, info.box), width=220)
+        except (SlideError, OSError, ValueError, ImportError) as e:  # an unreadable slide must not block labeling
+            st.caption(f"Slide thumbnail unavailable: {e}")
 
 
 def votes_panel(image_id: int, dataset: DatasetView) -> None:
@@ -258,7 +261,7 @@ def votes_panel(image_id: int, dataset: DatasetView) -> None:
         votes = queues.votes_of(s, image_id)
         final = queues.adjudication_of(s, image_id)
     lines = [
-        f"- **{name}**: {', '.join(dataset.display(k) for k in v.classes) or '—'}{' (uncertain)' if v.uncertain else ''}"
+        f"- **{name}**: {', '.join(dataset.display(k) for k in v.classes) or '—'}" + (" (uncertain)" if v.uncertain else "")
         for name, v in votes.items()
     ]
     st.markdown("**Votes**\n" + "\n".join(lines))
@@ -294,12 +297,15 @@ def class_buttons_panel(
         )
     if multi:
         st.button(
-            _with_key("Save", "Enter"), key="save_enter", on_click=on_enter, args=(image_id, dataset.keys, adjudicating),
+            _with_key("Save", "Enter"), key="save_enter", on_click=on_enter,
+            args=(image_id, dataset.keys, adjudicating),
             width="stretch", icon=":material/save:", disabled=adjudicating and not may_decide,
         )
 
 
-def actions_panel(dataset: DatasetView, image_id: int, spec: queues.QueueSpec, adjudicating: bool, trail: Trail) -> None:
+def actions_panel(
+    dataset: DatasetView, image_id: int, spec: queues.QueueSpec, adjudicating: bool, trail: Trail
+) -> None:
     a, b = st.columns(2)
     c, d = st.columns(2)
     a.button(_with_key("Uncertain", "U"), key="uncertain", on_click=on_uncertain, args=(image_id, dataset.keys),
@@ -330,7 +336,7 @@ def keyboard_panel(dataset: DatasetView, image_id: int, spec: queues.QueueSpec, 
         "z": lambda _image_id: on_toggle("zoom"),
         "k": lambda _image_id: on_toggle("contrast"),
     }
-    hotkey_layer(image_id, actions)
+    hotkey_layer(image_id, actions, crop_selector=".st-key-crop img")
 
 
 def status_panel(mine: queues.LabelView | None, dataset: DatasetView, adjudicating: bool) -> None:
@@ -387,16 +393,16 @@ def labeling_panel() -> None:
     with left:
         crop_panel(dataset, info, data)
     with right:
-        context_panel(info)
         if adjudicating:
             votes_panel(info.image_id, dataset)
         class_buttons_panel(dataset, info.image_id, mine, adjudicating, is_adjudicator(me.name))
         actions_panel(dataset, info.image_id, spec, adjudicating, trail)
         st.text_input(
             "Note", key=f"note_{info.image_id}", value=mine.note if mine else "",
-            placeholder="optional; saved with the label", label_visibility="collapsed",
+            placeholder="Note (optional) · Esc: back to the keys", label_visibility="collapsed",
         )
         status_panel(mine, dataset, adjudicating)
+        context_panel(info)
     keyboard_panel(dataset, info.image_id, spec, adjudicating)
 
 

@@ -30,7 +30,7 @@ import gradio as gr
 import numpy as np
 
 from annotation_db.db import StoreError, open_store
-from annotation_db.store import find_image, get_dataset, list_datasets
+from annotation_db.store import get_dataset, list_datasets
 from core.checkpoint import CheckpointError
 from core.data import DataError
 from core.diagnosis import CropResult, ViewerCheckpoint, diagnose, find_checkpoints, load_viewer_checkpoint
@@ -234,7 +234,7 @@ def checkpoint_info(checkpoint: str | None):
     """What the chosen checkpoint is, and its classes for the target / disagree selectors."""
     if not checkpoint:
         return ("No checkpoint yet: train one (`glom train --recipe recipes/quick.yaml`) or start the "
-                "viewer with `--checkpoint`.", gr.Dropdown(), gr.Dropdown(), gr.Radio())
+                "viewer with `--checkpoint`.", gr.Dropdown(), gr.Dropdown(), gr.Dropdown())
     ckpt = _checkpoint(checkpoint)
     meta = ckpt.predictor.meta
     metrics = ", ".join(f"{k} {v:.3f}" for k, v in (meta.metrics or {}).items()
@@ -246,7 +246,7 @@ def checkpoint_info(checkpoint: str | None):
             + (f"<br><small>{metrics}</small>" if metrics else ""))
     choices = _class_choices(ckpt)
     return (info, gr.Dropdown(choices=[("Predicted class", PREDICTED), *choices], value=PREDICTED),
-            gr.Dropdown(choices=[("—", NONE), *choices], value=NONE), gr.Radio(choices=choices, value=None))
+            gr.Dropdown(choices=[("—", NONE), *choices], value=NONE), gr.Dropdown(choices=choices, value=None))
 
 
 @_clinician_errors
@@ -451,8 +451,13 @@ def list_slides(dataset: str | None) -> gr.Dropdown:
 def pick_from_gallery(state: dict | None, evt: gr.SelectData):
     """A click in the gallery opens that crop in the single-crop view (with its store reference)."""
     if not state or evt.index is None or evt.index >= len(state["files"]):
-        return gr.Image(), "", gr.Tabs()
-    return state["files"][evt.index], state["refs"][evt.index], gr.Tabs(selected="crop")
+        return gr.File(), "", gr.Tabs()
+    src = Path(state["files"][evt.index])
+    # Store crops live under their dataset root, which Gradio does not serve: hand it a copy
+    # (same bytes, so the store reference still matches by content hash).
+    copy = Path(tempfile.mkdtemp(prefix="glom-viewer-pick-")) / src.name
+    copy.write_bytes(src.read_bytes())
+    return str(copy), state["refs"][evt.index], gr.Tabs(selected="crop")
 
 
 # --- the page ------------------------------------------------------------------------------------
@@ -460,7 +465,7 @@ def pick_from_gallery(state: dict | None, evt: gr.SelectData):
 THEME = gr.themes.Soft(primary_hue="teal", secondary_hue="slate", neutral_hue="slate",
                        font=["system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"])
 CSS = """
-.glom-header {border-bottom: 2px solid var(--color-accent); padding-bottom: 4px; margin-bottom: 4px}
+#glom-header {border-bottom: 2px solid var(--color-accent-soft); padding-bottom: 2px}
 .glom-note {font-size: 0.85em; color: var(--body-text-color-subdued)}
 footer {display: none !important}
 """
@@ -468,7 +473,7 @@ footer {display: none !important}
 with gr.Blocks(title="GlomLab · Diagnosis viewer", analytics_enabled=False) as demo:
     gr.Markdown("## GlomLab · Diagnosis viewer\n"
                 "<span class='glom-note'>Model predictions with heatmaps for glomerulus crops. Decision support for "
-                "review by a nephropathologist, not a diagnosis.</span>", elem_classes="glom-header")
+                "review by a nephropathologist, not a diagnosis.</span>", elem_id="glom-header")
     with gr.Row():
         checkpoint_dd = gr.Dropdown(label="Checkpoint (runs folder)", choices=[], allow_custom_value=True, scale=3)
         refresh_btn = gr.Button("↻ Refresh", scale=0, min_width=90)
@@ -480,8 +485,10 @@ with gr.Blocks(title="GlomLab · Diagnosis viewer", analytics_enabled=False) as 
         with gr.Tab("Crop", id="crop"):
             with gr.Row():
                 with gr.Column(scale=2):
-                    image_in = gr.Image(label="Glomerulus crop", type="filepath", image_mode=None,
-                                        sources=["upload", "clipboard"], height=300, elem_id="crop-input")
+                    # A file input, not gr.Image: every upload reaches core.uploads' checks before
+                    # anything decodes it (the original is shown on the right once it passed).
+                    image_in = gr.File(label="Glomerulus crop (PNG, JPEG, TIFF, BMP, WebP)", file_count="single",
+                                       file_types=["image"], type="filepath", height=120, elem_id="crop-input")
                     method_dd = gr.Dropdown(label="Heatmap method", value="gradcam",
                                             choices=[(label, k) for k, (_, label) in CAM_METHODS.items()])
                     with gr.Row():
@@ -498,7 +505,7 @@ with gr.Blocks(title="GlomLab · Diagnosis viewer", analytics_enabled=False) as 
                         original_out = gr.Image(label="Original", interactive=False, height=280)
                         overlay_out = gr.Image(label="Heatmap", interactive=False, height=280, elem_id="heatmap")
                     with gr.Accordion("I disagree", open=False):
-                        correct_radio = gr.Radio(label="The right class is", choices=[])
+                        correct_radio = gr.Dropdown(label="The right class is", choices=[], allow_custom_value=True)
                         clinician_tb = gr.Textbox(label="Your name (ignored when logged in)", max_lines=1)
                         disagree_btn = gr.Button("Record my label", variant="stop")
                         disagree_md = gr.Markdown()
@@ -509,11 +516,15 @@ with gr.Blocks(title="GlomLab · Diagnosis viewer", analytics_enabled=False) as 
                                        height=140)
                     batch_btn = gr.Button("Predict uploaded crops", variant="primary")
                 with gr.Column():
-                    dataset_dd = gr.Dropdown(label="…or a dataset from the store", choices=[])
-                    slide_dd = gr.Dropdown(label="Slide / biopsy", choices=[("All slides", "")], value="")
+                    dataset_dd = gr.Dropdown(label="…or a dataset from the store", choices=[], allow_custom_value=True)
+                    slide_dd = gr.Dropdown(label="Slide / biopsy", choices=[("All slides", "")], value="",
+                                           allow_custom_value=True)
                     limit_nb = gr.Number(label="At most this many crops", value=64, precision=0, minimum=1,
                                          maximum=MAX_BATCH)
                     store_btn = gr.Button("Predict store crops")
+            gr.Markdown("<span class='glom-note'>Whole slides: extract their annotated glomeruli into a store dataset "
+                        "with `glom extract` (one slide per biopsy), then pick the dataset and slide here for the "
+                        "per-biopsy summary.</span>")
             batch_method = gr.Dropdown(label="Heatmap in gallery", value="gradcam",
                                        choices=[("None (faster)", ""), *[(lbl, k) for k, (_, lbl) in CAM_METHODS.items()
                                                                         if k != "scorecam"]])
@@ -546,10 +557,14 @@ with gr.Blocks(title="GlomLab · Diagnosis viewer", analytics_enabled=False) as 
                     batch_outputs, api_name="store_batch")
     gallery.select(pick_from_gallery, batch_state, [image_in, crop_ref, tabs], api_visibility="private")
 
-    # API-only endpoints: same functions, no page wiring.
-    gr.api(predict, api_name="predict")
-    gr.api(cam, api_name="cam")
-    gr.api(slide_summary, api_name="slide_summary")
+    # API-only endpoints on hidden triggers, so inputs go through the same components
+    # (upload checks, file handling) as in the page.
+    api_predict, api_cam, api_summary = (gr.Button(visible=False) for _ in range(3))
+    api_predict.click(predict, [checkpoint_dd, image_in, crop_ref], [probs_out, result_md], api_name="predict")
+    api_cam.click(cam, [checkpoint_dd, image_in, method_dd, target_dd, versus_dd, opacity],
+                  [probs_out, result_md, original_out, overlay_out], api_name="cam")
+    api_summary.click(slide_summary, [checkpoint_dd, dataset_dd, slide_dd], [summary_md, summary_table],
+                      api_name="slide_summary")
 
 
 def main(argv: list[str] | None = None) -> None:

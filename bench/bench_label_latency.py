@@ -1,8 +1,8 @@
 """Labeling latency in a real browser: from a class hotkey to the next crop painted.
 
 For each store size (default 1,000, 10,000 and 100,000 images) this builds a temporary SQLite
-store whose images are symlinks to the real crops in ``../shared/data/glomeruli-bueno`` (nothing
-copied), half of them already labeled by another annotator, starts ``streamlit run app/label.py``
+store whose images are the real crops in ``../shared/data/glomeruli-bueno`` seen through folder
+symlinks (nothing copied), half of them already labeled by another annotator, starts ``streamlit run app/label.py``
 on 127.0.0.1, signs in, and presses class hotkeys in Debian Chromium through Playwright. Each
 sample is the time from just before the key press until the browser has painted the next crop
 (its new ``<img>`` loaded, decoded, and one animation frame later).
@@ -57,13 +57,12 @@ WAIT_NEXT_PAINT = """() => {
 }""" % (CROP_IMG, CROP_IMG)
 
 
-# The keyboard layer (app/hotkeys.py) knows the crop on screen: a key pressed before it does is
-# dropped on purpose, so each press waits for it (a person does not press faster than they see).
+# The keyboard layer (app/hotkeys.py) sends the id in the crop's alt text; wait once for it to
+# be listening (a second after the page loads), not timed.
 KEYS_READY = """() => {
-  const cap = document.querySelector('.st-key-crop_caption');
   const s = window.__glomHotkeys;
-  const m = cap && cap.innerText.match(/#(\\d+) /);
-  return !!(m && s && s.el && s.el.isConnected && s.data && s.data.image_id === Number(m[1]));
+  const img = document.querySelector('.st-key-crop img');
+  return !!(s && s.el && s.el.isConnected && img && /#\\d+/.test(img.alt));
 }"""
 
 
@@ -81,13 +80,20 @@ def build_store(url: str, root: Path, n_images: int) -> None:
     from annotation_db.models import Image
     from annotation_db.store import create_dataset, get_or_create_annotator, get_or_create_slide, set_labels_bulk
 
-    sources = sorted(p for p in BUENO.glob("*/*.png") if not p.parent.name.startswith("_"))
-    if not sources:
+    # Folder symlinks, one per pass over the real crops: distinct paths, no copies, and few
+    # filesystem operations (one symlink per file would take minutes at 100,000).
+    folders = [f for f in sorted(BUENO.iterdir()) if f.is_dir() and not f.name.startswith("_")]
+    names = [(f.name, p.name) for f in folders for p in sorted(f.glob("*.png"))]
+    if not names:
         raise SystemExit(f"no crops under {BUENO}: ../shared/data must sit beside the checkout")
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
     for i in range(n_images):
-        link = root / f"{i // 1000:03d}" / f"crop_{i:06d}.png"
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(sources[i % len(sources)])
+        rep, (folder, name) = divmod(i, len(names))[0], names[i % len(names)]
+        link = root / f"pass{rep:04d}_{folder}"
+        if not link.exists():
+            link.symlink_to(BUENO / folder, target_is_directory=True)
+        paths.append(f"{link.name}/{name}")
     Session = open_store(url)
     with Session() as s, s.begin():
         dataset = create_dataset(s, "bench", ["globally_sclerotic", "non_globally_sclerotic"], root=root)
@@ -95,7 +101,7 @@ def build_store(url: str, root: Path, n_images: int) -> None:
         other = get_or_create_annotator(s, "other").id
         for start in range(0, n_images, 5000):
             rows = [
-                dict(dataset_id=dataset.id, path=f"{i // 1000:03d}/crop_{i:06d}.png", sha256=f"{i:064x}",
+                dict(dataset_id=dataset.id, path=paths[i], sha256=f"{i:064x}",
                      width=224, height=224, slide_id=slides[i % 24], x0=100 * i, y0=0, box_w=224, box_h=224)
                 for i in range(start, min(start + 5000, n_images))
             ]
@@ -103,12 +109,12 @@ def build_store(url: str, root: Path, n_images: int) -> None:
             set_labels_bulk(s, [(i, other, ["globally_sclerotic"], False, "") for i in ids[::2]], source="bench")
 
 
-def start_app(url: str, port: int, log: Path) -> subprocess.Popen:
+def start_app(url: str, port: int, log: Path, extra: list[str] = ()) -> subprocess.Popen:
     """``streamlit run app/label.py`` from the repository (so .streamlit/config.toml applies)."""
     env = dict(os.environ, GLOM_DB=url)
     proc = subprocess.Popen(
         [str(REPO / ".venv" / "bin" / "streamlit"), "run", str(REPO / "app" / "label.py"),
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true"],
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true", *extra],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"),
     )
     deadline = time.time() + 60
@@ -156,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presses", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", default=str(REPO / ".bench" / "label_latency.json"))
+    parser.add_argument("--streamlit-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra `streamlit run` option, e.g. runner.postScriptGC=true (to compare)")
     args = parser.parse_args(argv)
 
     results = []
@@ -166,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             build_store(url, Path(tmp) / "crops", n)
             build_s = time.perf_counter() - t
             port = free_port()
-            proc = start_app(url, port, Path(tmp) / "streamlit.log")
+            extra = [f"--{o.split('=', 1)[0]}={o.split('=', 1)[1]}" for o in args.streamlit_option]
+            proc = start_app(url, port, Path(tmp) / "streamlit.log", extra)
             try:
                 samples = measure(port, args.presses, args.warmup)
             finally:
@@ -191,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+    out.write_text(json.dumps({"machine": machine, "options": args.streamlit_option, "results": results}, indent=1))
     print(f"samples in {out}")
     return 0
 

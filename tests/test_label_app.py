@@ -237,6 +237,14 @@ def test_agreement_page_shows_kappa_and_confusion(app_store, crops):
     assert at.metric[0].value not in ("n/a", "")
     assert at.metric[2].value == "1"  # one disagreement
     assert len(at.dataframe) == 2
+    with Session() as s:
+        target = store.find_image(s, store.get_dataset(s, "bueno"), crops[2]).id
+    at.button_group(key=f"final_{target}").set_value("globally_sclerotic").run()
+    at.button(key=f"decide_{target}").click().run()
+    with Session() as s:
+        adj = s.scalar(select(Adjudication).where(Adjudication.image_id == target))
+        assert adj.classes == ["globally_sclerotic"] and adj.decided_by.name == "alice"
+    assert any(m.value == "Final: globally_sclerotic — alice" for m in at.success)
 
 
 def test_model_uncertain_queue_shows_least_sure_first(app_store, crops):
@@ -271,3 +279,48 @@ def test_import_a_label_file_from_the_server(app_store, bueno_dir):
     with Session() as s:
         ds = store.get_dataset(s, "bueno-labeled")
         assert store.dataset_stats(s, ds)["labels_per_annotator"] == {"imported": 789}
+
+
+def test_slide_thumbnail_shows_where_the_crop_lies(app_store, crops, wsi_dir):
+    Session, _ = app_store
+    with Session() as s, s.begin():
+        ds = store.get_dataset(s, "bueno")
+        slide = store.get_or_create_slide(s, "cmu-1-small-region", path=str(wsi_dir / "cmu-1-small-region.svs"))
+        store.find_image(s, ds, crops[0]).slide_id = slide.id
+    at = signed_in("alice")
+    assert not at.exception, at.exception
+    assert any("Slide** cmu-1-small-region" in m.value and "x 0, y 500" in m.value for m in at.markdown)
+    assert len(at.image) == 2, "crop and slide thumbnail"
+    assert not any("thumbnail unavailable" in c.value for c in at.caption)
+
+
+def test_empty_store_offers_the_demo_dataset(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    monkeypatch.setenv("GLOM_DB", url)
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.text_input(key="signin_name").input("alice")
+    next(b for b in at.button if b.label == "Sign in").click()
+    at.run()
+    assert any("no datasets yet" in w.value for w in at.sidebar.warning)
+    next(b for b in at.sidebar.button if b.label == "Create the demo dataset").click()
+    at.run()
+    assert at.session_state.dataset_name == "demo"
+    assert (tmp_path / "demo").is_dir(), "demo images belong beside the store, not in the checkout"
+    assert shown_image_id(at) >= 1
+
+
+def test_by_slide_queue_walks_one_slide(app_store, crops):
+    Session, _ = app_store
+    with Session() as s, s.begin():
+        ds = store.get_dataset(s, "bueno")
+        other = store.get_or_create_slide(s, "VUHSK_0001")
+        store.find_image(s, ds, crops[0]).slide_id = other.id
+        wanted = [store.find_image(s, ds, c).id for c in crops[1:]]
+        other_id = other.id
+    at = signed_in("alice")
+    at.sidebar.radio(key="queue_kind").set_value("slide").run()
+    assert any("Pick a slide" in i.value for i in at.info)
+    at.sidebar.selectbox(key="slide_id").select(other_id).run()
+    assert shown_image_id(at) not in wanted
+    at.button(key="class_globally_sclerotic").click().run()
+    assert any("Nothing left" in m.value for m in at.success), "the slide had one crop"

@@ -83,22 +83,20 @@ def app_url(store_url: str, tmp_path: Path):
 
 
 def _shown(page) -> int:
-    """The id of the crop on screen, once the keyboard listens for it (app/hotkeys.py)."""
-    text = page.inner_text(CAPTION)
-    image_id = int(text.split("#")[1].split(" ")[0])
+    """The id of the crop on screen (its alt text), once the keyboard listens (app/hotkeys.py)."""
     page.wait_for_function(
-        "(id) => { const s = window.__glomHotkeys;"
-        " return !!(s && s.el && s.el.isConnected && s.data && s.data.image_id === id); }",
-        arg=image_id, timeout=15_000,
+        "() => { const s = window.__glomHotkeys; const img = document.querySelector('.st-key-crop img');"
+        " return !!(s && s.el && s.el.isConnected && img && /#\\d+/.test(img.alt)); }",
+        timeout=15_000,
     )
-    return image_id
+    return int(page.get_attribute(".st-key-crop img", "alt").split("#")[1])
 
 
 def _wait_change(page, before: int) -> int:
     page.wait_for_function(
-        "([sel, before]) => { const el = document.querySelector(sel);"
-        " return el && !el.innerText.includes('#' + before + ' '); }",
-        arg=[CAPTION, before], timeout=15_000,
+        "(before) => { const img = document.querySelector('.st-key-crop img');"
+        " return !!(img && img.alt && !img.alt.endsWith('#' + before)); }",
+        arg=before, timeout=15_000,
     )
     return _shown(page)
 
@@ -154,6 +152,10 @@ def test_two_clinicians_label_by_keyboard_and_nothing_is_lost(app_url, store_url
         now = _wait_change(alice, now)
         assert now == seen["alice"][3]
         assert "Your label: globally_sclerotic" in alice.inner_text("[data-testid='stMain']")
+        note = alice.get_by_placeholder("Note (optional)", exact=False)
+        note.fill("capsule torn")
+        alice.keyboard.press("2")  # typed into the note, not a label
+        alice.keyboard.press("Escape")  # back to the keys
         alice.keyboard.press("2")
         _wait_change(alice, now)
 
@@ -191,6 +193,11 @@ def test_two_clinicians_label_by_keyboard_and_nothing_is_lost(app_url, store_url
     assert _labels(store_url, "alice") == expected_alice
     assert _labels(store_url, "bob") == {paths[i]: [CLASSES[int(k) - 1]] for i, k in zip(seen["bob"], bob_keys)}
     assert n_events == 6  # five labels and one edit, all kept in the history
+    engine = create_store_engine(store_url)
+    with make_sessionmaker(engine)() as s:
+        notes = dict(s.execute(select(Label.image_id, Label.note).where(Label.note != "")).all())
+    engine.dispose()
+    assert notes == {seen["alice"][3]: "capsule torn2"}
 
     lines = [json.loads(line) for line in exported.read_text(encoding="utf-8").splitlines()]
     assert len(lines) == 789
@@ -198,3 +205,48 @@ def test_two_clinicians_label_by_keyboard_and_nothing_is_lost(app_url, store_url
     for path, classes in expected_alice.items():
         assert by_name[path] == {"image_name": path, **{c: int(c in classes) for c in CLASSES}}
     assert sum(any(v for k, v in obj.items() if k != "image_name") for obj in lines) == 5
+
+
+# Records the id of every crop the page displays (from the crop's alt text).
+RECORD_SHOWN = """() => {
+  window.__shown = new Set();
+  const rec = () => {
+    const img = document.querySelector('.st-key-crop img');
+    const m = img && img.alt.match(/#(\\d+)$/);
+    if (m) window.__shown.add(Number(m[1]));
+  };
+  rec();
+  new MutationObserver(rec).observe(document.body, {subtree: true, childList: true, attributes: true});
+}"""
+
+
+def test_keys_faster_than_the_screen_never_label_an_unseen_crop(app_url, store_url):
+    """Presses 30 ms apart outrun the page: some are dropped, but none lands on a crop not yet
+    shown, and none meant for the next crop relabels the one before it."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        _sign_in(page, app_url, "carol")
+        _shown(page)
+        page.evaluate(RECORD_SHOWN)
+        for k in range(30):
+            page.keyboard.press("1" if k % 2 else "2")
+            page.wait_for_timeout(30)
+        page.wait_for_timeout(2000)
+        shown = set(page.evaluate("Array.from(window.__shown)"))
+        browser.close()
+    engine = create_store_engine(store_url)
+    with make_sessionmaker(engine)() as s:
+        labeled = set(
+            s.scalars(select(Label.image_id).join(Annotator).where(Annotator.name == "carol")).all()
+        )
+        events_per_crop = s.execute(
+            select(LabelEvent.image_id, func.count()).join(Annotator).where(Annotator.name == "carol")
+            .group_by(LabelEvent.image_id)
+        ).all()
+    engine.dispose()
+    assert labeled, "no key press was taken at all"
+    assert labeled <= shown, f"labeled without being shown: {sorted(labeled - shown)}"
+    assert all(n == 1 for _, n in events_per_crop), f"a crop was labeled twice: {events_per_crop}"
