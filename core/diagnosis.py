@@ -40,7 +40,7 @@ class ViewerCheckpoint:
     id: str  # "<run>/<stem>@<sha256 prefix of the weights>": stable name in the store
     predictor: Predictor
     target: TargetLayers
-    lock: threading.Lock = field(default_factory=threading.Lock)  # CAM hooks are per model
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one request at a time on the model: CAM hooks
 
     @property
     def classes(self) -> list[str]:
@@ -149,7 +149,8 @@ def diagnose(ckpt: ViewerCheckpoint, rgbs: Sequence[np.ndarray], *, method: str 
         batch = torch.stack([pred.preprocess(rgb) for rgb in rgbs[i:i + batch_size]])
         heats: np.ndarray | None = None
         if method is None:
-            probs = pred.predict_batch(batch)
+            with ckpt.lock:  # a CAM in another thread has hooks on this model while it runs
+                probs = pred.predict_batch(batch)
         else:
             versus = pred.classes.index(versus_class) if versus_class is not None else None
             with ckpt.lock, open_cam(pred.model, pred.meta.architecture, method, ckpt.target) as cam:

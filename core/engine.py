@@ -125,6 +125,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module,
     bar.close()
     seconds = time.perf_counter() - start
     s = _reduce(sums).tolist()
+    if s[2] == 0:
+        raise TrainingDivergedError("the training loader yielded no images: is the training split smaller "
+                                    "than one batch per process?")
     return {"loss": s[0] / max(s[2], 1), "accuracy": s[1] / max(s[2], 1), "images": s[2],
             "seconds": seconds, "images_per_s": s[2] / max(seconds, 1e-9)}
 

@@ -25,6 +25,8 @@ from sqlalchemy.orm import Session
 
 from annotation_db.models import Annotator, Dataset, Image, Label, Slide
 from annotation_db.store import (
+    GLOMERULUS_CLASSES,
+    ClassSpec,
     DatasetNotFoundError,
     InvalidLabelError,
     add_image,
@@ -34,11 +36,10 @@ from annotation_db.store import (
     image_abspath,
     set_label,
 )
-from annotation_db.store import GLOMERULUS_CLASSES, ClassSpec
 from core.uploads import CheckedImage
 
 __all__ = ["UPLOADS_DATASET", "DisagreementResult", "StoredCrop", "uploads_dataset_name", "ensure_uploads_dataset",
-           "store_upload", "record_predictions", "record_disagreement", "dataset_crops", "model_annotator"]
+           "store_upload", "record_predictions", "record_disagreement", "dataset_crops", "dataset_slides", "model_annotator"]
 
 UPLOADS_DATASET = "viewer-uploads"
 MODEL_PREFIX = "model:"

@@ -342,7 +342,8 @@ def run_training(cfg: TrainConfig, progress: bool = True,
     pin = device.type == "cuda"
     train_loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, shuffle=sampler is None,
                               sampler=sampler, num_workers=d.num_workers, pin_memory=pin,
-                              persistent_workers=d.num_workers > 0, drop_last=len(train_ds) > cfg.train.batch_size)
+                              persistent_workers=d.num_workers > 0,
+                              drop_last=len(train_ds) // world > cfg.train.batch_size)
     val_loader = None
     if subsets["val"]:
         val_ds = ImageDataset(subsets["val"], build_eval_transform(preprocess), normalizer, cache=d.cache)
@@ -474,7 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = run_training(load_config(args.recipe, args.overrides))
     if int(os.environ.get("RANK", "0")) == 0:
         test = result.report.get("splits", {}).get("test", {})

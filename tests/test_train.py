@@ -66,28 +66,29 @@ def test_pretrained_file_loads_local_weights(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """A tiny timm model trained on 4×24 synthetic demo images (48 px), with the full run pipeline."""
+    """A tiny timm model trained on 4×20 synthetic demo images (40 px), with the full run pipeline."""
     from core.train import run_training
 
     root = tmp_path_factory.mktemp("demo")
-    generate_demo_images(root / "images", n_per_class=24, size_px=48, seed=0)
+    generate_demo_images(root / "images", n_per_class=20, size_px=40, seed=0)
     cfg = load_config(None, [
         "name=demo", f"output_dir={root / 'runs'}", "data.kind=folder", f"data.path={root / 'images'}",
-        "data.split.group_by=none", "model.name=test_resnet", "preprocess.input_size=48",
-        "train.epochs=6", "train.batch_size=16", "train.lr=0.003", "train.threads=2",
+        "data.split.group_by=none", "model.name=test_resnet", "preprocess.input_size=40",
+        "train.epochs=10", "train.batch_size=16", "train.lr=0.01", "train.threads=2",
         "augment.hflip=0.5", "augment.rotate90=true", "evaluate.tsne=true",
         "preprocess.stain.method=macenko",
     ])
-    start = time.perf_counter()
+    # CPU seconds of this process: what the run costs, whatever else shares the two cores.
+    start = time.process_time()
     result = run_training(cfg, progress=False)
-    return result, time.perf_counter() - start
+    return result, time.process_time() - start
 
 
 def test_tiny_model_learns_demo_classes_quickly(demo_run):
     result, seconds = demo_run
     test = result.report["splits"]["test"]
-    assert seconds < 60, f"training took {seconds:.0f} s"
-    assert test["n"] >= 16
+    assert seconds < 60, f"training took {seconds:.0f} CPU seconds"
+    assert test["n"] >= 12
     assert test["accuracy"] >= 0.6, test  # chance is 0.25 with 4 balanced classes
 
 
@@ -105,7 +106,7 @@ def test_run_writes_every_artefact(demo_run):
     report = json.loads((d / "report.json").read_text())
     assert {"accuracy", "balanced_accuracy", "macro_f1", "confusion_matrix", "calibration"} <= set(report["splits"]["test"])
     lines = (d / "metrics.csv").read_text().splitlines()
-    assert lines[0].startswith("epoch,lr,train_loss") and len(lines) == 7
+    assert lines[0].startswith("epoch,lr,train_loss") and len(lines) == 11
 
 
 def test_cli_evaluate_and_predict_reproduce_the_run(demo_run, capsys):
@@ -127,3 +128,99 @@ def test_cli_evaluate_and_predict_reproduce_the_run(demo_run, capsys):
     assert len(rows) == 3 and all(abs(sum(r["probs"].values()) - 1) < 1e-5 for r in rows)
     args = parser.parse_args(["train", "--set", "train.optimizer=lion"])
     assert args.func(args) == 2  # named errors become one line, exit status 2
+
+
+def test_compare_trains_each_model_on_the_same_split(demo_run, tmp_path):
+    from core.compare import compare_architectures
+
+    result, _ = demo_run
+    images = result.run_dir.parents[1] / "images"
+    cfg = load_config(None, [
+        "name=cmp", f"output_dir={tmp_path}", "data.kind=folder", f"data.path={images}",
+        "data.split.group_by=none", "preprocess.input_size=32", "train.epochs=1", "train.batch_size=16",
+        "evaluate.tsne=false", "evaluate.calibrate=false",
+    ])
+    out_dir, rows = compare_architectures(cfg, ["test_resnet", "test_efficientnet"], progress=False)
+    assert [r["model"] for r in rows] == ["test_resnet", "test_efficientnet"]
+    splits = [json.loads((tmp_path / "cmp-compare" / f"cmp-{m}" / "split.json").read_text())
+              for m in ("test_resnet", "test_efficientnet")]
+    assert splits[0]["test"] == splits[1]["test"] and splits[0]["train"] == splits[1]["train"]
+    table = (out_dir / "comparison.md").read_text()
+    assert "| test_resnet |" in table and "macro f1" in table
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("multistep", [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]),
+    ("step", [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]),
+    ("none", [1.0] * 6),
+])
+def test_schedulers_follow_their_rule(name, expected):
+    from core.train import build_scheduler
+
+    cfg = load_config(None, [f"train.scheduler.name={name}", "train.scheduler.milestones=[2, 4]",
+                             "train.scheduler.step_size=2", "train.scheduler.gamma=0.1"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, cfg, 6)
+    seen = []
+    for _ in range(6):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx(expected)
+
+
+def test_warmup_then_cosine():
+    from core.train import build_scheduler
+
+    cfg = load_config(None, ["train.scheduler.name=cosine", "train.scheduler.warmup_epochs=2"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, cfg, 10)
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[0] < seen[1] < seen[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(seen[2:], seen[3:])) and seen[-1] < 0.1
+
+
+def test_early_stopping_and_two_phase(demo_run, tmp_path):
+    from core.train import run_training
+
+    result, _ = demo_run
+    images = result.run_dir.parents[1] / "images"
+    base = ["data.kind=folder", f"data.path={images}", "data.split.group_by=none", "model.name=test_resnet",
+            "preprocess.input_size=32", "train.batch_size=16", "evaluate.tsne=false", f"output_dir={tmp_path}",
+            "train.scheduler.name=none"]
+    # Nothing can change (lr 0, backbone and its BN statistics frozen): no epoch after the first improves.
+    stopped = run_training(load_config(None, [*base, "name=es", "train.epochs=8", "train.lr=0",
+                                              "model.freeze.fraction=1.0", "train.early_stopping_patience=2"]),
+                           progress=False)
+    assert len(stopped.history) == 3 and "early stopping" in stopped.report["stop_reason"]
+    two = run_training(load_config(None, [*base, "name=tp", "train.epochs=3", "train.lr=0.01",
+                                          "train.two_phase.frozen_epochs=1", "train.two_phase.lr_scale=0.1"]),
+                       progress=False)
+    assert [h["lr"] for h in two.history] == pytest.approx([0.01, 0.001, 0.001])
+
+
+def test_per_stain_references_travel_to_the_predictor(demo_run, tmp_path):
+    from core.predict import Predictor
+    from core.stain import PerStainNormalizer
+    from core.train import run_training
+
+    result, _ = demo_run
+    images = result.run_dir.parents[1] / "images"
+    refs = sorted(images.rglob("*.png"))[:2]
+    run = run_training(load_config(None, [
+        "name=ps", f"output_dir={tmp_path}", "data.kind=folder", f"data.path={images}", "data.split.group_by=none",
+        "model.name=test_resnet", "preprocess.input_size=32", "train.epochs=1", "evaluate.tsne=false",
+        "preprocess.stain.method=macenko", f"preprocess.stain.references={{PAS: {refs[0]}, HE: {refs[1]}}}",
+    ]), progress=False)
+    side = json.loads((run.run_dir / "best.json").read_text())
+    assert side["stain"]["method"] == "per_stain" and set(side["stain"]["stains"]) == {"PAS", "HE"}
+    pred = Predictor.from_checkpoint(run.checkpoint)
+    assert isinstance(pred.stain, PerStainNormalizer)
+    from core.data import read_rgb
+
+    rgb = read_rgb(refs[0])
+    assert not torch.equal(pred.preprocess(rgb, "PAS"), pred.preprocess(rgb, "HE"))
