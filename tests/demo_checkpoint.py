@@ -7,9 +7,13 @@ feature map at 96 px, fine enough for a heatmap to be checked against a region. 
 
 from __future__ import annotations
 
+import atexit
 import csv
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +86,7 @@ def train_checkpoint(paths: Sequence[Path], labels: Sequence[str], classes: Sequ
     model.eval()
     meta = CheckpointMeta(ARCH, len(classes), list(classes), PREPROCESS,
                           display_names=list(display_names or classes), model_kwargs=dict(KWARGS),
-                          temperature=temperature, metrics={"val_accuracy": accuracy(model, x, y)})
+                          temperature=temperature, metrics={"train_accuracy": accuracy(model, x, y)})
     return model, save_checkpoint(model, stem, meta)
 
 
@@ -91,13 +95,30 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
-def train_demo_checkpoint(root: Path, stem: Path, n_per_class: int = 30, epochs: int = 8) -> tuple[torch.nn.Module, Path]:
-    """A 4-class glomerulus-schema model trained on synthetic demo images."""
+@lru_cache(maxsize=1)
+def _shared_demo_checkpoint() -> tuple[torch.nn.Module, Path]:
     from annotation_db.store import GLOMERULUS_CLASSES
 
-    train = demo_set(root / "train", n_per_class, seed=0)
-    return train_checkpoint(train.paths, train.labels, DEMO_CLASSES, stem, epochs=epochs,
+    root = Path(tempfile.mkdtemp(prefix="glom-demo-ckpt-"))
+    atexit.register(shutil.rmtree, root, True)
+    train = demo_set(root / "train", 30, seed=0)
+    return train_checkpoint(train.paths, train.labels, DEMO_CLASSES, root / "ckpt" / "best", epochs=8,
                             display_names=[c.display_name for c in GLOMERULUS_CLASSES])
+
+
+def demo_checkpoint(stem: Path | None = None) -> tuple[torch.nn.Module, Path]:
+    """A 4-class glomerulus-schema model trained on synthetic demo images (30 per class, seed 0).
+
+    Trained once per test session and shared (copied to ``stem`` when given), so the CAM and the
+    viewer tests pay for one training run.
+    """
+    model, weights = _shared_demo_checkpoint()
+    if stem is None:
+        return model, weights
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(weights, stem.with_suffix(".safetensors"))
+    shutil.copy(weights.with_suffix(".json"), stem.with_suffix(".json"))
+    return model, stem.with_suffix(".safetensors")
 
 
 def balanced_bueno(bueno_dir: Path, n_per_class: int, seed: int = 0) -> tuple[list[Path], list[str], list[str]]:

@@ -18,7 +18,8 @@ from core.explain import (
     open_cam,
     overlay,
 )
-from tests.demo_checkpoint import demo_set, to_batch, train_checkpoint
+from core.demo import DEMO_CLASSES
+from tests.demo_checkpoint import demo_checkpoint, demo_set, to_batch
 
 # (architecture, kwargs, input px): one tiny member per family the registry covers.
 FAMILIES = [
@@ -64,8 +65,12 @@ def test_every_family_gets_a_heatmap_and_its_hooks_back(name, kwargs, size):
     assert (name == "test_vit") == (target.reshape_transform is not None)
 
 
-@pytest.mark.parametrize("method", CAM_METHOD_NAMES)
-@pytest.mark.parametrize("name,kwargs,size", [FAMILIES[0], FAMILIES[1], FAMILIES[8]], ids=["resnet", "vit", "seed-se"])
+# Score-CAM runs one forward per target-layer channel (512 for the seed model): resnet and ViT only.
+METHOD_CASES = [(m, *f) for m in CAM_METHOD_NAMES for f in (FAMILIES[0], FAMILIES[1], FAMILIES[8])
+                if not (m == "scorecam" and f[0] == "se_resnet50_factorized")]
+
+
+@pytest.mark.parametrize("method,name,kwargs,size", METHOD_CASES, ids=[f"{c[0]}-{c[1]}" for c in METHOD_CASES])
 def test_every_method_runs_on_cnn_vit_and_seed_model(method, name, kwargs, size):
     model = _model(name, kwargs)
     x = torch.randn(1, 3, size, size)
@@ -108,8 +113,8 @@ def test_overlay_checks_range_and_blends_by_opacity():
     assert overlay(rgb, heat, 0.0).shape == (40, 50, 3)
     np.testing.assert_array_equal(overlay(rgb, heat, 0.0), rgb)  # opacity 0: the image, unchanged
     strong = overlay(rgb, heat, 1.0)
-    assert strong[0, 0, 0] > 200 and strong[0, 0, 2] < 60  # hot half red (JET)
-    assert strong[-1, 0, 2] > 100 and strong[-1, 0, 0] < 60  # cold half blue
+    r, b = strong[..., 0].astype(int), strong[..., 2].astype(int)
+    assert (r[:20] > b[:20] + 60).all() and (b[20:] > r[20:] + 60).all()  # hot half red, cold half blue (JET)
     half = overlay(rgb, heat, 0.5).astype(int)
     np.testing.assert_allclose(half, (rgb.astype(int) + strong.astype(int)) / 2, atol=1)
     with pytest.raises(ExplainError):
@@ -128,14 +133,12 @@ def test_mass_inside_box():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cam")
-    train = demo_set(root / "train", 30, seed=0)
-    test = demo_set(root / "test", 5, seed=1)
-    classes = sorted(set(train.labels), key=train.labels.index)
-    model, _ = train_checkpoint(train.paths, train.labels, classes, root / "ckpt" / "best")
-    return model, classes, test
+    model, _ = demo_checkpoint()
+    test = demo_set(tmp_path_factory.mktemp("cam") / "test", 5, seed=1)  # unseen images
+    return model, list(DEMO_CLASSES), test
 
 
+@pytest.mark.slow  # the shared demo model trains in ~10 s on an idle 2-core CPU
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "hirescam", "layercam"])
 def test_heatmap_mass_falls_on_the_glomerulus(trained, method):
     """Demo images carry all class evidence inside the glomerulus box (about a third of the image):
@@ -154,6 +157,7 @@ def test_heatmap_mass_falls_on_the_glomerulus(trained, method):
     assert (inside > area).mean() >= 0.8
 
 
+@pytest.mark.slow
 def test_target_class_and_contrast_change_the_map(trained):
     model, classes, test = trained
     x = to_batch(test.paths[:2])
@@ -162,6 +166,7 @@ def test_target_class_and_contrast_change_the_map(trained):
     assert not np.allclose(a, b, atol=0.05) and not np.allclose(a, ab, atol=0.05)
 
 
+@pytest.mark.slow
 def test_untrained_model_does_not_pass_the_mass_check(trained):
     """The check above can fail: the same architecture untrained spreads its map anywhere."""
     _, classes, test = trained

@@ -23,13 +23,14 @@ from annotation_db.models import Annotator, Image, Label, Prediction
 from annotation_db.queues import QueueSpec, next_image_ids
 from annotation_db.store import GLOMERULUS_CLASSES, add_image, create_dataset, get_dataset, get_or_create_slide
 from core.demo import DEMO_CLASSES
-from tests.demo_checkpoint import demo_set, train_demo_checkpoint
+from tests.demo_checkpoint import demo_checkpoint, demo_set
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # trains a tiny model and starts the app: ~20 s alone, more on a busy machine
 
 
 def _free_port() -> int:
@@ -44,7 +45,7 @@ def world(tmp_path_factory):
     and the app running on a free loopback port."""
     root = tmp_path_factory.mktemp("viewer")
     runs = root / "runs"
-    train_demo_checkpoint(root / "images", runs / "demo" / "best", n_per_class=30, epochs=8)
+    demo_checkpoint(runs / "demo" / "best")
     crops = demo_set(root / "crops", 3, seed=2)  # 12 unseen crops
     url = f"sqlite:///{root / 'store.db'}"
     engine = create_store_engine(url)
@@ -81,6 +82,12 @@ def world(tmp_path_factory):
         engine.dispose()
 
 
+def _rows(table_out: dict) -> list[list]:
+    """Rows of a Dataframe output (a component update carries it under "value")."""
+    value = table_out.get("value", table_out) if table_out.get("__type__") == "update" else table_out
+    return value["data"]
+
+
 def _top(label_out: dict) -> tuple[str, float]:
     return label_out["label"], max(c["confidence"] for c in label_out["confidences"])
 
@@ -90,14 +97,19 @@ def test_binds_loopback_and_exposes_named_endpoints(world):
     named = set(info["named_endpoints"])
     assert {"/predict", "/cam", "/batch", "/store_batch", "/disagree", "/slide_summary", "/checkpoints"} <= named
     port = world["client"].src.rstrip("/").rsplit(":", 1)[1]
-    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
-    if out.strip():  # `ss` is there: the listening socket must be on 127.0.0.1 only
-        assert "127.0.0.1:" in out and "0.0.0.0:" not in out and "*:" not in out
+    try:
+        out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        out = ""
+    local = [line.split()[3] for line in out.splitlines() if line.strip()]
+    if local:  # `ss` is there: the listening socket must be on loopback only
+        assert all(addr.startswith("127.0.0.1:") for addr in local), local
 
 
 def test_checkpoints_lists_the_run(world):
     out = world["client"].predict(api_name="/checkpoints")
-    assert out == world["ckpt"]
+    assert out["value"] == world["ckpt"]
+    assert ["demo/best.safetensors", world["ckpt"]] in out["choices"]
 
 
 def test_predict_is_right_calibrated_and_stored(world):
@@ -148,11 +160,12 @@ def test_batch_gallery_sorted_by_uncertainty_with_csv(world):
 
 def test_slide_summary_per_biopsy_from_the_store(world):
     md, table = world["client"].predict(world["ckpt"], "demo", "", api_name="/slide_summary")
-    assert [r[0] for r in table["data"]] == ["biopsy-A", "biopsy-B"]
-    assert [r[1] for r in table["data"]] == [6, 6]
+    assert [r[0] for r in _rows(table)] == ["biopsy-A", "biopsy-B"]
+    assert [r[1] for r in _rows(table)] == [6, 6]
+    assert sum(int(cell.split()[0]) for r in _rows(table) for cell in r[2:6]) == 12
     assert "decision support" in md.lower() and "E, T not assessed" in md
     md_a, table_a = world["client"].predict(world["ckpt"], "demo", "biopsy-A", api_name="/slide_summary")
-    assert [r[0] for r in table_a["data"]] == ["biopsy-A"]
+    assert [r[0] for r in _rows(table_a)] == ["biopsy-A"]
 
 
 def test_disagree_puts_the_crop_in_the_disagreement_queue(world):
@@ -240,3 +253,25 @@ def test_parse_auth():
     assert parse_auth("ann:pw1, bob:pw:2") == [("ann", "pw1"), ("bob", "pw:2")]
     with pytest.raises(SystemExit):
         parse_auth("nopassword")
+
+
+def test_login_from_environment_guards_the_api(monkeypatch, tmp_path):
+    """With GLOM_VIEWER_AUTH set the API answers only a logged-in client (in-process launch)."""
+    from app.viewer import demo, parse_auth
+
+    monkeypatch.setenv("GLOM_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("GLOM_DB", f"sqlite:///{tmp_path / 'auth.db'}")
+    monkeypatch.delenv("GLOM_VIEWER_CHECKPOINT", raising=False)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                auth=parse_auth("clinician:s3cret"), ssr_mode=False)
+    try:
+        base = f"http://127.0.0.1:{port}/"
+        with pytest.raises(Exception):
+            Client(base, verbose=False, analytics_enabled=False)
+        with pytest.raises(Exception):
+            Client(base, auth=("clinician", "wrong"), verbose=False, analytics_enabled=False)
+        ok = Client(base, auth=("clinician", "s3cret"), verbose=False, analytics_enabled=False)
+        assert ok.predict(api_name="/checkpoints")["choices"] == []
+    finally:
+        demo.close()

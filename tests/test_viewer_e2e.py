@@ -1,0 +1,136 @@
+"""In real Chromium: a clinician opens the viewer, uploads a real PAS crop from
+../shared/data/glomeruli-bueno, and sees the probabilities and the heatmap beside the original;
+then records a disagreement. Saves ``docs/viewer.png``.
+
+Needs Debian's ``chromium`` (``apt-get install chromium``) and the ``playwright`` package; the
+browser is never downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
+from annotation_db.models import Annotator, Label, Prediction
+from annotation_db.store import add_image, create_dataset, get_or_create_slide
+from tests.demo_checkpoint import balanced_bueno, train_checkpoint
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+CLASSES = ["globally_sclerotic", "non_globally_sclerotic"]
+SCREENSHOT = REPO / "docs" / "viewer.png"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def viewer(tmp_path_factory, bueno_dir):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: `apt-get install chromium` (Debian's build; never `playwright install`)")
+    root = tmp_path_factory.mktemp("e2e")
+    paths, labels, slides = balanced_bueno(bueno_dir, 40, seed=0)
+    train_checkpoint(paths, labels, CLASSES, root / "runs" / "bueno-pas" / "best", epochs=6,
+                     display_names=["Globally sclerotic", "Not globally sclerotic"], temperature=1.3)
+    url = f"sqlite:///{root / 'store.db'}"
+    engine = create_store_engine(url)
+    upgrade(engine)
+    with make_sessionmaker(engine).begin() as s:  # 8 real crops from two slides, for the store batch
+        ds = create_dataset(s, "bueno", CLASSES, root=bueno_dir)
+        picked = [i for i, sl in enumerate(slides) if sl in sorted(set(slides))[:2]][:8]
+        for i in picked:
+            add_image(s, ds, paths[i], slide=get_or_create_slide(s, slides[i]))
+    port = _free_port()
+    log = (root / "viewer.log").open("w")
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", TQDM_DISABLE="1")
+    env.pop("GLOM_VIEWER_AUTH", None)
+    proc = subprocess.Popen([sys.executable, "app/viewer.py", "--port", str(port), "--runs", str(root / "runs"),
+                             "--db", url, "--data-root", str(root / "data")],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(base + "gradio_api/info", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail(f"viewer did not start:\n{(root / 'viewer.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield {"url": base, "Session": make_sessionmaker(engine), "paths": paths, "labels": labels}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        engine.dispose()
+
+
+def test_clinician_uploads_a_real_crop_and_sees_the_heatmap(viewer, bueno_dir):
+    from playwright.sync_api import expect, sync_playwright
+
+    crop = next(p for p, lab in zip(viewer["paths"], viewer["labels"]) if lab == "globally_sclerotic")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(viewer["url"])
+        expect(page.get_by_label("Checkpoint (runs folder)")).to_have_value("bueno-pas/best.safetensors",
+                                                                           timeout=60_000)
+        expect(page.get_by_text("test_resnet").first).to_be_visible(timeout=60_000)  # checkpoint info shown
+
+        page.locator("#crop-input input[type=file]").set_input_files(str(crop))
+        expect(page.locator("#result")).to_contain_text("Predicted:", timeout=60_000)
+        expect(page.locator("#result")).to_contain_text("calibrated (temperature 1.30)")
+        expect(page.locator("#result")).to_contain_text("Grad-CAM")
+        heat = page.locator("#heatmap img")
+        expect(heat).to_be_visible(timeout=30_000)
+        box = heat.bounding_box()
+        assert box and box["width"] > 100 and box["height"] > 100
+        expect(page.locator("#probs")).to_contain_text("sclerotic")
+
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+        # "I disagree": the clinician names the other class.
+        predicted = page.locator("#result strong").first.inner_text()
+        other = "Not globally sclerotic" if predicted.startswith("Globally") else "Globally sclerotic"
+        page.get_by_text("I disagree").click()
+        page.get_by_label("The right class is").click()
+        page.get_by_role("option", name=other).click()
+        page.get_by_label("Your name (ignored when logged in)").fill("dr_e2e")
+        page.get_by_role("button", name="Record my label").click()
+        expect(page.get_by_text("disagreement queue")).to_be_visible(timeout=30_000)
+
+        # Batch from the store: gallery most uncertain first, per-slide counts; a click opens a crop.
+        page.get_by_role("tab", name="Batch").click()
+        expect(page.get_by_label("…or a dataset from the store")).to_have_value("bueno", timeout=30_000)
+        page.get_by_role("button", name="Predict store crops").click()
+        expect(page.get_by_text("decision support", exact=False).first).to_be_visible(timeout=60_000)
+        expect(page.locator("#gallery img").first).to_be_visible(timeout=30_000)
+        assert page.locator("#gallery img").count() >= 4
+        page.screenshot(path=str(SCREENSHOT.with_name("viewer_batch.png")), full_page=True)
+        page.locator("#gallery img").first.click()
+        expect(page.get_by_role("tab", name="Crop")).to_have_attribute("aria-selected", "true", timeout=30_000)
+        page.get_by_role("button", name="Analyse crop").click()
+        expect(page.locator("#result")).to_contain_text("Predicted:", timeout=60_000)
+        browser.close()
+    with viewer["Session"]() as s:
+        names = set(s.scalars(select(Annotator.name).join(Label, Label.annotator_id == Annotator.id)))
+        n_predictions = len(s.scalars(select(Prediction.id)).all())
+    assert "dr_e2e" in names and any(n.startswith("model:bueno-pas/best@") for n in names)
+    assert n_predictions >= 1 + 8  # the upload, the store batch (and the reopened crop)
