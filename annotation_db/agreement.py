@@ -95,8 +95,9 @@ def _label_key(classes: list[str]) -> str:
 def agreement_report(
     session: Session, dataset: Dataset, annotators: Sequence[str] | None = None
 ) -> AgreementReport:
-    """Agreement of ``annotators`` (default: everyone who labeled) on ``dataset``."""
-    votes_by_image = labels_per_annotator(session, dataset)
+    """Agreement of ``annotators`` (default: every person who labeled; name ``model:...``
+    annotators explicitly to compare a model with people) on ``dataset``."""
+    votes_by_image = labels_per_annotator(session, dataset, include_models=annotators is not None)
     names = sorted({a for v in votes_by_image.values() for a in v}) if annotators is None else list(annotators)
     keys = dataset.class_keys
     shared = {

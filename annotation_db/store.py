@@ -67,6 +67,9 @@ GLOMERULUS_CLASSES: tuple[ClassSpec, ...] = (
     ClassSpec("crescent", "新月体形成", "4"),
 )
 
+# Annotators named so are models (the viewer's "I disagree" records the model's call this way).
+MODEL_ANNOTATOR_PREFIX = "model:"
+
 # Where a label comes from when exporting or training.
 LABEL_SOURCES = ("majority", "adjudicated", "final", "annotator:<name>")
 
@@ -435,15 +438,25 @@ class ResolvedLabels:
     undecided: list[int] = field(default_factory=list)  # ties under majority vote
 
 
-def labels_per_annotator(session: Session, dataset: Dataset) -> dict[int, dict[str, list[str]]]:
+def is_model_annotator(name: str) -> bool:
+    """Labels by ``model:<checkpoint>`` record what a model said, not what a person decided."""
+    return name.startswith(MODEL_ANNOTATOR_PREFIX)
+
+
+def labels_per_annotator(
+    session: Session, dataset: Dataset, *, include_models: bool = True
+) -> dict[int, dict[str, list[str]]]:
     """image id -> annotator name -> classes, for every current label in ``dataset``."""
-    rows = session.execute(
+    stmt = (
         select(Label.image_id, Annotator.name, Label.classes)
         .join(Image, Image.id == Label.image_id)
         .join(Annotator, Annotator.id == Label.annotator_id)
         .where(Image.dataset_id == dataset.id)
         .order_by(Label.image_id, Annotator.name)
     )
+    if not include_models:
+        stmt = stmt.where(Annotator.name.not_like(f"{MODEL_ANNOTATOR_PREFIX}%"))
+    rows = session.execute(stmt)
     out: dict[int, dict[str, list[str]]] = {}
     for image_id, name, classes in rows:
         if classes:
@@ -469,8 +482,9 @@ def majority_vote(votes: Sequence[list[str]], class_keys: Sequence[str], multi_l
 
 
 def resolve_labels(session: Session, dataset: Dataset, source: str = "majority") -> ResolvedLabels:
-    """Labels of ``dataset`` from ``source``: ``annotator:NAME``, ``majority``, ``adjudicated`` or
-    ``final`` (adjudicated where decided, else majority)."""
+    """Labels of ``dataset`` from ``source``: ``annotator:NAME``, ``majority`` (of people; labels
+    by ``model:`` annotators do not vote), ``adjudicated`` or ``final`` (adjudicated where decided,
+    else majority)."""
     out = ResolvedLabels()
     if source.startswith("annotator:"):
         name = source.split(":", 1)[1]
@@ -495,7 +509,8 @@ def resolve_labels(session: Session, dataset: Dataset, source: str = "majority")
         out.by_image = {i: list(c) for i, c in rows}
         if source == "adjudicated":
             return out
-    for image_id, votes in labels_per_annotator(session, dataset).items():
+    # A model's call is not a vote: majorities are of people.
+    for image_id, votes in labels_per_annotator(session, dataset, include_models=False).items():
         if image_id in out.by_image:
             continue
         decided = majority_vote(list(votes.values()), dataset.class_keys, dataset.multi_label)

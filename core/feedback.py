@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from annotation_db.models import Annotator, Dataset, Image, Label, Slide
 from annotation_db.store import (
     GLOMERULUS_CLASSES,
+    MODEL_ANNOTATOR_PREFIX,
     ClassSpec,
     DatasetNotFoundError,
     InvalidLabelError,
@@ -42,7 +43,7 @@ __all__ = ["UPLOADS_DATASET", "DisagreementResult", "StoredCrop", "uploads_datas
            "store_upload", "record_predictions", "record_disagreement", "dataset_crops", "dataset_slides", "model_annotator"]
 
 UPLOADS_DATASET = "viewer-uploads"
-MODEL_PREFIX = "model:"
+MODEL_PREFIX = MODEL_ANNOTATOR_PREFIX
 
 
 @dataclass(frozen=True)

@@ -136,3 +136,20 @@ def test_unknown_dataset_lists_known_ones(Session, crops):
             store.get_dataset(s, "nope")
         with pytest.raises(store.DatasetExistsError):
             _dataset(s, crops)
+
+
+def test_a_models_call_is_not_a_vote(Session, crops):
+    with Session() as s, s.begin():
+        ds = _dataset(s, crops)
+        img = store.add_image(s, ds, "c0.png")
+        store.set_label(s, img, "dr_li", ["crescent"])
+        store.set_label(s, img, "model:run1/best@abc", ["normal"])
+        store.set_label(s, img, "model:run2/best@def", ["normal"])
+    with Session() as s:
+        ds = store.get_dataset(s, "glom")
+        assert list(store.resolve_labels(s, ds, "majority").by_image.values()) == [["crescent"]]
+        assert len(store.labels_per_annotator(s, ds)[img.id]) == 3  # still visible to queues
+        from annotation_db.agreement import agreement_report
+
+        assert agreement_report(s, ds).items == 0  # one person: nothing to agree on
+        assert agreement_report(s, ds, ["dr_li", "model:run1/best@abc"]).items == 1
