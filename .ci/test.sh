@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 .ci/setup-venv.sh
 .ci/system-deps.sh
 export GLOM_TEST_PG=${GLOM_TEST_PG:-$(.ci/postgres.sh)}
-export GLOM_REQUIRE_PG=1 GLOM_REQUIRE_BROWSER=1
+export GLOM_REQUIRE_PG=1 TQDM_DISABLE=1
 exec .venv/bin/python -m pytest "$@"
