@@ -40,6 +40,7 @@ PAGES = {
     "Data": [
         st.Page(APP_DIR / "import_page.py", title="Import", icon=":material/upload:", url_path="import"),
         st.Page(APP_DIR / "export_page.py", title="Export", icon=":material/download:", url_path="export"),
+        st.Page(APP_DIR / "slides_page.py", title="Slides", icon=":material/biotech:", url_path="slides"),
     ],
 }
 

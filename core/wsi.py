@@ -422,6 +422,22 @@ def slide_name(path: str | Path) -> str:
     return Path(path).stem
 
 
+SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff"})
+
+
+def list_slide_files(folder: str | Path) -> list[str]:
+    """File names in ``folder`` that OpenSlide recognises (header check, nothing decoded)."""
+    import openslide
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.name for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and openslide.OpenSlide.detect_format(str(p))
+    )
+
+
 def open_slide(path: str | Path, mpp: float | None = None, *, fallback_mpp: float | None = None) -> SlideReader:
     """Open a whole-slide image with OpenSlide (any format it reads).
 
