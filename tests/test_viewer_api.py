@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -24,19 +20,13 @@ from annotation_db.queues import QueueSpec, next_image_ids
 from annotation_db.store import GLOMERULUS_CLASSES, add_image, create_dataset, get_dataset, get_or_create_slide
 from core.demo import DEMO_CLASSES
 from tests.demo_checkpoint import demo_checkpoint, demo_set
+from tests.viewer_server import free_port, running_viewer
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # trains a tiny model and starts the app: ~20 s alone, more on a busy machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,31 +44,12 @@ def world(tmp_path_factory):
         ds = create_dataset(s, "demo", GLOMERULUS_CLASSES, root=root / "crops")
         for i, p in enumerate(crops.paths):
             add_image(s, ds, p, slide=get_or_create_slide(s, f"biopsy-{'AB'[i % 2]}"))
-    port = _free_port()
-    log = (root / "viewer.log").open("w")
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", TQDM_DISABLE="1")
-    env.pop("GLOM_VIEWER_AUTH", None)
-    proc = subprocess.Popen(
-        [sys.executable, "app/viewer.py", "--port", str(port), "--runs", str(runs), "--db", url,
-         "--data-root", str(root / "data")],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(base + "gradio_api/info", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail(f"viewer did not start:\n{(root / 'viewer.log').read_text()[-3000:]}")
-                time.sleep(0.5)
-        client = Client(base, verbose=False, analytics_enabled=False, download_files=str(root / "downloads"))
-        yield {"root": root, "runs": runs, "ckpt": str(runs / "demo" / "best.safetensors"), "crops": crops,
-               "Session": make_sessionmaker(engine), "client": client, "proc": proc, "log": root / "viewer.log"}
+        with running_viewer(root, runs, url) as (base, proc):
+            client = Client(base, verbose=False, analytics_enabled=False, download_files=str(root / "downloads"))
+            yield {"root": root, "runs": runs, "ckpt": str(runs / "demo" / "best.safetensors"), "crops": crops,
+                   "Session": make_sessionmaker(engine), "client": client, "proc": proc, "log": root / "viewer.log"}
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
         engine.dispose()
 
 
@@ -262,7 +233,7 @@ def test_login_from_environment_guards_the_api(monkeypatch, tmp_path):
     monkeypatch.setenv("GLOM_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("GLOM_DB", f"sqlite:///{tmp_path / 'auth.db'}")
     monkeypatch.delenv("GLOM_VIEWER_CHECKPOINT", raising=False)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 auth=parse_auth("clinician:s3cret"), ssr_mode=False)
     try:

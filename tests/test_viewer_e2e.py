@@ -8,12 +8,6 @@ browser is never downloaded.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,6 +17,7 @@ from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
 from annotation_db.models import Annotator, Label, Prediction
 from annotation_db.store import add_image, create_dataset, get_or_create_slide
 from tests.demo_checkpoint import balanced_bueno, train_checkpoint
+from tests.viewer_server import running_viewer
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -32,12 +27,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 CLASSES = ["globally_sclerotic", "non_globally_sclerotic"]
 SCREENSHOT = REPO / "docs" / "viewer.png"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,28 +45,10 @@ def viewer(tmp_path_factory, bueno_dir):
         picked = [i for i, sl in enumerate(slides) if sl in sorted(set(slides))[:2]][:8]
         for i in picked:
             add_image(s, ds, paths[i], slide=get_or_create_slide(s, slides[i]))
-    port = _free_port()
-    log = (root / "viewer.log").open("w")
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", TQDM_DISABLE="1")
-    env.pop("GLOM_VIEWER_AUTH", None)
-    proc = subprocess.Popen([sys.executable, "app/viewer.py", "--port", str(port), "--runs", str(root / "runs"),
-                             "--db", url, "--data-root", str(root / "data")],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(base + "gradio_api/info", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail(f"viewer did not start:\n{(root / 'viewer.log').read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield {"url": base, "Session": make_sessionmaker(engine), "paths": paths, "labels": labels}
+        with running_viewer(root, root / "runs", url) as (base, _proc):
+            yield {"url": base, "Session": make_sessionmaker(engine), "paths": paths, "labels": labels}
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
         engine.dispose()
 
 
