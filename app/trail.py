@@ -26,14 +26,18 @@ class Trail:
     exhausted: bool = False
 
     def current(self, fetch: Fetch) -> int | None:
-        """The image to show, fetching from the queue when past the end; None when done."""
+        """The image to show, fetching from the queue when past the end; None when done.
+
+        A finished queue is asked again on every call (one indexed query from the cursor): crops
+        added meanwhile — cropped on the Slides page, imported, another clinician's skip — show up
+        without a restart.
+        """
         while self.pos >= len(self.ids):
-            if self.exhausted:
-                return None
             batch = list(fetch(self.cursor))
             if not batch:
                 self.exhausted = True
                 return None
+            self.exhausted = False
             for cursor, image_id in batch:
                 self.cursor = cursor
                 if image_id not in self.ids[self.pos :]:

@@ -95,7 +95,11 @@ def test_draw_two_boxes_crop_them_and_label_the_crops(app_url, store_url, tmp_pa
 
         page.get_by_role("link", name="Label").click()
         caption = page.locator(".st-key-crop_caption")
-        caption.wait_for(timeout=30_000)
+        try:
+            caption.wait_for(timeout=30_000)
+        except Exception:
+            page.screenshot(path=str(tmp_path / "label_page.png"), full_page=True)
+            pytest.fail(f"no crop on the Label page; it shows:\n{page.locator('body').inner_text()[:2000]}")
         first = caption.inner_text()
         browser.close()
 
