@@ -131,7 +131,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         stats = [store.dataset_stats(session, d) for d in datasets]
     if args.json:
         print(json.dumps(stats, ensure_ascii=False, indent=2))
-    for s in [] if args.json else stats:
+        return 0
+    for s in stats:
         print(f"{s['dataset']}: {s['images']} images on {s['slides']} slides, {s['adjudicated']} adjudicated")
         for name, n in s["labels_per_annotator"].items():
             print(f"  labels by {name}: {n}")
