@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from core.wsi import (
     SlideError,
     SlideReader,
     ViewRender,
+    default_slides_dir,
     list_slide_files,
     open_slide,
     render_view,
@@ -47,15 +47,6 @@ CROP_SETTINGS = CropSettings(mpp=0.5, pad_px=16)
 SHOWN_BOXES = 200
 NEW = "#00c8ff"  # drawn, not cropped yet
 CROPPED = "#3ddc84"
-
-
-def default_slides_dir() -> str:
-    """``$GLOM_SLIDES_DIR``, else ``../shared/data/wsi`` beside the checkout when it exists."""
-    env = os.environ.get("GLOM_SLIDES_DIR")
-    if env:
-        return env
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi"
-    return str(shared) if shared.is_dir() else ""
 
 
 def fit_zoom(dimensions: tuple[int, int], view_px: tuple[int, int] = VIEW_PX) -> int:

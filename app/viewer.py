@@ -1,13 +1,14 @@
 """Diagnosis viewer: a classifier's predictions and heatmaps on glomerulus crops, for clinicians.
 
-    python app/viewer.py [--checkpoint PATH] [--runs runs] [--host 127.0.0.1] [--port 7860]
+    python app/viewer.py [--checkpoint PATH] [--runs runs] [--slides DIR] [--host 127.0.0.1] [--port 7860]
 
 ``demo`` is built at import (tests import it); nothing is loaded until a request needs it.
 Named API endpoints (``gradio_client``): ``/checkpoints``, ``/predict``, ``/cam``, ``/batch``,
-``/store_batch``, ``/disagree``, ``/slide_summary``. Settings come from the environment, which
-the command line fills in: ``GLOM_RUNS`` (runs folder), ``GLOM_VIEWER_CHECKPOINT``, ``GLOM_DB``
-(the store), ``GLOM_DATA_ROOT`` (where uploaded crops are kept) and ``GLOM_VIEWER_AUTH``
-(``user:password[,user:password]`` turns the login on).
+``/store_batch``, ``/slide_batch``, ``/slides``, ``/disagree``, ``/slide_summary``. Settings come
+from the environment, which the command line fills in: ``GLOM_RUNS`` (runs folder),
+``GLOM_VIEWER_CHECKPOINT``, ``GLOM_DB`` (the store), ``GLOM_DATA_ROOT`` (where uploaded crops and
+crops cut from slides are kept), ``GLOM_SLIDES_DIR`` (the whole-slide images on the server) and
+``GLOM_VIEWER_AUTH`` (``user:password[,user:password]`` turns the login on).
 """
 
 from __future__ import annotations
@@ -33,18 +34,23 @@ from annotation_db.db import StoreError, open_store
 from annotation_db.store import get_dataset, list_datasets
 from core.checkpoint import CheckpointError
 from core.data import DataError
+from core.annotations import AnnotationFormatError
 from core.diagnosis import CropResult, ViewerCheckpoint, diagnose, find_checkpoints, load_viewer_checkpoint
 from core.explain import CAM_METHODS, CLASS_AGNOSTIC, ExplainError, overlay
+from core.extract import CropSettings, ExtractError
 from core.feedback import (
+    crop_slide_for_viewer,
     dataset_crops,
     dataset_slides,
     ensure_uploads_dataset,
     record_disagreement,
     record_predictions,
+    slide_annotations,
     store_upload,
 )
 from core.slide_summary import DECISION_SUPPORT_NOTE, SlideSummary, summarize_by_slide
 from core.uploads import CheckedImage, UploadError, UploadLimits, check_upload
+from core.wsi import SlideError, default_slides_dir, list_slide_files
 
 log = logging.getLogger("glomlab.viewer")
 
@@ -53,6 +59,10 @@ NONE = "__none__"  # "versus" choice: no contrast
 MAX_BATCH = 200
 UPLOAD_LIMITS = UploadLimits()
 STORE_REF_PREFIX = "store:"
+MAX_SLIDE_GLOMERULI = 2000  # per slide: the summary covers all, the gallery the most uncertain
+MAX_ANNOTATION_BYTES = 50 * 1024 * 1024
+ANNOTATION_TYPES = [".geojson", ".json", ".xml", ".csv", ".tsv"]
+SLIDE_CROP = CropSettings(mpp=0.5, pad_px=16)  # as the labeling app's Slides page cuts them
 
 
 # --- settings ----------------------------------------------------------------------------------
@@ -64,12 +74,15 @@ class Settings:
     checkpoint: Path | None
     data_root: Path
     db_url: str | None
+    slides_dir: Path | None
 
     @classmethod
     def from_env(cls) -> Settings:
         ckpt = os.environ.get("GLOM_VIEWER_CHECKPOINT")
+        slides = default_slides_dir()
         return cls(Path(os.environ.get("GLOM_RUNS", "runs")), Path(ckpt) if ckpt else None,
-                   Path(os.environ.get("GLOM_DATA_ROOT", "data")), os.environ.get("GLOM_DB"))
+                   Path(os.environ.get("GLOM_DATA_ROOT", "data")), os.environ.get("GLOM_DB"),
+                   Path(slides) if slides else None)
 
 
 def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
@@ -87,7 +100,8 @@ def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
 
 # --- errors in the page, not stack traces ------------------------------------------------------
 
-_USER_ERRORS = (UploadError, CheckpointError, ExplainError, StoreError, DataError, ValueError)
+_USER_ERRORS = (UploadError, CheckpointError, ExplainError, StoreError, DataError, SlideError, ExtractError,
+                ValueError)
 
 
 def _clinician_errors(fn: Callable) -> Callable:
@@ -115,6 +129,10 @@ def _error_title(e: Exception) -> str:
         return "Checkpoint problem"
     if isinstance(e, StoreError):
         return "Store"
+    if isinstance(e, (SlideError, ExtractError)):
+        return "Slide"
+    if isinstance(e, AnnotationFormatError):
+        return "Annotations"
     return "Cannot do that"
 
 
@@ -310,8 +328,23 @@ def _display_rgb(rgb: np.ndarray, max_side_px: int = 512) -> np.ndarray:
 
 
 def _batch(ckpt: ViewerCheckpoint, crops: list[CheckedImage], slides: list[str | None], method: str | None,
-           opacity: float, images_in_store: list | None):
-    results = diagnose(ckpt, [c.rgb for c in crops], method=method or None)
+           opacity: float, images_in_store: list | None, *, annotated: list[str | None] | None = None,
+           show: int | None = None, progress: gr.Progress | None = None):
+    """Predict every crop (stored with its predictions); the gallery shows the ``show`` most
+    uncertain (all by default) with heatmaps; CSV and summary cover every crop."""
+    method = method or None
+    rgbs = [c.rgb for c in crops]
+    show = len(crops) if show is None else max(0, min(int(show), len(crops)))
+    if progress is not None:
+        progress(0.5 if annotated is not None else 0.0, desc=f"Predicting {len(crops)} crops…")
+    if show == len(crops):
+        results = diagnose(ckpt, rgbs, method=method)
+    else:  # probabilities for all, heatmaps only for the crops the gallery shows
+        results = diagnose(ckpt, rgbs, method=None)
+        if method is not None and show:
+            shown = sorted(range(len(results)), key=lambda i: (results[i].margin, i))[:show]
+            for i, r in zip(shown, diagnose(ckpt, [rgbs[i] for i in shown], method=method)):
+                results[i] = CropResult(results[i].probs, results[i].predicted, results[i].margin, r.heat)
     with _sessionmaker().begin() as s:
         if images_in_store is None:
             dataset = ensure_uploads_dataset(s, ckpt.classes, ckpt.display_names, Settings.from_env().data_root)
@@ -324,16 +357,20 @@ def _batch(ckpt: ViewerCheckpoint, crops: list[CheckedImage], slides: list[str |
         image_ids = [img.id for img in stored]
     order = sorted(range(len(results)), key=lambda i: (results[i].margin, i))
     names = ckpt.display_names
+    annotated = annotated or [None] * len(crops)
     gallery, rows = [], []
     for rank, i in enumerate(order, 1):
         r, c = results[i], crops[i]
-        shown = _display_rgb(c.rgb, 256)
-        pic = overlay(shown, r.heat, float(opacity)) if r.heat is not None else shown
-        gallery.append((pic, f"#{rank} {names.get(r.predicted, r.predicted)} {100 * r.probs[r.predicted]:.0f}% "
-                             f"(margin {r.margin:.2f}) · {c.name}"))
-        rows.append([rank, c.name, slides[i] or "", r.predicted, round(r.probs[r.predicted], 4), round(r.margin, 4),
-                     *[round(r.probs[k], 4) for k in ckpt.classes], image_ids[i], c.sha256, ckpt.id])
-    header = ["uncertainty_rank", "name", "slide", "predicted", "p_predicted", "margin",
+        if rank <= show:
+            pic = _display_rgb(c.rgb, 256)
+            pic = overlay(pic, r.heat, float(opacity)) if r.heat is not None else pic
+            note = "" if annotated[i] is None else f" · annotated {names.get(annotated[i], annotated[i])}"
+            gallery.append((pic, f"#{rank} {names.get(r.predicted, r.predicted)} {100 * r.probs[r.predicted]:.0f}% "
+                                 f"(margin {r.margin:.2f}){note} · {c.name}"))
+        rows.append([rank, c.name, slides[i] or "", annotated[i] or "", r.predicted, round(r.probs[r.predicted], 4),
+                     round(r.margin, 4), *[round(r.probs[k], 4) for k in ckpt.classes], image_ids[i], c.sha256,
+                     ckpt.id])
+    header = ["uncertainty_rank", "name", "slide", "annotated", "predicted", "p_predicted", "margin",
               *[f"p_{k}" for k in ckpt.classes], "store_image_id", "sha256", "checkpoint"]
     out_dir = Path(tempfile.mkdtemp(prefix="glom-viewer-"))
     csv_path = out_dir / "predictions.csv"
@@ -344,9 +381,16 @@ def _batch(ckpt: ViewerCheckpoint, crops: list[CheckedImage], slides: list[str |
     summaries = summarize_by_slide([(slides[i], results[i].predicted) for i in range(len(results))], ckpt.classes,
                                    no_slide="uploaded crops")
     md, table = _summary_outputs(ckpt, summaries)
-    refs = [f"{STORE_REF_PREFIX}{image_ids[i]}" for i in order]
-    paths = [crops[i].name for i in order]
-    return gallery, str(csv_path), md, table, {"refs": refs, "names": paths, "files": [None] * len(order)}
+    if any(a is not None for a in annotated):
+        pairs = [(a, r.predicted) for a, r in zip(annotated, results) if a is not None]
+        agree = sum(a == p for a, p in pairs)
+        md = (f"Annotated classes: the model agrees on **{agree} of {len(pairs)}** annotated glomeruli "
+              f"(the CSV's `annotated` column beside `predicted`).\n\n") + md
+    if show < len(crops):
+        md = f"Gallery: the {show} most uncertain of {len(crops)} crops; the CSV and the summary cover all.\n\n" + md
+    refs = [f"{STORE_REF_PREFIX}{image_ids[i]}" for i in order[:show]]
+    paths = [crops[i].name for i in order[:show]]
+    return gallery, str(csv_path), md, table, {"refs": refs, "names": paths, "files": [None] * len(paths)}
 
 
 @_clinician_errors
@@ -385,6 +429,77 @@ def store_batch(checkpoint: str | None, dataset: str | None, slide: str | None =
     by_name = {c.name: str(it.path) for c, it in zip(crops, items)}
     out[4]["files"] = [by_name[n] for n in out[4]["names"]]
     return out
+
+
+def _slide_file(name: str | None) -> Path:
+    """A slide of the server's slides folder, by file name (nothing outside that folder)."""
+    folder = Settings.from_env().slides_dir
+    if folder is None or not folder.is_dir():
+        raise SlideError("no slides folder on the server: start the viewer with --slides DIR (or set GLOM_SLIDES_DIR)")
+    if not name:
+        raise SlideError(f"choose a slide from {folder}")
+    if name not in list_slide_files(folder):
+        raise SlideError(f"{name!r} is not a slide in {folder} (pick one from the list)")
+    return folder / name
+
+
+def _annotation_file(path: str | None) -> Path | None:
+    if not path:
+        return None
+    f = Path(path)
+    if f.suffix.lower() not in ANNOTATION_TYPES:
+        raise AnnotationFormatError(f"{f.name}: annotations must be QuPath GeoJSON (.geojson/.json), Aperio ImageScope "
+                                    "or ASAP XML (.xml) or a CSV of boxes (.csv)")
+    if f.stat().st_size > MAX_ANNOTATION_BYTES:
+        raise AnnotationFormatError(f"{f.name}: {f.stat().st_size / 2**20:.0f} MB, at most "
+                                    f"{MAX_ANNOTATION_BYTES // 2**20} MB of annotations")
+    return f
+
+
+@_clinician_errors
+def slide_batch(checkpoint: str | None, slide: str | None, annotations: str | None = None,
+                slide_mpp: float | None = None, method: str | None = "gradcam", opacity: float = 0.45,
+                limit: int = 64, progress: gr.Progress = gr.Progress()):
+    """A whole slide with its annotations: one crop per annotated glomerulus (through the whole-slide
+    code, kept in the store with slide and box), predicted; same outputs as /batch, the summary
+    for this slide. Annotations: an uploaded file, else the boxes drawn in the labeling app."""
+    ckpt = _checkpoint(checkpoint)
+    path = _slide_file(slide)
+    ann_file = _annotation_file(annotations)
+    mpp = float(slide_mpp) if slide_mpp else None
+    if mpp is not None and not 0.01 <= mpp <= 100:
+        raise SlideError(f"slide µm/px {mpp} is not plausible (0.01–100)")
+    with _sessionmaker().begin() as s:
+        anns, origin = slide_annotations(s, path, ann_file)
+        if len(anns) > MAX_SLIDE_GLOMERULI:
+            raise ExtractError(f"{len(anns)} annotations on {path.name}: at most {MAX_SLIDE_GLOMERULI} per slide here; "
+                               "use `glom extract` and `glom predict` for larger runs")
+        progress(0.0, desc=f"Cutting {len(anns)} glomeruli from {path.name}…")
+        cut = crop_slide_for_viewer(s, path, anns, ckpt.classes, ckpt.display_names, Settings.from_env().data_root,
+                                    settings=SLIDE_CROP, mpp=mpp)
+    crops = [check_upload(c.path, UPLOAD_LIMITS) for c in cut.crops]
+    out = _batch(ckpt, crops, [c.slide for c in cut.crops], method, opacity, [c.image_id for c in cut.crops],
+                 annotated=[c.annotated for c in cut.crops], show=int(limit or 64), progress=progress)
+    by_name = {c.name: str(sc.path) for c, sc in zip(crops, cut.crops)}
+    out[4]["files"] = [by_name[n] for n in out[4]["names"]]
+    rep = cut.report
+    notes = [f"**{path.name}**: {len(cut.crops)} glomeruli from {cut.n_annotations} annotations ({origin}); "
+             f"{rep.written} crops cut now, {rep.skipped_existing} reused."]
+    for kind, problems in (("clipped at the slide edge", rep.clipped), ("refused", rep.refused)):
+        if problems:
+            notes.append(f"{len(problems)} {kind}: " + "; ".join(p.reason for p in problems[:3])
+                         + (" …" if len(problems) > 3 else ""))
+    if cut.ignored_labels:
+        notes.append("Annotation classes that are not classes of this checkpoint (shown as unannotated): "
+                     + ", ".join(f"{k} ×{n}" for k, n in sorted(cut.ignored_labels.items())))
+    return out[0], out[1], "\n\n".join(notes) + "\n\n" + out[2], out[3], out[4]
+
+
+def list_wsi() -> gr.Dropdown:
+    """Whole-slide images in the server's slides folder."""
+    folder = Settings.from_env().slides_dir
+    names = list_slide_files(folder) if folder is not None else []
+    return gr.Dropdown(choices=names, value=names[0] if names else None)
 
 
 def _summary_outputs(ckpt: ViewerCheckpoint, summaries: list[SlideSummary]):
@@ -519,12 +634,21 @@ with gr.Blocks(title="GlomLab · Diagnosis viewer", analytics_enabled=False) as 
                     dataset_dd = gr.Dropdown(label="…or a dataset from the store", choices=[], allow_custom_value=True)
                     slide_dd = gr.Dropdown(label="Slide / biopsy", choices=[("All slides", "")], value="",
                                            allow_custom_value=True)
-                    limit_nb = gr.Number(label="At most this many crops", value=64, precision=0, minimum=1,
+                    limit_nb = gr.Number(label="At most this many crops (store) · in the gallery (slide)", value=64, precision=0, minimum=1,
                                          maximum=MAX_BATCH)
                     store_btn = gr.Button("Predict store crops")
-            gr.Markdown("<span class='glom-note'>Whole slides: extract their annotated glomeruli into a store dataset "
-                        "with `glom extract` (one slide per biopsy), then pick the dataset and slide here for the "
-                        "per-biopsy summary.</span>")
+                with gr.Column():
+                    wsi_dd = gr.Dropdown(label="…or a whole slide (server's slides folder)", choices=[],
+                                         allow_custom_value=True, elem_id="wsi")
+                    ann_in = gr.File(label="Its annotations (QuPath GeoJSON, ImageScope/ASAP XML, CSV); "
+                                           "none: the boxes drawn in the labeling app", file_count="single",
+                                     file_types=ANNOTATION_TYPES, type="filepath", height=100, elem_id="wsi-annotations")
+                    mpp_nb = gr.Number(label="Slide µm/px (only if the slide records none)", value=None,
+                                       minimum=0, elem_id="wsi-mpp")
+                    wsi_btn = gr.Button("Cut and predict the slide's glomeruli", elem_id="wsi-run")
+            gr.Markdown("<span class='glom-note'>A slide's glomeruli are cut at 0.5 µm/px from its annotations and kept "
+                        "in the store (dataset `viewer-slides`) with their slide and position; larger runs: "
+                        "`glom extract` then pick the dataset above.</span>")
             batch_method = gr.Dropdown(label="Heatmap in gallery", value="gradcam",
                                        choices=[("None (faster)", ""), *[(lbl, k) for k, (_, lbl) in CAM_METHODS.items()
                                                                         if k != "scorecam"]])
@@ -537,6 +661,7 @@ with gr.Blocks(title="GlomLab · Diagnosis viewer", analytics_enabled=False) as 
     # Page load: fill the pickers (nothing is loaded at import).
     demo.load(list_checkpoints, None, checkpoint_dd, api_name="checkpoints")
     demo.load(list_store_datasets, None, dataset_dd, api_visibility="private")
+    demo.load(list_wsi, None, wsi_dd, api_name="slides")
     refresh_btn.click(list_checkpoints, None, checkpoint_dd, api_visibility="private")
     checkpoint_dd.change(checkpoint_info, checkpoint_dd, [checkpoint_md, target_dd, versus_dd, correct_radio],
                          api_name="checkpoint_info")
@@ -555,6 +680,8 @@ with gr.Blocks(title="GlomLab · Diagnosis viewer", analytics_enabled=False) as 
     batch_btn.click(batch, [checkpoint_dd, files_in, batch_method, opacity], batch_outputs, api_name="batch")
     store_btn.click(store_batch, [checkpoint_dd, dataset_dd, slide_dd, batch_method, opacity, limit_nb],
                     batch_outputs, api_name="store_batch")
+    wsi_btn.click(slide_batch, [checkpoint_dd, wsi_dd, ann_in, mpp_nb, batch_method, opacity, limit_nb],
+                  batch_outputs, api_name="slide_batch")
     gallery.select(pick_from_gallery, batch_state, [image_in, crop_ref, tabs], api_visibility="private")
 
     # API-only endpoints on hidden triggers, so inputs go through the same components
@@ -574,6 +701,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--db", help="store URL (default $GLOM_DB or sqlite:///data/glomlab.db)")
     parser.add_argument("--data-root", default=os.environ.get("GLOM_DATA_ROOT", "data"),
                         help="where uploaded crops are kept (under <data-root>/viewer-uploads*)")
+    parser.add_argument("--slides", default=os.environ.get("GLOM_SLIDES_DIR"),
+                        help="folder of whole-slide images to offer (default $GLOM_SLIDES_DIR, else ../shared/data/wsi)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
@@ -584,6 +713,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["GLOM_VIEWER_CHECKPOINT"] = args.checkpoint
     if args.db:
         os.environ["GLOM_DB"] = args.db
+    if args.slides:
+        os.environ["GLOM_SLIDES_DIR"] = args.slides
     auth = parse_auth(os.environ.get("GLOM_VIEWER_AUTH"))
     if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
         log.warning("binding %s without a login: set GLOM_VIEWER_AUTH=user:password", args.host)

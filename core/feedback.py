@@ -1,5 +1,9 @@
 """What the diagnosis viewer writes to the annotation store: crops, predictions, disagreements.
 
+- Slides with their annotations are cut into crops by the whole-slide code
+  (:mod:`core.extract`) into a ``viewer-slides`` dataset of the checkpoint's schema, each crop
+  registered with its slide and level-0 box. The annotations' classes are shown beside the
+  predictions, never stored as labels (importing labels is ``glom extract``'s job).
 - Uploaded crops are kept content-addressed (``<sha256>.<ext>``) under the root of a
   ``viewer-uploads`` dataset that has the checkpoint's class schema, and registered there.
 - Every prediction the viewer shows for a crop in the store becomes a ``Prediction`` row, so the
@@ -37,12 +41,15 @@ from annotation_db.store import (
     image_abspath,
     set_label,
 )
+from core.annotations import Annotation
+from core.extract import CropSettings, ExtractReport
 from core.uploads import CheckedImage
 
-__all__ = ["UPLOADS_DATASET", "DisagreementResult", "StoredCrop", "uploads_dataset_name", "ensure_uploads_dataset",
+__all__ = ["UPLOADS_DATASET", "SLIDES_DATASET", "SlideCrop", "SlideCrops", "slide_annotations", "crop_slide_for_viewer", "DisagreementResult", "StoredCrop", "uploads_dataset_name", "ensure_uploads_dataset",
            "store_upload", "record_predictions", "record_disagreement", "dataset_crops", "dataset_slides", "model_annotator"]
 
 UPLOADS_DATASET = "viewer-uploads"
+SLIDES_DATASET = "viewer-slides"
 MODEL_PREFIX = MODEL_ANNOTATOR_PREFIX
 
 
@@ -70,26 +77,31 @@ def model_annotator(checkpoint_id: str) -> str:
     return f"{MODEL_PREFIX}{checkpoint_id}"
 
 
-def uploads_dataset_name(classes: Sequence[str]) -> str:
-    """``viewer-uploads`` for the glomerulus schema; other schemas get their own dataset."""
+def uploads_dataset_name(classes: Sequence[str], base: str = UPLOADS_DATASET) -> str:
+    """``viewer-uploads`` (or ``base``) for the glomerulus schema; other schemas get their own dataset."""
     if list(classes) == [c.key for c in GLOMERULUS_CLASSES]:
-        return UPLOADS_DATASET
+        return base
     tag = hashlib.sha256("\n".join(classes).encode()).hexdigest()[:8]
-    return f"{UPLOADS_DATASET}-{tag}"
+    return f"{base}-{tag}"
+
+
+_DATASET_DESCRIPTIONS = {
+    UPLOADS_DATASET: "Crops uploaded to the diagnosis viewer (content-addressed).",
+    SLIDES_DATASET: "Glomeruli cut from whole slides by the diagnosis viewer (slide + level-0 box).",
+}
 
 
 def ensure_uploads_dataset(session: Session, classes: Sequence[str], display_names: dict[str, str],
-                           data_root: str | Path) -> Dataset:
-    """The uploads dataset for this class schema (created on first use, root under ``data_root``)."""
-    name = uploads_dataset_name(classes)
+                           data_root: str | Path, base: str = UPLOADS_DATASET) -> Dataset:
+    """The viewer's dataset ``base`` for this class schema (created on first use, root under ``data_root``)."""
+    name = uploads_dataset_name(classes, base)
     try:
         dataset = get_dataset(session, name)
     except DatasetNotFoundError:
         specs = [ClassSpec(k, display_names.get(k, k)) for k in classes]
-        root = Path(data_root) / name
+        root = (Path(data_root) / name).resolve()
         root.mkdir(parents=True, exist_ok=True)
-        return create_dataset(session, name, specs, root=root,
-                              description="Crops uploaded to the diagnosis viewer (content-addressed).")
+        return create_dataset(session, name, specs, root=root, description=_DATASET_DESCRIPTIONS.get(base, ""))
     if dataset.class_keys != list(classes):
         raise InvalidLabelError(f"dataset {name!r} has classes {dataset.class_keys}, the checkpoint {list(classes)}")
     return dataset
@@ -159,3 +171,100 @@ def dataset_slides(session: Session, dataset_name: str) -> list[str]:
     rows = session.scalars(select(Slide.name).join(Image, Image.slide_id == Slide.id)
                            .where(Image.dataset_id == dataset.id).distinct().order_by(Slide.name))
     return list(rows)
+
+
+# --- whole slides ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlideCrop:
+    """One glomerulus cut from a slide for the viewer."""
+
+    image_id: int
+    path: Path  # absolute
+    slide: str
+    box: tuple[int, int, int, int]  # level-0 (x, y, w, h) of the crop
+    annotated: str | None  # the class the annotation carried, when it named one
+    source: str  # where in the annotations it came from
+
+
+@dataclass
+class SlideCrops:
+    crops: list[SlideCrop]
+    report: ExtractReport
+    n_annotations: int
+    ignored_labels: dict[str, int]  # annotation classes that are not checkpoint classes -> count
+
+
+def slide_annotations(session: Session, slide_path: str | Path, annotation_file: str | Path | None) -> tuple[list[Annotation], str]:
+    """The annotations of one slide and where they came from: those of ``annotation_file``
+    (QuPath GeoJSON, ImageScope/ASAP XML, CSV) that belong to the slide, else the boxes drawn on
+    it in the labeling app's Slides page. Raises :class:`AnnotationFormatError` saying what is
+    missing or wrong."""
+    from annotation_db.boxes import list_boxes
+    from core.annotations import AnnotationFormatError, annotations_for_slide, read_annotations
+    from core.wsi import slide_name
+
+    slide_path = Path(slide_path)
+    if annotation_file:
+        every = read_annotations(annotation_file)
+        mine = annotations_for_slide(every, slide_path)
+        if every and not mine:
+            named = sorted({a.slide for a in every if a.slide})
+            raise AnnotationFormatError(
+                f"{Path(annotation_file).name}: none of its {len(every)} annotations is for slide {slide_path.name} "
+                f"(they name {', '.join(named[:5])}{' …' if len(named) > 5 else ''})")
+        if not mine:
+            raise AnnotationFormatError(f"{Path(annotation_file).name}: no annotations in the file")
+        return mine, Path(annotation_file).name
+    slide = session.scalar(select(Slide).where(Slide.name == slide_name(slide_path)))
+    boxes = list_boxes(session, slide) if slide is not None else []
+    if not boxes:
+        raise AnnotationFormatError(
+            f"slide {slide_path.name} has no annotations: upload its annotation file (QuPath GeoJSON, Aperio "
+            "ImageScope or ASAP XML, CSV of boxes) or draw boxes on it in the labeling app's Slides page")
+    anns = [Annotation.rectangle(b.x0, b.y0, b.box_w, b.box_h, b.label, source=f"slide_box:{b.id}") for b in boxes]
+    return anns, f"{len(boxes)} boxes drawn in the labeling app"
+
+
+def crop_slide_for_viewer(session: Session, slide_path: str | Path, annotations: Sequence[Annotation],
+                          classes: Sequence[str], display_names: dict[str, str], data_root: str | Path, *,
+                          settings: CropSettings, mpp: float | None = None, progress: bool = False) -> SlideCrops:
+    """Cut one crop per annotation of ``slide_path`` into the ``viewer-slides`` dataset of this
+    class schema and register each with its slide and level-0 box (idempotent: crops already cut
+    with the same settings are reused). ``mpp``: µm/px for a slide that records none.
+
+    Raises :class:`core.wsi.SlideError` when the slide cannot be read (no crop stays, nothing is
+    registered) and :class:`core.extract.ExtractError` when no annotation can be cropped.
+    """
+    from dataclasses import replace
+
+    from core.extract import ExtractError, extract_crops, register_crops
+    from core.extract import SlideTask as _Task
+    from core.wsi import SlideError
+
+    dataset = ensure_uploads_dataset(session, classes, display_names, data_root, base=SLIDES_DATASET)
+    ignored: dict[str, int] = {}
+    for a in annotations:
+        if a.label and a.label not in classes:
+            ignored[a.label] = ignored.get(a.label, 0) + 1
+    out: list[SlideCrop] = []
+
+    def register(info, jobs) -> int:  # noqa: ANN001
+        # The annotation classes are shown, not stored as labels: the viewer is not an importer.
+        images, n_new = register_crops(session, dataset, info, [replace(j, label=None) for j in jobs],
+                                       annotator="viewer", source="viewer:slide")
+        for job, image in zip(jobs, images, strict=True):
+            out.append(SlideCrop(image.id, Path(job.path), info.name, tuple(job.box),
+                                 job.label if job.label in classes else None, ",".join(job.sources)))
+        return n_new
+
+    report = extract_crops([_Task(Path(slide_path), list(annotations), mpp)], Path(dataset.root) / "wsi", settings,
+                           workers=1, register=register, progress=progress)
+    if report.failed:
+        raise SlideError("; ".join(report.failed.values()))
+    if not out:
+        reasons = "; ".join(str(p) for p in report.refused[:3])
+        raise ExtractError(f"none of the {len(annotations)} annotations of {Path(slide_path).name} could be cropped"
+                           + (f": {reasons}" if reasons else ""))
+    return SlideCrops(out, report, len(annotations), ignored)

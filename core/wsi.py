@@ -44,6 +44,7 @@ API for the "Slides" page of the labeling app (plain functions; no Streamlit in 
 from __future__ import annotations
 
 import io
+import os
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -436,6 +437,15 @@ def list_slide_files(folder: str | Path) -> list[str]:
         p.name for p in folder.iterdir()
         if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and openslide.OpenSlide.detect_format(str(p))
     )
+
+
+def default_slides_dir() -> str:
+    """``$GLOM_SLIDES_DIR``, else ``../shared/data/wsi`` beside the checkout when it exists, else ``""``."""
+    env = os.environ.get("GLOM_SLIDES_DIR")
+    if env:
+        return env
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi"
+    return str(shared) if shared.is_dir() else ""
 
 
 def open_slide(path: str | Path, mpp: float | None = None, *, fallback_mpp: float | None = None) -> SlideReader:

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
-from annotation_db.models import Annotator, Image, Label, Prediction
+from annotation_db.boxes import add_box
+from annotation_db.models import Annotator, Image, Label, Prediction, SlideBox
 from annotation_db.queues import QueueSpec, next_image_ids
 from annotation_db.store import GLOMERULUS_CLASSES, add_image, create_dataset, get_dataset, get_or_create_slide
 from core.demo import DEMO_CLASSES
@@ -26,13 +27,16 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
+CMU, TCGA = "cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs"
+
 pytestmark = pytest.mark.slow  # trains a tiny model and starts the app: ~20 s alone, more on a busy machine
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, wsi_dir):
     """A trained 4-class checkpoint under runs/, a store with a 'demo' dataset on two slides,
-    and the app running on a free loopback port."""
+    a slides folder (the two real slides and a damaged copy), and the app running on a free
+    loopback port."""
     root = tmp_path_factory.mktemp("viewer")
     runs = root / "runs"
     demo_checkpoint(runs / "demo" / "best")
@@ -44,8 +48,14 @@ def world(tmp_path_factory):
         ds = create_dataset(s, "demo", GLOMERULUS_CLASSES, root=root / "crops")
         for i, p in enumerate(crops.paths):
             add_image(s, ds, p, slide=get_or_create_slide(s, f"biopsy-{'AB'[i % 2]}"))
+    slides = root / "slides"
+    slides.mkdir()
+    for f in (CMU, TCGA):
+        (slides / f).symlink_to(wsi_dir / f)
+    data = (wsi_dir / CMU).read_bytes()  # tiles zeroed, directory intact: listed, fails when read
+    (slides / "broken.svs").write_bytes(data[:300_000] + bytes(600_000) + data[900_000:])
     try:
-        with running_viewer(root, runs, url) as (base, proc):
+        with running_viewer(root, runs, url, slides=slides) as (base, proc):
             client = Client(base, verbose=False, analytics_enabled=False, download_files=str(root / "downloads"))
             yield {"root": root, "runs": runs, "ckpt": str(runs / "demo" / "best.safetensors"), "crops": crops,
                    "Session": make_sessionmaker(engine), "client": client, "proc": proc, "log": root / "viewer.log"}
@@ -66,7 +76,8 @@ def _top(label_out: dict) -> tuple[str, float]:
 def test_binds_loopback_and_exposes_named_endpoints(world):
     info = json.loads(urllib.request.urlopen(world["client"].src + "gradio_api/info").read())
     named = set(info["named_endpoints"])
-    assert {"/predict", "/cam", "/batch", "/store_batch", "/disagree", "/slide_summary", "/checkpoints"} <= named
+    assert {"/predict", "/cam", "/batch", "/store_batch", "/slide_batch", "/slides", "/disagree", "/slide_summary",
+            "/checkpoints"} <= named
     port = world["client"].src.rstrip("/").rsplit(":", 1)[1]
     try:
         out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
@@ -137,6 +148,89 @@ def test_slide_summary_per_biopsy_from_the_store(world):
     assert "decision support" in md.lower() and "E, T not assessed" in md
     md_a, table_a = world["client"].predict(world["ckpt"], "demo", "biopsy-A", api_name="/slide_summary")
     assert [r[0] for r in _rows(table_a)] == ["biopsy-A"]
+
+
+def _geojson(path: Path, boxes) -> Path:
+    feats = [{"type": "Feature", "properties": {"classification": {"name": label}} if label else {},
+              "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]]}}
+             for x, y, w, h, label in boxes]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return path
+
+
+def test_a_slide_with_its_annotations_is_cut_predicted_and_summarised(world, tmp_path):
+    c = world["client"]
+    listed = c.predict(api_name="/slides")
+    assert [name for name, _ in listed["choices"]] == ["broken.svs", CMU, TCGA]
+    boxes = [(100, 200, 300, 260, "normal"), (900, 1200, 280, 240, "crescent"), (1500, 400, 300, 300, "Glomerulus"),
+             (300, 2000, 260, 260, None), (2100, 2800, 300, 260, "normal")]
+    ann = handle_file(str(_geojson(tmp_path / "cmu.geojson", boxes)))
+    gallery, csv_path, summary, table, *_ = c.predict(world["ckpt"], CMU, ann, None, "gradcam", 0.45, 3,
+                                                      api_name="/slide_batch")
+    assert len(gallery) == 3 and all(Path(g["image"]).is_file() for g in gallery)  # the 3 most uncertain
+    rows = list(csv.DictReader(open(csv_path)))
+    assert len(rows) == 5 and {r["slide"] for r in rows} == {"cmu-1-small-region"}
+    assert [float(r["margin"]) for r in rows] == sorted(float(r["margin"]) for r in rows)
+    assert sorted(r["annotated"] for r in rows) == ["", "", "crescent", "normal", "normal"]
+    assert [r[0] for r in _rows(table)] == ["cmu-1-small-region"] and _rows(table)[0][1] == 5
+    assert "5 glomeruli from 5 annotations (cmu.geojson)" in summary and "1 clipped at the slide edge" in summary
+    assert "Glomerulus ×1" in summary and "of 3** annotated glomeruli" in summary and "MEST-C-style" in summary
+    assert "the 3 most uncertain of 5" in summary
+    with world["Session"]() as s:
+        ds = get_dataset(s, "viewer-slides")
+        images = s.scalars(select(Image).where(Image.dataset_id == ds.id).order_by(Image.x0)).all()
+        assert [(im.x0, im.y0) for im in images] == [(84, 184), (284, 1984), (884, 1184), (1484, 384), (2084, 2784)]
+        assert all(im.slide.name == "cmu-1-small-region" and (Path(ds.root) / im.path).is_file() for im in images)
+        assert sorted(int(r["store_image_id"]) for r in rows) == sorted(im.id for im in images)
+        n_pred = s.scalar(select(func.count()).select_from(Prediction).where(Prediction.image_id.in_([im.id for im in images])))
+        assert n_pred == 5
+        assert not s.scalars(select(Label.id).where(Label.image_id.in_([im.id for im in images]))).all()
+    # Again: the crops are reused (no new rows), the predictions recorded again.
+    _, _, summary2, _, *_ = c.predict(world["ckpt"], CMU, ann, None, "", 0.45, 64, api_name="/slide_batch")
+    assert "0 crops cut now, 5 reused" in summary2
+    with world["Session"]() as s:
+        assert s.scalar(select(func.count()).select_from(Image).where(Image.dataset_id == ds.id)) == 5
+
+
+def test_a_slide_without_a_file_uses_the_boxes_drawn_in_the_labeling_app(world):
+    c = world["client"]
+    with pytest.raises(AppError, match=r"tcga-cr-7395-01a-01-ts1\.svs has no annotations: upload"):
+        c.predict(world["ckpt"], TCGA, None, None, "", 0.45, 64, api_name="/slide_batch")
+    with world["Session"]() as s, s.begin():
+        slide = get_or_create_slide(s, "tcga-cr-7395-01a-01-ts1", path=str(world["root"] / "slides" / TCGA))
+        add_box(s, slide, (2000, 1500, 400, 400), created_by="dr-a", label="crescent")
+        add_box(s, slide, (3000, 2500, 380, 360), created_by="dr-a")
+        add_box(s, slide, (5000, 3000, 380, 360), created_by="dr-a")  # beyond the slide's 4443 x 3567
+    _, csv_path, summary, table, *_ = c.predict(world["ckpt"], TCGA, None, 0.25, "gradcam", 0.45, 64,
+                                                api_name="/slide_batch")
+    rows = list(csv.DictReader(open(csv_path)))
+    assert len(rows) == 2 and sorted(r["annotated"] for r in rows) == ["", "crescent"]
+    assert "2 glomeruli from 3 annotations (3 boxes drawn in the labeling app)" in summary
+    assert "1 refused: " in summary and "outside the slide" in summary
+    with world["Session"]() as s:  # the drawn boxes stay "not cropped" for the labeling app's dataset
+        assert s.scalars(select(SlideBox.image_id)).all() == [None, None, None]
+
+
+def test_bad_slides_and_annotation_files_get_clear_messages(world, tmp_path):
+    c = world["client"]
+    ann = handle_file(str(_geojson(tmp_path / "a.geojson", [(100, 100, 200, 200, None), (1000, 1500, 64, 64, None)])))
+    with pytest.raises(AppError, match=r"'\.\./\.\./etc/passwd' is not a slide in"):
+        c.predict(world["ckpt"], "../../etc/passwd", ann, None, "", 0.45, 64, api_name="/slide_batch")
+    with pytest.raises(AppError, match=r"broken\.svs.*Not a JPEG file"):  # its tiles are zeros
+        c.predict(world["ckpt"], "broken.svs", ann, None, "", 0.45, 64, api_name="/slide_batch")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x,y\n1,2\n")
+    with pytest.raises(AppError, match=r"Invalid file type.*'\.geojson'"):  # Gradio refuses it before we see it
+        c.predict(world["ckpt"], CMU, handle_file(str(notes)), None, "", 0.45, 64, api_name="/slide_batch")
+    bad = tmp_path / "bad.geojson"
+    bad.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": '
+                   '{"type": "Polygon", "coordinates": [[["a", 1]]]}}]}')
+    with pytest.raises(AppError, match=r"bad\.geojson.*coordinates must be numbers"):
+        c.predict(world["ckpt"], CMU, handle_file(str(bad)), None, "", 0.45, 64, api_name="/slide_batch")
+    with world["Session"]() as s:
+        assert not s.scalars(select(Image.id).where(Image.slide.has(name="broken"))).all()
+    assert not list((world["root"] / "data").rglob("broken*.png"))  # no crop of the failed slide stays
+    assert world["proc"].poll() is None, "the app must survive bad inputs"
 
 
 def test_disagree_puts_the_crop_in_the_disagreement_queue(world):

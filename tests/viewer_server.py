@@ -24,17 +24,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_viewer(root: Path, runs: Path, db_url: str, timeout_s: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Yield ``(base URL, process)`` of a viewer serving ``runs`` over the store at ``db_url``;
-    fails the test with the server's log if it does not answer within ``timeout_s``."""
+def running_viewer(root: Path, runs: Path, db_url: str, timeout_s: float = 120,
+                   slides: Path | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Yield ``(base URL, process)`` of a viewer serving ``runs`` (and the whole-slide images in
+    ``slides``) over the store at ``db_url``; fails the test with the server's log if it does
+    not answer within ``timeout_s``."""
     port = free_port()
     log_path = root / "viewer.log"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", TQDM_DISABLE="1")
     env.pop("GLOM_VIEWER_AUTH", None)
+    env.pop("GLOM_SLIDES_DIR", None)
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, "app/viewer.py", "--port", str(port), "--runs", str(runs), "--db", db_url,
-             "--data-root", str(root / "data")],
+             "--data-root", str(root / "data"), *(["--slides", str(slides)] if slides else [])],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/"
     try:
