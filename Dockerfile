@@ -2,12 +2,15 @@
 #   docker build -t glomlab .
 #   docker run -p 127.0.0.1:8501:8501 -v "$PWD/data:/app/data" glomlab           # labeling app
 #   docker run -p 127.0.0.1:7860:7860 -v "$PWD/data:/app/data" -v "$PWD/runs:/app/runs" glomlab viewer
+# Whole-slide images for the Slides page and the viewer: add -v /path/to/slides:/app/slides:ro
+# (read from GLOM_SLIDES_DIR, set below).
 # Inside the container the servers listen on 0.0.0.0 so the published port reaches them; publish
 # to 127.0.0.1 on the host (as above) unless the network is meant to see them.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     GLOM_DB=sqlite:////app/data/glomlab.db \
+    GLOM_SLIDES_DIR=/app/slides \
     STREAMLIT_BROWSER_GATHER_USAGE_STATS=false
 WORKDIR /app
 

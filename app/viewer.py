@@ -640,15 +640,16 @@ with gr.Blocks(title="GlomLab · Diagnosis viewer", analytics_enabled=False) as 
                 with gr.Column():
                     wsi_dd = gr.Dropdown(label="…or a whole slide (server's slides folder)", choices=[],
                                          allow_custom_value=True, elem_id="wsi")
-                    ann_in = gr.File(label="Its annotations (QuPath GeoJSON, ImageScope/ASAP XML, CSV); "
-                                           "none: the boxes drawn in the labeling app", file_count="single",
-                                     file_types=ANNOTATION_TYPES, type="filepath", height=100, elem_id="wsi-annotations")
-                    mpp_nb = gr.Number(label="Slide µm/px (only if the slide records none)", value=None,
+                    ann_in = gr.File(label="Its annotations (GeoJSON, XML, CSV)", file_count="single",
+                                     file_types=ANNOTATION_TYPES, type="filepath", height=120, elem_id="wsi-annotations")
+                    mpp_nb = gr.Number(label="Slide µm/px (0: the slide's own; needed only when it records none)", value=None,
                                        minimum=0, elem_id="wsi-mpp")
                     wsi_btn = gr.Button("Cut and predict the slide's glomeruli", elem_id="wsi-run")
-            gr.Markdown("<span class='glom-note'>A slide's glomeruli are cut at 0.5 µm/px from its annotations and kept "
-                        "in the store (dataset `viewer-slides`) with their slide and position; larger runs: "
-                        "`glom extract` then pick the dataset above.</span>")
+            gr.Markdown("<span class='glom-note'>Whole slide: annotations from QuPath (GeoJSON), Aperio ImageScope or "
+                        "ASAP (XML) or a CSV of boxes; without a file, the boxes drawn on the slide in the labeling "
+                        "app's Slides page. Its glomeruli are cut at 0.5 µm/px and kept in the store (dataset "
+                        "`viewer-slides`) with their slide and position. Larger runs: `glom extract`, then pick the "
+                        "dataset above.</span>")
             batch_method = gr.Dropdown(label="Heatmap in gallery", value="gradcam",
                                        choices=[("None (faster)", ""), *[(lbl, k) for k, (_, lbl) in CAM_METHODS.items()
                                                                         if k != "scorecam"]])
