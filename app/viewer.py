@@ -19,6 +19,8 @@ import logging
 import os
 import sys
 import tempfile
+import threading
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
@@ -63,6 +65,9 @@ MAX_SLIDE_GLOMERULI = 2000  # per slide: the summary covers all, the gallery the
 MAX_ANNOTATION_BYTES = 50 * 1024 * 1024
 ANNOTATION_TYPES = [".geojson", ".json", ".xml", ".csv", ".tsv"]
 SLIDE_CROP = CropSettings(mpp=0.5, pad_px=16)  # as the labeling app's Slides page cuts them
+# One slide request at a time per slide file: two clinicians opening the same slide at once would
+# otherwise race to register the same crops (the second waits, then reuses the first one's crops).
+_SLIDE_LOCKS: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
 
 # --- settings ----------------------------------------------------------------------------------
@@ -469,7 +474,7 @@ def slide_batch(checkpoint: str | None, slide: str | None, annotations: str | No
     mpp = float(slide_mpp) if slide_mpp else None
     if mpp is not None and not 0.01 <= mpp <= 100:
         raise SlideError(f"slide µm/px {mpp} is not plausible (0.01–100)")
-    with _sessionmaker().begin() as s:
+    with _SLIDE_LOCKS[str(path)], _sessionmaker().begin() as s:
         anns, origin = slide_annotations(s, path, ann_file)
         if len(anns) > MAX_SLIDE_GLOMERULI:
             raise ExtractError(f"{len(anns)} annotations on {path.name}: at most {MAX_SLIDE_GLOMERULI} per slide here; "

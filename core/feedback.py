@@ -232,7 +232,8 @@ def crop_slide_for_viewer(session: Session, slide_path: str | Path, annotations:
                           settings: CropSettings, mpp: float | None = None, progress: bool = False) -> SlideCrops:
     """Cut one crop per annotation of ``slide_path`` into the ``viewer-slides`` dataset of this
     class schema and register each with its slide and level-0 box (idempotent: crops already cut
-    with the same settings are reused). ``mpp``: µm/px for a slide that records none.
+    with the same settings are reused). ``mpp``: µm/px for a slide that records none. An
+    annotation's class (key or display name, any case) is returned as ``annotated``.
 
     Raises :class:`core.wsi.SlideError` when the slide cannot be read (no crop stays, nothing is
     registered) and :class:`core.extract.ExtractError` when no annotation can be cropped.
@@ -244,10 +245,19 @@ def crop_slide_for_viewer(session: Session, slide_path: str | Path, annotations:
     from core.wsi import SlideError
 
     dataset = ensure_uploads_dataset(session, classes, display_names, data_root, base=SLIDES_DATASET)
+    # QuPath classes are often the display names ("新月体形成", "Crescent"): match keys and display
+    # names, ignoring case; anything else is counted and shown as unannotated.
+    lookup = {}
+    for k in classes:
+        for name in (k, display_names.get(k, k)):
+            lookup.setdefault(name.strip().casefold(), k)
     ignored: dict[str, int] = {}
+    mapped = []
     for a in annotations:
-        if a.label and a.label not in classes:
+        key = lookup.get(a.label.strip().casefold()) if a.label else None
+        if a.label and key is None:
             ignored[a.label] = ignored.get(a.label, 0) + 1
+        mapped.append(replace(a, label=key))
     out: list[SlideCrop] = []
 
     def register(info, jobs) -> int:  # noqa: ANN001
@@ -255,11 +265,10 @@ def crop_slide_for_viewer(session: Session, slide_path: str | Path, annotations:
         images, n_new = register_crops(session, dataset, info, [replace(j, label=None) for j in jobs],
                                        annotator="viewer", source="viewer:slide")
         for job, image in zip(jobs, images, strict=True):
-            out.append(SlideCrop(image.id, Path(job.path), info.name, tuple(job.box),
-                                 job.label if job.label in classes else None, ",".join(job.sources)))
+            out.append(SlideCrop(image.id, Path(job.path), info.name, tuple(job.box), job.label, ",".join(job.sources)))
         return n_new
 
-    report = extract_crops([_Task(Path(slide_path), list(annotations), mpp)], Path(dataset.root) / "wsi", settings,
+    report = extract_crops([_Task(Path(slide_path), mapped, mpp)], Path(dataset.root) / "wsi", settings,
                            workers=1, register=register, progress=progress)
     if report.failed:
         raise SlideError("; ".join(report.failed.values()))

@@ -185,6 +185,14 @@ def test_a_slide_with_its_annotations_is_cut_predicted_and_summarised(world, tmp
         n_pred = s.scalar(select(func.count()).select_from(Prediction).where(Prediction.image_id.in_([im.id for im in images])))
         assert n_pred == 5
         assert not s.scalars(select(Label.id).where(Label.image_id.in_([im.id for im in images]))).all()
+    # A slide crop opened from the gallery can be disagreed with like any store crop.
+    first = next(r for r in rows if r["annotated"] == "crescent")
+    with world["Session"]() as s:
+        img = s.get(Image, int(first["store_image_id"]))
+        path, ref = Path(get_dataset(s, "viewer-slides").root) / img.path, f"store:{img.id}"
+    chosen = next(k for k in DEMO_CLASSES if k != first["predicted"])
+    msg = c.predict(world["ckpt"], handle_file(str(path)), chosen, "dr_slide", ref, api_name="/disagree")
+    assert "dataset `viewer-slides`" in msg and "disagreement queue" in msg
     # Again: the crops are reused (no new rows), the predictions recorded again.
     _, _, summary2, _, *_ = c.predict(world["ckpt"], CMU, ann, None, "", 0.45, 64, api_name="/slide_batch")
     assert "0 crops cut now, 5 reused" in summary2

@@ -39,15 +39,16 @@ def _geojson(path: Path, boxes: list[tuple[int, int, int, int, str | None]]) -> 
 
 def test_a_slide_with_its_annotation_file_becomes_stored_crops(tmp_path: Path, wsi_dir: Path, Session) -> None:  # noqa: N803
     ann = _geojson(tmp_path / "cmu.geojson", [(100, 200, 300, 260, "crescent"), (900, 1200, 280, 240, "Glomerulus"),
-                                               (2100, 2800, 300, 260, None)])
+                                               (2100, 2800, 300, 260, "新月体形成"), (1200, 1600, 250, 250, "Normal")])
     slide = wsi_dir / CMU
     for run in range(2):  # the second run reuses the crops and adds no rows
         with Session() as s, s.begin():
             anns, origin = slide_annotations(s, slide, ann)
             cut = crop_slide_for_viewer(s, slide, anns, CLASSES, NAMES, tmp_path / "data", settings=SETTINGS)
-        assert origin == "cmu.geojson" and cut.n_annotations == 3
-        assert (cut.report.written, cut.report.skipped_existing) == ((3, 0) if run == 0 else (0, 3))
-        assert [c.annotated for c in cut.crops] == ["crescent", None, None]  # "Glomerulus" is not a class
+        assert origin == "cmu.geojson" and cut.n_annotations == 4
+        assert (cut.report.written, cut.report.skipped_existing) == ((4, 0) if run == 0 else (0, 4))
+        # keys and display names match in any case; "Glomerulus" is not a class
+        assert [c.annotated for c in cut.crops] == ["crescent", None, "crescent", "normal"]
         assert cut.ignored_labels == {"Glomerulus": 1}
         assert [p.source for p in cut.report.clipped] == [f"{ann}#2"]
     with Session() as s:
@@ -55,7 +56,7 @@ def test_a_slide_with_its_annotation_file_becomes_stored_crops(tmp_path: Path, w
         assert ds.class_keys == CLASSES and Path(ds.root) == (tmp_path / "data" / SLIDES_DATASET).resolve()
         rows = s.scalars(select(ImageRow).order_by(ImageRow.id)).all()
         assert [(r.x0, r.y0, r.box_w, r.box_h) for r in rows] == [(84, 184, 332, 292), (884, 1184, 312, 272),
-                                                                  (2084, 2784, 136, 183)]
+                                                                  (2084, 2784, 136, 183), (1184, 1584, 282, 282)]
         assert {r.slide.name for r in rows} == {"cmu-1-small-region"}
         assert [r.id for r in rows] == [c.image_id for c in cut.crops]
         # Shown beside the prediction, never stored as a label: the viewer is not an importer.
