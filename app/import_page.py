@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import tempfile
 import zipfile
 from datetime import datetime, timezone
@@ -21,7 +24,36 @@ SOURCES = {
     "jsonl": "JSONL (original labeling system)",
     "labelstudio": "Label Studio JSON",
 }
-UPLOAD_ROOT = Path("data") / "uploads"
+LABEL_FORMATS = ("csv", "jsonl", "labelstudio")
+MAX_ZIP_BYTES = 20 * 2**30  # unpacked size of one uploaded zip
+MAX_ZIP_MEMBERS = 200_000
+
+
+def upload_root() -> Path:
+    """Where a zip for a new dataset is unpacked: ``$GLOM_DATA_ROOT/uploads`` (default ``data/uploads``)."""
+    return Path(os.environ.get("GLOM_DATA_ROOT", "data")).resolve() / "uploads"
+
+
+def label_format(name: str, chosen: str) -> str:
+    """The chosen format when it is a label format, else the one the file name says
+    (``.csv``, ``.jsonl``; ``.json``: Label Studio when its tasks have ``data``, else JSONL)."""
+    if chosen in LABEL_FORMATS:
+        return chosen
+    suffix = Path(name).suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix == ".jsonl":
+        return "jsonl"
+    return "json?"  # decided from the content by :func:`_sniff_json`
+
+
+def _sniff_json(path: Path) -> str:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "jsonl"  # its reader names the bad line
+    first = data[0] if isinstance(data, list) and data else data
+    return "labelstudio" if isinstance(first, dict) and "data" in first else "jsonl"
 
 
 def _import(fmt: str, path: Path, dataset_name: str, root: Path | None, annotator: str, skip_missing: bool) -> str:
@@ -71,7 +103,14 @@ def on_import_folder() -> None:
 
 
 def _safe_extract(zf: zipfile.ZipFile, dest: Path) -> None:
-    for member in zf.infolist():
+    """Unpack ``zf`` into ``dest``, refusing members outside it and archives too large unpacked."""
+    members = zf.infolist()
+    if len(members) > MAX_ZIP_MEMBERS:
+        raise OSError(f"{len(members)} files in the zip (at most {MAX_ZIP_MEMBERS})")
+    total = sum(m.file_size for m in members)
+    if total > MAX_ZIP_BYTES:
+        raise OSError(f"{total / 2**30:.1f} GiB unpacked (at most {MAX_ZIP_BYTES // 2**30} GiB)")
+    for member in members:
         target = (dest / member.filename).resolve()
         if not target.is_relative_to(dest.resolve()):
             raise OSError(f"{member.filename}: refuses to write outside {dest}")
@@ -84,28 +123,50 @@ def on_import_upload() -> None:
         st.session_state.import_result = ("error", "Choose a file first.")
         return
     name = (st.session_state.get("import_dataset") or "").strip()
+    if not name:
+        st.session_state.import_result = ("error", "Name the dataset to import into.")
+        return
     existing = name in dataset_names(store_url())
     if upload.name.lower().endswith(".zip"):
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-        base = Path(dataset_view(store_url(), name).root) if existing else UPLOAD_ROOT.resolve() / name
-        dest = base / "uploads" / stamp if existing else base
-        dest.mkdir(parents=True, exist_ok=True)
+        if existing:
+            base = Path(dataset_view(store_url(), name).root)
+            dest = base / "uploads" / stamp
+        else:
+            base = dest = upload_root() / name
+            if "/" in name or "\\" in name or name.startswith(".") or not dest.resolve().is_relative_to(upload_root()):
+                st.session_state.import_result = (
+                    "error", f"{name!r} cannot name a folder for the images: use letters, digits, - and _")
+                return
+            if dest.exists() and any(dest.iterdir()):
+                st.session_state.import_result = (
+                    "error", f"{dest} already holds files; choose another dataset name")
+                return
         try:
+            dest.mkdir(parents=True, exist_ok=True)
             with zipfile.ZipFile(upload) as zf:
                 _safe_extract(zf, dest)
         except (zipfile.BadZipFile, OSError) as e:
+            shutil.rmtree(dest, ignore_errors=True)
             st.session_state.import_result = ("error", f"Cannot unpack {upload.name}: {e}")
             return
         _run("folders-unlabeled", dest, root=base)
+        if st.session_state.get("import_result", ("",))[0] == "error":
+            shutil.rmtree(dest, ignore_errors=True)  # nothing was registered: no stray copies either
         return
-    fmt = st.session_state.import_format
     if not existing:
         st.session_state.import_result = ("error", "A label file needs an existing dataset (its images' root).")
         return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / upload.name
         path.write_bytes(upload.getvalue())
+        fmt = label_format(upload.name, st.session_state.import_format)
+        if fmt == "json?":
+            fmt = _sniff_json(path)
         _run(fmt, path, root=Path(dataset_view(store_url(), name).root))
+        kind, message = st.session_state.get("import_result", ("", ""))
+        if kind == "error":  # name the file the clinician uploaded, not our temporary copy
+            st.session_state.import_result = (kind, message.replace(str(path), upload.name))
 
 
 def page() -> None:
@@ -123,7 +184,11 @@ def page() -> None:
         st.text_input("Path on the server", key="import_path", placeholder="/data/crops or /data/labels.csv")
         st.button("Import", on_click=on_import_folder, type="primary", key="import_folder_btn")
     with upload:
-        st.file_uploader("A zip of images, or a label file", type=["zip", "csv", "jsonl", "json"], key="import_upload")
+        st.file_uploader("A zip of images, or a label file", type=["zip", "csv", "jsonl", "json"], key="import_upload",
+                         help="A zip registers its images (a new dataset's images go to the server's data folder; "
+                              "an existing dataset's under its root). A label file (CSV, JSONL, Label Studio JSON) "
+                              "labels images of an existing dataset; its format is taken from the choice above, or "
+                              "from the file name when a folder format is chosen.")
         st.button("Import upload", on_click=on_import_upload, type="primary", key="import_upload_btn")
     result = st.session_state.pop("import_result", None)
     if result:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from sqlalchemy import func, select
 from annotation_db import importer
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
 from annotation_db.formats import Record, read_csv
-from annotation_db.models import Annotator, Image, Label, LabelEvent
+from annotation_db.models import Annotator, Dataset, Image, Label, LabelEvent
 
 pytestmark = pytest.mark.browser
 
@@ -63,7 +64,8 @@ def app_url(store_url: str, tmp_path: Path):
     log = (tmp_path / "streamlit.log").open("w")
     proc = subprocess.Popen(
         [str(REPO / ".venv" / "bin" / "streamlit"), "run", "app/label.py", "--server.port", str(port)],
-        cwd=REPO, env=dict(os.environ, GLOM_DB=store_url), stdout=log, stderr=subprocess.STDOUT,
+        cwd=REPO, env=dict(os.environ, GLOM_DB=store_url, GLOM_DATA_ROOT=str(tmp_path / "data")), stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.time() + 60
@@ -250,3 +252,66 @@ def test_keys_faster_than_the_screen_never_label_an_unseen_crop(app_url, store_u
     assert labeled, "no key press was taken at all"
     assert labeled <= shown, f"labeled without being shown: {sorted(labeled - shown)}"
     assert all(n == 1 for _, n in events_per_crop), f"a crop was labeled twice: {events_per_crop}"
+
+
+def test_import_page_takes_an_uploaded_zip_and_label_files(app_url, store_url, tmp_path, bueno_dir):
+    """Upload through the page (the part AppTest cannot drive): a zip of 6 real crops becomes a
+    new dataset, a CSV labels them, a CSV with an unknown class is refused with its line and
+    changes nothing, and a dataset name that would escape the data folder is refused."""
+    from playwright.sync_api import expect, sync_playwright
+
+    crops = sorted(bueno_dir.rglob("*.png"))
+    crops = [p for p in crops if "_mask" not in str(p)][:6]
+    zpath = tmp_path / "crops.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for p in crops:
+            zf.write(p, f"batch1/{p.name}")
+    good = tmp_path / "labels.csv"
+    good.write_text("image,label\n" + "".join(f"batch1/{p.name},{CLASSES[i % 2]}\n" for i, p in enumerate(crops)))
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"image,label\nbatch1/{crops[0].name},{CLASSES[1]}\nbatch1/{crops[1].name},normal\n")
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        _sign_in(page, app_url, "dr_import")
+        page.get_by_role("link", name="Import").click()
+        main = page.get_by_test_id("stMain")
+
+        def set_text(label: str, value: str) -> None:
+            box = page.get_by_label(label)
+            box.fill(value)
+            box.press("Enter")
+
+        def upload(path: Path, expect_text: str) -> None:
+            page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(str(path))
+            expect(main.get_by_text(path.name).first).to_be_visible(timeout=15_000)
+            page.get_by_role("button", name="Import upload").click()
+            expect(main.get_by_text(expect_text, exact=False).first).to_be_visible(timeout=30_000)
+
+        set_text("Dataset (existing, or a new name)", "../escape")
+        set_text("Classes of a new dataset (comma-separated; default: from the file)", ", ".join(CLASSES))
+        page.get_by_role("tab", name="Upload").click()
+        upload(zpath, "cannot name a folder")
+        set_text("Dataset (existing, or a new name)", "pas-upload")
+        upload(zpath, "6 images added")
+        upload(good, "6 labels written")
+        upload(bad, "Nothing imported: bad.csv:3: field 'label': unknown class 'normal'")
+        browser.close()
+
+    engine = create_store_engine(store_url)
+    with make_sessionmaker(engine)() as s:
+        ds = s.scalar(select(Dataset).where(Dataset.name == "pas-upload"))
+        assert ds is not None and ds.class_keys == CLASSES
+        assert Path(ds.root) == (tmp_path / "data" / "uploads" / "pas-upload").resolve()
+        rows = s.execute(select(Image.path, Label.classes).join(Label, Label.image_id == Image.id)
+                         .join(Annotator, Annotator.id == Label.annotator_id)
+                         .where(Image.dataset_id == ds.id, Annotator.name == "imported").order_by(Image.path)).all()
+        n_images = s.scalar(select(func.count()).select_from(Image).where(Image.dataset_id == ds.id))
+        names = set(s.scalars(select(Dataset.name)))
+    engine.dispose()
+    assert n_images == 6
+    # The bad file changed nothing: its first (valid) line did not land either.
+    assert {p: list(c) for p, c in rows} == {f"batch1/{p.name}": [CLASSES[i % 2]] for i, p in enumerate(crops)}
+    assert all((Path(ds.root) / "batch1" / p.name).read_bytes() == p.read_bytes() for p in crops)
+    assert names == {"bueno", "pas-upload"} and not (tmp_path / "data" / "escape").exists()
