@@ -22,7 +22,7 @@ import tempfile
 import threading
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import wraps
 from pathlib import Path
 
@@ -61,7 +61,7 @@ NONE = "__none__"  # "versus" choice: no contrast
 MAX_BATCH = 200
 UPLOAD_LIMITS = UploadLimits()
 STORE_REF_PREFIX = "store:"
-MAX_SLIDE_GLOMERULI = 2000  # per slide: the summary covers all, the gallery the most uncertain
+MAX_SLIDE_GLOMERULI = 1000  # per slide (decoded crops stay in memory: ~0.5 MB each at 0.5 µm/px)
 MAX_ANNOTATION_BYTES = 50 * 1024 * 1024
 ANNOTATION_TYPES = [".geojson", ".json", ".xml", ".csv", ".tsv"]
 SLIDE_CROP = CropSettings(mpp=0.5, pad_px=16)  # as the labeling app's Slides page cuts them
@@ -482,7 +482,8 @@ def slide_batch(checkpoint: str | None, slide: str | None, annotations: str | No
         progress(0.0, desc=f"Cutting {len(anns)} glomeruli from {path.name}…")
         cut = crop_slide_for_viewer(s, path, anns, ckpt.classes, ckpt.display_names, Settings.from_env().data_root,
                                     settings=SLIDE_CROP, mpp=mpp)
-    crops = [check_upload(c.path, UPLOAD_LIMITS) for c in cut.crops]
+    # Checked like uploads; the file bytes are not needed again (the crops are in the store).
+    crops = [replace(check_upload(c.path, UPLOAD_LIMITS), data=b"") for c in cut.crops]
     out = _batch(ckpt, crops, [c.slide for c in cut.crops], method, opacity, [c.image_id for c in cut.crops],
                  annotated=[c.annotated for c in cut.crops], show=int(limit or 64), progress=progress)
     by_name = {c.name: str(sc.path) for c, sc in zip(crops, cut.crops)}

@@ -235,6 +235,9 @@ def test_bad_slides_and_annotation_files_get_clear_messages(world, tmp_path):
                    '{"type": "Polygon", "coordinates": [[["a", 1]]]}}]}')
     with pytest.raises(AppError, match=r"bad\.geojson.*coordinates must be numbers"):
         c.predict(world["ckpt"], CMU, handle_file(str(bad)), None, "", 0.45, 64, api_name="/slide_batch")
+    many = _geojson(tmp_path / "many.geojson", [(10 * (i % 200), 10 * (i // 200), 8, 8, None) for i in range(1001)])
+    with pytest.raises(AppError, match=r"1001 annotations on cmu-1-small-region\.svs: at most 1000 per slide here"):
+        c.predict(world["ckpt"], CMU, handle_file(str(many)), None, "", 0.45, 64, api_name="/slide_batch")
     with world["Session"]() as s:
         assert not s.scalars(select(Image.id).where(Image.slide.has(name="broken"))).all()
     assert not list((world["root"] / "data").rglob("broken*.png"))  # no crop of the failed slide stays
