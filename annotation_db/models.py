@@ -203,13 +203,20 @@ class Prediction(Base):
     """A model's class probabilities for an image (viewer, model-assisted queues)."""
 
     __tablename__ = "prediction"
-    __table_args__ = (Index("ix_prediction_image_checkpoint", "image_id", "checkpoint_id"),)
+    __table_args__ = (
+        Index("ix_prediction_image_checkpoint", "image_id", "checkpoint_id"),
+        # the model-uncertain queue pages through (margin, image_id) of one checkpoint
+        Index("ix_prediction_checkpoint_margin", "checkpoint_id", "margin", "image_id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"))
     checkpoint_id: Mapped[str] = mapped_column(String(200))
     probs: Mapped[dict[str, float]] = mapped_column(JSON)  # class key -> probability
     predicted: Mapped[str] = mapped_column(String(200))
+    # top-1 minus top-2 probability (small = the model is unsure); NULL only for rows written
+    # before migration 0004 could compute it
+    margin: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -416,12 +416,19 @@ def adjudicate(
     return adj
 
 
+def prediction_margin(probs: dict[str, float]) -> float:
+    """Top-1 minus top-2 probability: 0 = the model cannot tell, 1 = certain."""
+    top = sorted((float(p) for p in probs.values()), reverse=True) + [0.0, 0.0]
+    return top[0] - top[1]
+
+
 def add_prediction(session: Session, image: Image, checkpoint_id: str, probs: dict[str, float]) -> Prediction:
     unknown = set(probs) - set(image.dataset.class_keys)
     if unknown:
         raise InvalidLabelError(f"{image.path}: prediction for unknown classes {sorted(unknown)}")
     predicted = max(probs, key=probs.__getitem__)
-    pred = Prediction(image_id=image.id, checkpoint_id=checkpoint_id, probs=dict(probs), predicted=predicted)
+    pred = Prediction(image_id=image.id, checkpoint_id=checkpoint_id, probs=dict(probs), predicted=predicted,
+                      margin=prediction_margin(probs))
     session.add(pred)
     session.flush()
     return pred

@@ -27,14 +27,8 @@ def _grid_state(spec: queues.QueueSpec) -> dict:
 def _load_page(grid: dict, spec: queues.QueueSpec) -> None:
     if grid["ids"] is not None:
         return
-    ranking = st.session_state.get("ranking", {}).get(spec.dataset_id) if spec.kind == "uncertain" else None
-    if spec.kind == "uncertain" and ranking is None:
-        with get_sessionmaker()() as s:
-            ckpt = queues.latest_checkpoint(s, spec.dataset_id)
-            ranking = queues.uncertainty_ranking(s, spec.dataset_id, ckpt) if ckpt else []
-        st.session_state.setdefault("ranking", {})[spec.dataset_id] = ranking
     with get_sessionmaker()() as s:
-        batch = queues.next_image_ids(s, spec, grid["starts"][-1], GRID_COLUMNS * GRID_ROWS, ranking=ranking)
+        batch = queues.next_image_ids(s, spec, grid["starts"][-1], GRID_COLUMNS * GRID_ROWS)
     grid["ids"] = [i for _, i in batch]
     grid["next"] = batch[-1][0] if batch else None
 

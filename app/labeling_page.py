@@ -31,16 +31,6 @@ CROP_WIDTH_PX = 560
 # --- state ---------------------------------------------------------------------------------------
 
 
-def _ranking(spec: queues.QueueSpec) -> list[int]:
-    """The model-uncertainty order of the dataset (latest checkpoint), once per browser session."""
-    cache = st.session_state.setdefault("ranking", {})
-    if spec.dataset_id not in cache:
-        with get_sessionmaker()() as s:
-            ckpt = queues.latest_checkpoint(s, spec.dataset_id)
-            cache[spec.dataset_id] = queues.uncertainty_ranking(s, spec.dataset_id, ckpt) if ckpt else []
-    return cache[spec.dataset_id]
-
-
 def _trail(spec: queues.QueueSpec) -> Trail:
     trail = st.session_state.get("trail")
     if trail is None or trail.queue != spec:
@@ -49,10 +39,8 @@ def _trail(spec: queues.QueueSpec) -> Trail:
 
 
 def _fetch(s, spec: queues.QueueSpec):  # noqa: ANN001 - a Session
-    ranking = _ranking(spec) if spec.kind == "uncertain" else None
-
-    def fetch(cursor: int):
-        return queues.next_image_ids(s, spec, cursor, limit=1, ranking=ranking)
+    def fetch(cursor):  # noqa: ANN001 - an image id, or (margin, image id) in the uncertain queue
+        return queues.next_image_ids(s, spec, cursor, limit=1)
 
     return fetch
 
@@ -407,9 +395,12 @@ def labeling_panel() -> None:
 
 
 def queue_done_panel(spec: queues.QueueSpec) -> None:
-    if spec.kind == "uncertain" and not _ranking(spec):
-        st.info("No model predictions are stored for this dataset yet, so there is nothing to rank.")
-        return
+    if spec.kind == "uncertain":
+        with get_sessionmaker()() as s:
+            has_predictions = queues.latest_checkpoint(s, spec.dataset_id) is not None
+        if not has_predictions:
+            st.info("No model predictions are stored for this dataset yet, so there is nothing to rank.")
+            return
     st.success("Nothing left in this queue. Well done.")
     c1, c2 = st.columns(2)
     c1.button(_with_key("Previous", "←"), key="back_done", on_click=on_back, args=(None, spec))

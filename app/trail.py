@@ -12,7 +12,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 # fetch(cursor) -> [(cursor, image_id), ...] after ``cursor``; [] when the queue is done.
-Fetch = Callable[[int], Sequence[tuple[int, int]]]
+Fetch = Callable[[object], Sequence[tuple[object, int]]]
 # older(exclude) -> image ids labeled before, newest first, none of ``exclude``.
 Older = Callable[[Sequence[int]], Sequence[int]]
 
@@ -22,7 +22,7 @@ class Trail:
     queue: Hashable  # what queue this trail walks; a different queue starts a new trail
     ids: list[int] = field(default_factory=list)
     pos: int = 0
-    cursor: int = 0
+    cursor: object = 0  # an image id, or (margin, image id) in the model-uncertain queue
     exhausted: bool = False
 
     def current(self, fetch: Fetch) -> int | None:

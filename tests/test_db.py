@@ -1,5 +1,6 @@
 """Schema: migrations create exactly what the models declare, on SQLite and PostgreSQL."""
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -69,3 +70,25 @@ def test_foreign_keys_are_enforced(Session):
             s.rollback()
         else:
             raise AssertionError("a label for a missing image was accepted")
+
+
+def test_migration_0004_computes_the_margin_of_stored_predictions(store_url):
+    """Predictions stored before 0004 get their margin, so the uncertain queue sees them."""
+    engine = db.create_store_engine(store_url)
+    db.upgrade(engine, "0003")
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO dataset (name, root, multi_label, description, created_at) "
+                             "VALUES ('d', '/tmp', false, '', CURRENT_TIMESTAMP)"))
+        ds = conn.scalar(sa.text("SELECT id FROM dataset"))
+        for i in range(3):
+            conn.execute(sa.text("INSERT INTO image (dataset_id, path, sha256, width, height, created_at) "
+                                 "VALUES (:d, :p, :h, 8, 8, CURRENT_TIMESTAMP)"), {"d": ds, "p": f"{i}.png", "h": f"{i:064d}"})
+        ids = conn.scalars(sa.text("SELECT id FROM image ORDER BY id")).all()
+        for image_id, probs in zip(ids, ['{"a": 0.7, "b": 0.2, "c": 0.1}', '{"a": 0.5, "b": 0.5}', '{}']):
+            conn.execute(sa.text("INSERT INTO prediction (image_id, checkpoint_id, probs, predicted, created_at) "
+                                 "VALUES (:i, 'm', :p, 'a', CURRENT_TIMESTAMP)"), {"i": image_id, "p": probs})
+    db.upgrade(engine)
+    with engine.connect() as conn:
+        margins = conn.execute(sa.text("SELECT margin FROM prediction ORDER BY image_id")).scalars().all()
+    engine.dispose()
+    assert margins == [pytest.approx(0.5), 0.0, 0.0]

@@ -262,6 +262,13 @@ def test_model_uncertain_queue_shows_least_sure_first(app_store, crops):
     assert shown_image_id(at) == ids[crops[1]]
     at.button(key="class_globally_sclerotic").click().run()
     assert shown_image_id(at) == ids[crops[2]]
+    with Session() as s, s.begin():  # the viewer predicts another crop meanwhile (margin 0.5: before crops[0])
+        ds = store.get_dataset(s, "bueno")
+        img = store.find_image(s, ds, crops[3])
+        store.add_prediction(s, img, "ckpt-1", {"globally_sclerotic": 0.75, "non_globally_sclerotic": 0.25})
+        ids[crops[3]] = img.id
+    at.button(key="class_globally_sclerotic").click().run()
+    assert shown_image_id(at) == ids[crops[3]]  # it joins the queue at once, in its place
     at.button(key="class_globally_sclerotic").click().run()
     assert shown_image_id(at) == ids[crops[0]]
 

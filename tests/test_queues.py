@@ -28,10 +28,10 @@ def seeded(Session, bueno_dir: Path):  # noqa: N803 - the conftest's session fac
     return Session, out
 
 
-def _walk(Session, spec, ranking=None):  # noqa: N803
+def _walk(Session, spec, limit=2):  # noqa: N803
     seen, cursor = [], 0
     with Session() as s:
-        while batch := queues.next_image_ids(s, spec, cursor, limit=2, ranking=ranking):
+        while batch := queues.next_image_ids(s, spec, cursor, limit=limit):
             seen += [i for _, i in batch]
             cursor = batch[-1][0]
     return seen
@@ -61,14 +61,43 @@ def test_disagreements_leave_out_agreed_and_adjudicated(seeded):
 
 def test_uncertain_ranks_by_margin_and_skips_mine(seeded):
     Session, d = seeded
+    spec = queues.QueueSpec("uncertain", d["ds"], d["alice"])
+    assert _walk(Session, spec) == []  # no predictions yet
     with Session() as s, s.begin():
         for image_id, p in zip(d["ids"][4:8], [0.9, 0.4, 0.6, 0.34]):
             store.add_prediction(s, s.get(Image, image_id), "m1", {"a": p, "b": (1 - p) * 0.8, "c": (1 - p) * 0.2})
         ranking = queues.uncertainty_ranking(s, d["ds"], queues.latest_checkpoint(s, d["ds"]))
     # margins between the top two: 0.82, 0.08, 0.28, 0.19
     assert ranking == [d["ids"][5], d["ids"][7], d["ids"][6], d["ids"][4]]
-    spec = queues.QueueSpec("uncertain", d["ds"], d["alice"])
-    assert d["ids"][4] not in _walk(Session, spec, ranking)  # alice labeled it
+    for limit in (1, 2, 10):  # alice labeled ids[4]; keyset pages of any size give the same walk
+        assert _walk(Session, spec, limit) == [d["ids"][5], d["ids"][7], d["ids"][6]]
+    assert _walk(Session, queues.QueueSpec("uncertain", d["ds"], _carol(Session))) == ranking  # labeled nothing
+
+
+def _carol(Session) -> int:  # noqa: N803
+    with Session() as s, s.begin():
+        return store.get_or_create_annotator(s, "carol").id
+
+
+def test_uncertain_queue_sees_new_predictions_at_once_and_the_latest_per_image(seeded):
+    Session, d = seeded
+    spec = queues.QueueSpec("uncertain", d["ds"], _carol(Session))
+    with Session() as s, s.begin():
+        for image_id, p in zip(d["ids"][5:8], [0.9, 0.6, 0.8]):  # margins 0.8, 0.2, 0.6
+            store.add_prediction(s, s.get(Image, image_id), "m1", {"a": p, "b": 1 - p, "c": 0.0})
+    with Session() as s:
+        [(cursor, first)] = queues.next_image_ids(s, spec, 0, limit=1)
+    assert first == d["ids"][6]
+    with Session() as s, s.begin():  # the viewer predicts again while the clinician works
+        store.add_prediction(s, s.get(Image, d["ids"][7]), "m1", {"a": 0.55, "b": 0.45, "c": 0.0})  # now 0.1
+        store.add_prediction(s, s.get(Image, d["ids"][5]), "m1", {"a": 0.7, "b": 0.3, "c": 0.0})  # now 0.4
+        store.add_prediction(s, s.get(Image, d["ids"][3]), "m1", {"a": 0.6, "b": 0.3, "c": 0.1})  # new, 0.3
+    with Session() as s:
+        rest = [i for _, i in queues.next_image_ids(s, spec, cursor, limit=10)]
+    # after the cursor (ids[6] at 0.2): the new one, then ids[5] at its latest margin; ids[7] moved
+    # before the cursor (a fresh walk starts with it); every image once
+    assert rest == [d["ids"][3], d["ids"][5]]
+    assert _walk(Session, spec) == [d["ids"][7], d["ids"][6], d["ids"][3], d["ids"][5]]
 
 
 def test_recent_labels_and_progress(seeded):
