@@ -640,16 +640,17 @@ with gr.Blocks(title="GlomLab · Diagnosis viewer", analytics_enabled=False) as 
                     dataset_dd = gr.Dropdown(label="…or a dataset from the store", choices=[], allow_custom_value=True)
                     slide_dd = gr.Dropdown(label="Slide / biopsy", choices=[("All slides", "")], value="",
                                            allow_custom_value=True)
-                    limit_nb = gr.Number(label="At most this many crops (store) · in the gallery (slide)", value=64, precision=0, minimum=1,
-                                         maximum=MAX_BATCH)
+                    limit_nb = gr.Number(label="At most this many crops (store) · in the gallery (slide)", value=64,
+                                         precision=0, minimum=1, maximum=MAX_BATCH)
                     store_btn = gr.Button("Predict store crops")
                 with gr.Column():
                     wsi_dd = gr.Dropdown(label="…or a whole slide (server's slides folder)", choices=[],
                                          allow_custom_value=True, elem_id="wsi")
                     ann_in = gr.File(label="Its annotations (GeoJSON, XML, CSV)", file_count="single",
-                                     file_types=ANNOTATION_TYPES, type="filepath", height=120, elem_id="wsi-annotations")
-                    mpp_nb = gr.Number(label="Slide µm/px (0: the slide's own; needed only when it records none)", value=None,
-                                       minimum=0, elem_id="wsi-mpp")
+                                     file_types=ANNOTATION_TYPES, type="filepath", height=120,
+                                     elem_id="wsi-annotations")
+                    mpp_nb = gr.Number(label="Slide µm/px (0: the slide's own; needed only when it records none)",
+                                       value=None, minimum=0, elem_id="wsi-mpp")
                     wsi_btn = gr.Button("Cut and predict the slide's glomeruli", elem_id="wsi-run")
             gr.Markdown("<span class='glom-note'>Whole slide: annotations from QuPath (GeoJSON), Aperio ImageScope or "
                         "ASAP (XML) or a CSV of boxes; without a file, the boxes drawn on the slide in the labeling "

@@ -45,8 +45,10 @@ from core.annotations import Annotation
 from core.extract import CropSettings, ExtractReport
 from core.uploads import CheckedImage
 
-__all__ = ["UPLOADS_DATASET", "SLIDES_DATASET", "SlideCrop", "SlideCrops", "slide_annotations", "crop_slide_for_viewer", "DisagreementResult", "StoredCrop", "uploads_dataset_name", "ensure_uploads_dataset",
-           "store_upload", "record_predictions", "record_disagreement", "dataset_crops", "dataset_slides", "model_annotator"]
+__all__ = ["UPLOADS_DATASET", "SLIDES_DATASET", "DisagreementResult", "StoredCrop", "SlideCrop", "SlideCrops",
+           "uploads_dataset_name", "ensure_uploads_dataset", "store_upload", "record_predictions",
+           "record_disagreement", "dataset_crops", "dataset_slides", "model_annotator", "slide_annotations",
+           "crop_slide_for_viewer"]
 
 UPLOADS_DATASET = "viewer-uploads"
 SLIDES_DATASET = "viewer-slides"
