@@ -68,6 +68,14 @@ def _remembered_sign_in() -> None:
         st.session_state.dataset_name = st.query_params["dataset"]
 
 
+def _queue_from_url() -> None:
+    """``?queue=uncertain`` (any queue kind) opens that queue once per browser session (links)."""
+    kind = st.query_params.get("queue")
+    if kind in QUEUE_KINDS and not st.session_state.get("queue_from_url_done"):
+        st.session_state.queue_kind = kind
+        st.session_state.queue_from_url_done = True
+
+
 def _oidc_sign_in() -> None:
     name = signin_page.oidc_user_name()
     if name and who() is None:
@@ -136,6 +144,7 @@ def main() -> None:
     init_state()
     _oidc_sign_in()
     _remembered_sign_in()
+    _queue_from_url()
     me = who()
     if me is None:
         # The same pages are registered signed in or not: switching the page set at sign-in

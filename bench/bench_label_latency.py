@@ -8,6 +8,8 @@ sample is the time from just before the key press until the browser has painted 
 (its new ``<img>`` loaded, decoded, and one animation frame later).
 
     .venv/bin/python bench/bench_label_latency.py [--sizes 1000 10000 100000] [--presses 100]
+        [--pg postgresql+psycopg://...]   # the store on PostgreSQL (the database is emptied first)
+        [--queue uncertain]                # the model-uncertain queue (every image gets a prediction)
 
 Prints p50 / p95 per size and the ratio against the smallest store (the baseline); writes the
 samples to ``.bench/label_latency.json``.
@@ -72,12 +74,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_store(url: str, root: Path, n_images: int) -> None:
-    """A dataset ``bench`` of ``n_images`` symlinked crops on 24 slides, every other one labeled."""
+def build_store(url: str, root: Path, n_images: int, predictions: bool = False) -> None:
+    """A dataset ``bench`` of ``n_images`` symlinked crops on 24 slides, every other one labeled
+    (and, with ``predictions``, one prediction per image with a seeded random margin)."""
+    import random
+
     from sqlalchemy import insert
 
     from annotation_db.db import open_store
-    from annotation_db.models import Image
+    from annotation_db.models import Image, Prediction
+    from annotation_db.store import prediction_margin
     from annotation_db.store import create_dataset, get_or_create_annotator, get_or_create_slide, set_labels_bulk
 
     # Folder symlinks, one per pass over the real crops: distinct paths, no copies, and few
@@ -107,6 +113,30 @@ def build_store(url: str, root: Path, n_images: int) -> None:
             ]
             ids = s.scalars(insert(Image).returning(Image.id), rows).all()
             set_labels_bulk(s, [(i, other, ["globally_sclerotic"], False, "") for i in ids[::2]], source="bench")
+            if predictions:
+                rng = random.Random(start)
+                preds = []
+                for i in ids:
+                    p = rng.random()
+                    probs = {"globally_sclerotic": p, "non_globally_sclerotic": 1 - p}
+                    preds.append(dict(image_id=i, checkpoint_id="bench@1", probs=probs, predicted=max(probs, key=probs.get),
+                                      margin=prediction_margin(probs)))
+                s.execute(insert(Prediction), preds)
+    if url.startswith("postgresql"):
+        with Session() as s, s.begin():
+            s.connection().exec_driver_sql("ANALYZE")
+
+
+def empty_pg(url: str) -> None:
+    from annotation_db.db import create_store_engine, open_store
+    from annotation_db.models import Base
+
+    open_store.cache_clear()
+    engine = create_store_engine(url)
+    Base.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    engine.dispose()
 
 
 def start_app(url: str, port: int, log: Path, extra: list[str] = ()) -> subprocess.Popen:
@@ -128,14 +158,14 @@ def start_app(url: str, port: int, log: Path, extra: list[str] = ()) -> subproce
     raise SystemExit(f"streamlit did not start: {log.read_text()[-2000:]}")
 
 
-def measure(port: int, presses: int, warmup: int) -> list[float]:
+def measure(port: int, presses: int, warmup: int, queue: str = "mine") -> list[float]:
     from playwright.sync_api import sync_playwright
 
     samples: list[float] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 900})
-        page.goto(f"http://127.0.0.1:{port}/?annotator=bench&dataset=bench")
+        page.goto(f"http://127.0.0.1:{port}/?annotator=bench&dataset=bench&queue={queue}")
         page.wait_for_selector(CROP_IMG, timeout=60_000)
         page.wait_for_timeout(1000)
         for k in range(warmup + presses):
@@ -162,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presses", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", default=str(REPO / ".bench" / "label_latency.json"))
+    parser.add_argument("--pg", help="PostgreSQL URL of a throw-away database (emptied before each size)")
+    parser.add_argument("--queue", choices=["mine", "uncertain"], default="mine")
     parser.add_argument("--streamlit-option", action="append", default=[], metavar="NAME=VALUE",
                         help="extra `streamlit run` option, e.g. runner.postScriptGC=true (to compare)")
     args = parser.parse_args(argv)
@@ -169,15 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for n in args.sizes:
         with tempfile.TemporaryDirectory(prefix="glom-bench-") as tmp:
-            url = f"sqlite:///{tmp}/store.db"
+            url = args.pg or f"sqlite:///{tmp}/store.db"
+            if args.pg:
+                empty_pg(url)
             t = time.perf_counter()
-            build_store(url, Path(tmp) / "crops", n)
+            build_store(url, Path(tmp) / "crops", n, predictions=args.queue == "uncertain")
             build_s = time.perf_counter() - t
             port = free_port()
             extra = [f"--{o.split('=', 1)[0]}={o.split('=', 1)[1]}" for o in args.streamlit_option]
             proc = start_app(url, port, Path(tmp) / "streamlit.log", extra)
             try:
-                samples = measure(port, args.presses, args.warmup)
+                samples = measure(port, args.presses, args.warmup, args.queue)
             finally:
                 proc.terminate()
                 proc.wait(timeout=20)
@@ -198,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"{r['images']:>7,}: p50 x{r['p50_ms'] / base['p50_ms']:.2f}  p95 x{r['p95_ms'] / base['p95_ms']:.2f}")
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
+    print(f"store: {'PostgreSQL' if args.pg else 'SQLite'}; queue: {args.queue}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "options": args.streamlit_option, "results": results}, indent=1))

@@ -272,6 +272,15 @@ def test_model_uncertain_queue_shows_least_sure_first(app_store, crops):
     at.button(key="class_globally_sclerotic").click().run()
     assert shown_image_id(at) == ids[crops[0]]
 
+    # A link can open the queue: ?queue=uncertain (the benchmark and the viewer use it).
+    linked = AppTest.from_file(APP, default_timeout=30)
+    linked.query_params["annotator"] = "bob"
+    linked.query_params["dataset"] = "bueno"
+    linked.query_params["queue"] = "uncertain"
+    linked.run()
+    assert linked.session_state.queue_kind == "uncertain"
+    assert shown_image_id(linked) == ids[crops[1]]
+
 
 def test_import_a_label_file_from_the_server(app_store, bueno_dir):
     Session, _ = app_store
