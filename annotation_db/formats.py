@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from annotation_db.db import StoreError
-from annotation_db.models import Dataset
+from annotation_db.models import Dataset, Slide
 from annotation_db.store import IMAGE_SUFFIXES, dataset_images, resolve_labels
 
 FORMATS = ("jsonl", "csv", "folders", "labelstudio")
@@ -55,6 +56,7 @@ class Record:
     annotator: str | None = None
     slide: str | None = None
     uncertain: bool = False
+    patient: str | None = None
 
 
 # --- readers -----------------------------------------------------------------------------------
@@ -122,10 +124,11 @@ def read_jsonl(path: str | Path) -> tuple[list[str], list[Record]]:
 
 _CSV_IMAGE = ("image", "path", "image_name", "file", "filename")
 _CSV_SLIDE = ("slide", "slide_id", "slide_name")
+_CSV_PATIENT = ("patient", "patient_id")
 
 
 def read_csv(path: str | Path) -> list[Record]:
-    """Read ``image,label[,annotator][,slide]`` rows (header required)."""
+    """Read ``image,label[,annotator][,slide][,patient]`` rows (header required)."""
     path = Path(path)
     try:
         f = path.open(newline="", encoding="utf-8-sig")
@@ -139,6 +142,7 @@ def read_csv(path: str | Path) -> list[Record]:
         if image_col is None or "label" not in header:
             raise FormatError(path, 1, None, f"header must name an image column and 'label', got {header}")
         slide_col = next((c for c in _CSV_SLIDE if c in header), None)
+        patient_col = next((c for c in _CSV_PATIENT if c in header), None)
         records = []
         for row in reader:
             lineno = reader.line_num
@@ -154,8 +158,11 @@ def read_csv(path: str | Path) -> list[Record]:
                     where=f"{path}:{lineno}",
                     annotator=(row.get("annotator") or "").strip() or None,
                     slide=((row.get(slide_col) or "").strip() or None) if slide_col else None,
+                    patient=((row.get(patient_col) or "").strip() or None) if patient_col else None,
                 )
             )
+            if records[-1].patient and not records[-1].slide:
+                raise FormatError(path, lineno, patient_col, "a patient needs the slide it belongs to (slide column)")
     return records
 
 
@@ -289,18 +296,23 @@ def export_jsonl(
 
 
 def export_csv(session: Session, dataset: Dataset, out: str | Path, *, source: str = "majority") -> ExportReport:
-    """Write ``image,label,slide`` for every labeled image (class keys; ``;`` joins multi-label)."""
+    """Write ``image,label,slide`` for every labeled image (class keys; ``;`` joins multi-label),
+    and a ``patient`` column when any of the dataset's slides records one."""
     import io
 
     resolved = resolve_labels(session, dataset, source)
+    patients = dict(session.execute(select(Slide.name, Slide.patient).where(Slide.patient.is_not(None))).all())
+    images = dataset_images(session, dataset)
+    with_patient = any(slide in patients for _, slide in images)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["image", "label", "slide"])
+    writer.writerow(["image", "label", "slide", *(["patient"] if with_patient else [])])
     n = 0
-    for image, slide in dataset_images(session, dataset):
+    for image, slide in images:
         classes = resolved.by_image.get(image.id)
         if classes:
-            writer.writerow([image.path, MULTI_SEP.join(classes), slide or ""])
+            row = [image.path, MULTI_SEP.join(classes), slide or ""]
+            writer.writerow(row + ([patients.get(slide, "")] if with_patient else []))
             n += 1
     _atomic_write_text(Path(out), buf.getvalue())
     return ExportReport(Path(out), n, n, len(resolved.undecided))

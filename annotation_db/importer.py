@@ -150,6 +150,7 @@ def import_records(
     :class:`InvalidLabelError` or :class:`ImageFileError` naming the record's file and line.
     """
     report = ImportReport(dataset=dataset.name, records=len(records))
+    _record_patients(session, records, stain)
     name_to_key = _class_key_map(dataset)
     annotator_ids: dict[str, int] = {}
     slide_ids: dict[str, int] = {}
@@ -270,6 +271,23 @@ def import_records(
     bar.close()
     session.flush()
     return report
+
+
+def _record_patients(session: Session, records: Sequence[Record], stain: str | None) -> None:
+    """The patient each named slide belongs to: one per slide, in the file and in the store."""
+    seen: dict[str, tuple[str, str]] = {}
+    for r in records:
+        if not (r.slide and r.patient):
+            continue
+        first = seen.setdefault(r.slide, (r.patient, r.where))
+        if first[0] != r.patient:
+            raise InvalidLabelError(f"{r.where}: field 'patient': slide {r.slide!r} is patient {first[0]!r} at "
+                                    f"{first[1]}, here {r.patient!r}")
+    for slide, (patient, where) in seen.items():
+        try:
+            get_or_create_slide(session, slide, stain=stain, patient=patient)
+        except InvalidLabelError as e:
+            raise InvalidLabelError(f"{where}: field 'patient': {e}") from None
 
 
 def read_records(

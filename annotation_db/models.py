@@ -106,6 +106,8 @@ class Slide(Base):
         default=Stain.OTHER,
     )
     mpp: Mapped[float | None] = mapped_column(Float)  # µm per level-0 pixel
+    # who the biopsy came from: training splits can keep a patient's slides together
+    patient: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -83,6 +83,7 @@ class LabeledItem:
     rel_path: str
     classes: list[str]
     slide: str | None = None
+    patient: str | None = None
 
 
 @dataclass
@@ -169,20 +170,39 @@ def get_or_create_slide(
     path: str | None = None,
     stain: Stain | str | None = None,
     mpp: float | None = None,
+    patient: str | None = None,
 ) -> Slide:
-    """The slide called ``name``; fields given here fill in what the store does not know yet."""
+    """The slide called ``name``; fields given here fill in what the store does not know yet.
+
+    A ``patient`` other than the one already recorded raises :class:`InvalidLabelError` (a
+    slide comes from one patient; :func:`set_slide_patient` changes it on purpose).
+    """
     slide = session.scalar(select(Slide).where(Slide.name == name))
     if slide is None:
-        slide = Slide(name=name, path=path, stain=Stain(stain) if stain else Stain.OTHER, mpp=mpp)
+        slide = Slide(name=name, path=path, stain=Stain(stain) if stain else Stain.OTHER, mpp=mpp,
+                      patient=patient or None)
         session.add(slide)
         session.flush()
         return slide
+    if patient and slide.patient and slide.patient != patient:
+        raise InvalidLabelError(f"slide {name!r} belongs to patient {slide.patient!r} in the store, not {patient!r}")
+    if patient and not slide.patient:
+        slide.patient = patient
     if path and not slide.path:
         slide.path = path
     if stain and slide.stain == Stain.OTHER:
         slide.stain = Stain(stain)
     if mpp and not slide.mpp:
         slide.mpp = mpp
+    return slide
+
+
+def set_slide_patient(session: Session, name: str, patient: str | None) -> Slide:
+    """Record (or clear, with None) the patient of an existing slide."""
+    slide = session.scalar(select(Slide).where(Slide.name == name))
+    if slide is None:
+        raise StoreError(f"no slide {name!r} in the store")
+    slide.patient = (patient or "").strip() or None
     return slide
 
 
@@ -544,8 +564,10 @@ def labeled_items(session: Session, dataset_name: str, source: str = "majority")
     dataset = get_dataset(session, dataset_name)
     resolved = resolve_labels(session, dataset, source).by_image
     root = Path(dataset.root or ".")
+    patients = dict(session.execute(select(Slide.name, Slide.patient).where(Slide.patient.is_not(None))).all())
     return [
-        LabeledItem(image_id=img.id, path=str(root / img.path), rel_path=img.path, classes=resolved[img.id], slide=slide)
+        LabeledItem(image_id=img.id, path=str(root / img.path), rel_path=img.path, classes=resolved[img.id],
+                    slide=slide, patient=patients.get(slide) if slide else None)
         for img, slide in dataset_images(session, dataset)
         if img.id in resolved
     ]

@@ -70,13 +70,24 @@ class LabeledSet:
         return [c.get(i, 0) for i in range(len(self.classes))]
 
     def groups(self, group_by: str = "slide") -> list[str]:
-        """Group name of each sample (``slide``, ``patient`` or ``none``); ungrouped samples stand alone."""
+        """Group name of each sample (``slide``, ``patient`` or ``none``); ungrouped samples stand alone.
+
+        ``patient`` falls back to the slide for samples whose slide records no patient, so a
+        slide is never split either way (``glom patients`` fills the patients in).
+        """
         if group_by not in ("slide", "patient", "none"):
             raise DataError(f"group_by must be slide, patient or none, not {group_by!r}")
-        out = []
+        out, no_patient = [], 0
         for i, s in enumerate(self.samples):
-            g = None if group_by == "none" else getattr(s, group_by)
+            if group_by == "patient":
+                g = f"patient:{s.patient}" if s.patient else (f"slide:{s.slide}" if s.slide else None)
+                no_patient += not s.patient
+            else:
+                g = None if group_by == "none" else s.slide
             out.append(g if g is not None else f"__image_{i}")
+        if no_patient:
+            log.warning("%d of %d images have no patient (grouped by their slide instead): record patients with "
+                        "`glom patients FILE.csv`", no_patient, len(self.samples))
         return out
 
 
@@ -120,7 +131,7 @@ def load_from_store(dataset: str, source: str = "majority", db_url: str | None =
     for it in items:
         label = _single_label(f"image {it.path}", it.classes, index)
         if label is not None:
-            samples.append(Sample(it.path, label, it.slide, getattr(it, "patient", None),
+            samples.append(Sample(it.path, label, it.slide, it.patient,
                                   stain_of.get(it.slide) if it.slide else None, it.image_id))
     if not samples:
         raise DataError(f"dataset {dataset!r} has no single-class labels from source {source!r}")
@@ -185,7 +196,7 @@ def load_from_csv(path: str | Path, root: str | Path | None = None,
     for r in records:
         label = _single_label(r.where, r.classes, index)
         if label is not None:
-            samples.append(Sample(str((base / r.image).resolve()), label, r.slide))
+            samples.append(Sample(str((base / r.image).resolve()), label, r.slide, r.patient))
     return LabeledSet(keys, samples, source=f"csv:{path}")
 
 
