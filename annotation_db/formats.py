@@ -280,6 +280,7 @@ def export_jsonl(
 ) -> ExportReport:
     """Write the seed system's JSON lines: every image (all zeros when unlabeled), schema order."""
     resolved = resolve_labels(session, dataset, source)
+    schema = [(c.key, c.display_name) for c in dataset.classes]  # once, not per image
     lines, labeled = [], 0
     for image, _slide in dataset_images(session, dataset):
         classes = resolved.by_image.get(image.id)
@@ -288,8 +289,8 @@ def export_jsonl(
         elif labeled_only:
             continue
         obj = {JSONL_IMAGE_KEY: image.path}
-        for c in dataset.classes:
-            obj[c.display_name] = int(bool(classes) and c.key in classes)
+        for key, name in schema:
+            obj[name] = int(bool(classes) and key in classes)
         lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
     _atomic_write_text(Path(out), "".join(lines))
     return ExportReport(Path(out), len(lines), labeled, len(resolved.undecided))

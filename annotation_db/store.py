@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
@@ -537,10 +538,15 @@ def resolve_labels(session: Session, dataset: Dataset, source: str = "majority")
         if source == "adjudicated":
             return out
     # A model's call is not a vote: majorities are of people.
+    keys, multi = dataset.class_keys, dataset.multi_label  # once, not per image
     for image_id, votes in labels_per_annotator(session, dataset, include_models=False).items():
         if image_id in out.by_image:
             continue
-        decided = majority_vote(list(votes.values()), dataset.class_keys, dataset.multi_label)
+        if len(votes) == 1:  # one person's label is the majority of one
+            [only] = votes.values()
+            out.by_image[image_id] = [k for k in keys if k in only] if multi else only[:1]
+            continue
+        decided = majority_vote(list(votes.values()), keys, multi)
         if decided:
             out.by_image[image_id] = decided
         else:
@@ -548,15 +554,19 @@ def resolve_labels(session: Session, dataset: Dataset, source: str = "majority")
     return out
 
 
-def dataset_images(session: Session, dataset: Dataset) -> list[tuple[Image, str | None]]:
-    """All images of ``dataset`` in the order they were registered, with their slide names."""
+def dataset_images(session: Session, dataset: Dataset) -> list[tuple[Any, str | None]]:
+    """All images of ``dataset`` in the order they were registered, with their slide names.
+
+    Each image is a light row with ``id``, ``path`` and ``sha256`` (not an ORM object: exports of
+    100,000 images spent most of their time building those).
+    """
     rows = session.execute(
-        select(Image, Slide.name)
+        select(Image.id, Image.path, Image.sha256, Slide.name.label("slide_name"))
         .outerjoin(Slide, Slide.id == Image.slide_id)
         .where(Image.dataset_id == dataset.id)
         .order_by(Image.id)
     )
-    return [(img, slide) for img, slide in rows]
+    return [(row, row.slide_name) for row in rows]
 
 
 def labeled_items(session: Session, dataset_name: str, source: str = "majority") -> list[LabeledItem]:
