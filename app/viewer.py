@@ -52,7 +52,7 @@ from core.feedback import (
 )
 from core.slide_summary import DECISION_SUPPORT_NOTE, SlideSummary, summarize_by_slide
 from core.uploads import CheckedImage, UploadError, UploadLimits, check_upload
-from core.wsi import SlideError, default_slides_dir, list_slide_files
+from core.wsi import SlideError, default_slides_dir, list_slide_files, open_slide
 
 log = logging.getLogger("glomlab.viewer")
 
@@ -474,6 +474,10 @@ def slide_batch(checkpoint: str | None, slide: str | None, annotations: str | No
     mpp = float(slide_mpp) if slide_mpp else None
     if mpp is not None and not 0.01 <= mpp <= 100:
         raise SlideError(f"slide µm/px {mpp} is not plausible (0.01–100)")
+    with open_slide(path, fallback_mpp=mpp) as wsi:
+        if wsi.mpp is None:
+            raise SlideError(f"{path.name} records no µm/px: enter it under 'Slide µm/px' (about 0.25 for a 40× "
+                             "scan, 0.5 for 20×) so its glomeruli are cut at 0.5 µm/px like the training crops")
     with _SLIDE_LOCKS[str(path)], _sessionmaker().begin() as s:
         anns, origin = slide_annotations(s, path, ann_file)
         if len(anns) > MAX_SLIDE_GLOMERULI:

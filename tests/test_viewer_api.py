@@ -203,12 +203,14 @@ def test_a_slide_with_its_annotations_is_cut_predicted_and_summarised(world, tmp
 def test_a_slide_without_a_file_uses_the_boxes_drawn_in_the_labeling_app(world):
     c = world["client"]
     with pytest.raises(AppError, match=r"tcga-cr-7395-01a-01-ts1\.svs has no annotations: upload"):
-        c.predict(world["ckpt"], TCGA, None, None, "", 0.45, 64, api_name="/slide_batch")
+        c.predict(world["ckpt"], TCGA, None, 0.25, "", 0.45, 64, api_name="/slide_batch")
     with world["Session"]() as s, s.begin():
         slide = get_or_create_slide(s, "tcga-cr-7395-01a-01-ts1", path=str(world["root"] / "slides" / TCGA))
         add_box(s, slide, (2000, 1500, 400, 400), created_by="dr-a", label="crescent")
         add_box(s, slide, (3000, 2500, 380, 360), created_by="dr-a")
         add_box(s, slide, (5000, 3000, 380, 360), created_by="dr-a")  # beyond the slide's 4443 x 3567
+    with pytest.raises(AppError, match=r"tcga-cr-7395-01a-01-ts1\.svs records no µm/px: enter it under 'Slide µm/px'"):
+        c.predict(world["ckpt"], TCGA, None, None, "", 0.45, 64, api_name="/slide_batch")
     _, csv_path, summary, table, *_ = c.predict(world["ckpt"], TCGA, None, 0.25, "gradcam", 0.45, 64,
                                                 api_name="/slide_batch")
     rows = list(csv.DictReader(open(csv_path)))
