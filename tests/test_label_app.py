@@ -340,3 +340,21 @@ def test_by_slide_queue_walks_one_slide(app_store, crops):
     assert shown_image_id(at) not in wanted
     at.button(key="class_globally_sclerotic").click().run()
     assert any("Nothing left" in m.value for m in at.success), "the slide had one crop"
+
+
+def test_grid_pages_the_model_uncertain_queue(app_store, crops):
+    """The grid walks the uncertain queue too (keyset cursors are (margin, id) pairs there)."""
+    Session, _ = app_store
+    with Session() as s, s.begin():
+        ds = store.get_dataset(s, "bueno")
+        for name, p in zip(crops[:3], (0.9, 0.6, 0.7)):
+            store.add_prediction(s, store.find_image(s, ds, name), "ckpt-1",
+                                 {"globally_sclerotic": p, "non_globally_sclerotic": 1 - p})
+    at = signed_in("alice")
+    at.sidebar.radio(key="queue_kind").set_value("uncertain").run()
+    at.switch_page("grid_page.py").run()
+    assert not at.exception, at.exception
+    at.selectbox(key="grid_apply_class").select("non_globally_sclerotic").run()
+    next(b for b in at.button if b.label.startswith("Apply to")).click().run()
+    assert not at.exception, at.exception
+    assert labels_of(Session, "alice") == {c: ["non_globally_sclerotic"] for c in crops[:3]}
