@@ -151,6 +151,13 @@ def _go(center: tuple[float, float], downsample: int, dimensions: tuple[int, int
 def on_pick() -> None:
     st.session_state.slides_view = None
     st.session_state.pop("slides_mpp", None)
+    _keep_picks()
+
+
+def _keep_picks() -> None:
+    # Streamlit drops a widget's key when another page runs: keep the picks in plain keys.
+    st.session_state.slides_dir_kept = st.session_state.get("slides_dir")
+    st.session_state.slides_file_kept = st.session_state.get("slides_file")
 
 
 def on_pan(dx: float, dy: float, dimensions: tuple[int, int]) -> None:
@@ -232,12 +239,16 @@ def on_crop(path: str, slide_id: int, dataset_name: str, mpp: float | None, slid
 
 def picker_panel() -> Path | None:
     c1, c2 = st.columns([3, 2])
-    c1.text_input("Slides folder on the server", key="slides_dir", value=default_slides_dir(), on_change=on_pick)
+    if "slides_dir" not in st.session_state:  # first visit, or back from another page
+        st.session_state.slides_dir = st.session_state.get("slides_dir_kept") or default_slides_dir()
+    c1.text_input("Slides folder on the server", key="slides_dir", on_change=on_pick)
     folder = Path(st.session_state.slides_dir or ".").expanduser()
     files = list_slide_files(folder)
     if not files:
         st.info(f"No slide in `{folder}`. Put slides there ({OPENSLIDE_FORMATS}) or name another folder.")
         return None
+    if "slides_file" not in st.session_state and st.session_state.get("slides_file_kept") in files:
+        st.session_state.slides_file = st.session_state.slides_file_kept
     c2.selectbox("Slide", files, key="slides_file", index=None, placeholder="Pick a slide", on_change=on_pick)
     return _slide_path()
 

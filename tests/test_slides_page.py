@@ -114,3 +114,22 @@ def test_delete_removes_a_box_and_the_zoom_buttons_move_the_view(Session):  # no
     at.button(key="slides_zoom_in").click().run()
     assert any("Zoom 1:4" in c.value for c in at.caption)
     assert at.session_state["slides_view"][2] == 4
+
+
+def test_the_picked_slide_survives_a_visit_to_another_page(Session):  # noqa: N803
+    """Streamlit drops a widget's state when another page runs; the page keeps the pick itself."""
+    with Session() as s:
+        alice = s.scalar(select(Annotator).where(Annotator.name == "alice"))
+    at = AppTest.from_file(str(Path(PAGE).with_name("label.py")), default_timeout=60)
+    at.session_state["annotator_id"], at.session_state["annotator_name"] = alice.id, "alice"
+    at.session_state["dataset_name"] = "glom"
+    at.run()
+    at.switch_page("slides_page.py").run()
+    at.selectbox(key="slides_file").select("cmu-1-small-region.svs").run()
+    assert not at.exception, at.exception
+    at.switch_page("labeling_page.py").run()
+    assert "slides_file" not in at.session_state  # what Streamlit does to widget keys
+    at.switch_page("slides_page.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="slides_file").value == "cmu-1-small-region.svs"
+    assert at.session_state["slides_view"][0].endswith("cmu-1-small-region.svs")
