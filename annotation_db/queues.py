@@ -162,7 +162,7 @@ def _next_uncertain(
         .order_by(Prediction.margin, Prediction.image_id)
         .limit(limit)
     )
-    if isinstance(after, tuple):
+    if isinstance(after, (tuple, list)):  # 0 (or any int) = from the start
         m, i = after
         stmt = stmt.where(or_(Prediction.margin > m, and_(Prediction.margin == m, Prediction.image_id > i)))
     return [((float(m), i), i) for m, i in session.execute(stmt)]
