@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -127,9 +128,9 @@ _CSV_SLIDE = ("slide", "slide_id", "slide_name")
 _CSV_PATIENT = ("patient", "patient_id")
 
 
-def read_csv(path: str | Path) -> list[Record]:
-    """Read ``image,label[,annotator][,slide][,patient]`` rows (header required)."""
-    path = Path(path)
+@contextmanager
+def _csv_reader(path: Path) -> Iterator[tuple[csv.DictReader, list[str]]]:
+    """A ``DictReader`` over ``path`` (BOM tolerated) with its header lower-cased and stripped."""
     try:
         f = path.open(newline="", encoding="utf-8-sig")
     except OSError as e:
@@ -138,6 +139,13 @@ def read_csv(path: str | Path) -> list[Record]:
         reader = csv.DictReader(f)
         header = [h.strip().lower() for h in (reader.fieldnames or [])]
         reader.fieldnames = header
+        yield reader, header
+
+
+def read_csv(path: str | Path) -> list[Record]:
+    """Read ``image,label[,annotator][,slide][,patient]`` rows (header required)."""
+    path = Path(path)
+    with _csv_reader(path) as (reader, header):
         image_col = next((c for c in _CSV_IMAGE if c in header), None)
         if image_col is None or "label" not in header:
             raise FormatError(path, 1, None, f"header must name an image column and 'label', got {header}")
@@ -164,6 +172,28 @@ def read_csv(path: str | Path) -> list[Record]:
             if records[-1].patient and not records[-1].slide:
                 raise FormatError(path, lineno, patient_col, "a patient needs the slide it belongs to (slide column)")
     return records
+
+
+def read_patient_csv(path: str | Path) -> list[tuple[str, str, str]]:
+    """``(slide, patient, where)`` rows of a CSV with ``slide`` and ``patient`` columns (header
+    required; ``slide_id``/``patient_id`` also accepted; one patient per slide)."""
+    path = Path(path)
+    with _csv_reader(path) as (reader, header):
+        slide_col = next((c for c in _CSV_SLIDE if c in header), None)
+        patient_col = next((c for c in _CSV_PATIENT if c in header), None)
+        if slide_col is None or patient_col is None:
+            raise FormatError(path, 1, None, f"header must name a slide and a patient column, got {header}")
+        rows, seen = [], {}
+        for row in reader:
+            lineno = reader.line_num
+            slide, patient = (row.get(slide_col) or "").strip(), (row.get(patient_col) or "").strip()
+            if not slide:
+                raise FormatError(path, lineno, slide_col, "empty slide name")
+            if seen.setdefault(slide, patient) != patient:
+                raise FormatError(path, lineno, patient_col,
+                                  f"slide {slide!r} is patient {seen[slide]!r} above, {patient!r} here")
+            rows.append((slide, patient, f"{path}:{lineno}"))
+    return rows
 
 
 def scan_folder(

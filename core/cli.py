@@ -142,43 +142,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_patient_map(path: Path) -> list[tuple[str, str, str]]:
-    """``(slide, patient, where)`` rows of a CSV with ``slide`` and ``patient`` columns (header
-    required; ``slide_id``/``patient_id`` also accepted)."""
-    import csv
-
-    from annotation_db.formats import FormatError
-
-    try:
-        f = path.open(newline="", encoding="utf-8-sig")
-    except OSError as e:
-        raise FormatError(path, None, None, f"cannot open ({e.strerror})") from None
-    with f:
-        reader = csv.DictReader(f)
-        header = [h.strip().lower() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        slide_col = next((c for c in ("slide", "slide_id", "slide_name") if c in header), None)
-        patient_col = next((c for c in ("patient", "patient_id") if c in header), None)
-        if slide_col is None or patient_col is None:
-            raise FormatError(path, 1, None, f"header must name a slide and a patient column, got {header}")
-        rows, seen = [], {}
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            slide, patient = (row.get(slide_col) or "").strip(), (row.get(patient_col) or "").strip()
-            if not slide:
-                raise FormatError(path, reader.line_num, slide_col, "empty slide name")
-            if seen.setdefault(slide, patient) != patient:
-                raise FormatError(path, reader.line_num, patient_col,
-                                  f"slide {slide!r} is patient {seen[slide]!r} above, {patient!r} here")
-            rows.append((slide, patient, where))
-    return rows
-
-
 def cmd_patients(args: argparse.Namespace) -> int:
     """Record which patient each slide comes from (for patient-grouped splits)."""
     from annotation_db import store
+    from annotation_db.formats import read_patient_csv
 
-    rows = read_patient_map(Path(args.file))
+    rows = read_patient_csv(args.file)
     with _session(args) as session, session.begin():  # all or nothing
         for slide, patient, where in rows:
             try:
