@@ -634,6 +634,11 @@ def prepare_dataset(
     return dataset
 
 
+def slide_box_annotation(box) -> Annotation:  # noqa: ANN001 - annotation_db.models.SlideBox
+    """A box drawn in the labeling app as an annotation (source ``slide_box:<id>``)."""
+    return Annotation.rectangle(box.x0, box.y0, box.box_w, box.box_h, box.label, source=f"slide_box:{box.id}")
+
+
 def crop_boxes_into_dataset(
     session,  # noqa: ANN001 - sqlalchemy.orm.Session; the caller owns the transaction
     dataset,  # noqa: ANN001 - dataset name or annotation_db.models.Dataset
@@ -667,9 +672,8 @@ def crop_boxes_into_dataset(
     rows: dict[str, SlideBox] = {}
     for i, b in enumerate(boxes):
         if isinstance(b, SlideBox):
-            src = f"slide_box:{b.id}"
-            rows[src] = b
-            anns.append(Annotation.rectangle(b.x0, b.y0, b.box_w, b.box_h, b.label, source=src))
+            anns.append(slide_box_annotation(b))
+            rows[anns[-1].source] = b
         elif isinstance(b, Annotation):
             anns.append(b)
         else:

@@ -20,8 +20,9 @@ Functions take a session; the caller owns the transaction.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sqlalchemy import select
@@ -41,8 +42,18 @@ from annotation_db.store import (
     image_abspath,
     set_label,
 )
-from core.annotations import Annotation
-from core.extract import CropSettings, ExtractReport
+from annotation_db.boxes import list_boxes
+from core.annotations import Annotation, AnnotationFormatError, annotations_for_slide, read_annotations
+from core.extract import (
+    CropSettings,
+    ExtractError,
+    ExtractReport,
+    SlideTask,
+    extract_crops,
+    register_crops,
+    slide_box_annotation,
+)
+from core.wsi import SlideError, slide_name
 from core.uploads import CheckedImage
 
 __all__ = ["UPLOADS_DATASET", "SLIDES_DATASET", "DisagreementResult", "StoredCrop", "SlideCrop", "SlideCrops",
@@ -203,10 +214,6 @@ def slide_annotations(session: Session, slide_path: str | Path, annotation_file:
     (QuPath GeoJSON, ImageScope/ASAP XML, CSV) that belong to the slide, else the boxes drawn on
     it in the labeling app's Slides page. Raises :class:`AnnotationFormatError` saying what is
     missing or wrong."""
-    from annotation_db.boxes import list_boxes
-    from core.annotations import AnnotationFormatError, annotations_for_slide, read_annotations
-    from core.wsi import slide_name
-
     slide_path = Path(slide_path)
     if annotation_file:
         every = read_annotations(annotation_file)
@@ -225,8 +232,7 @@ def slide_annotations(session: Session, slide_path: str | Path, annotation_file:
         raise AnnotationFormatError(
             f"slide {slide_path.name} has no annotations: upload its annotation file (QuPath GeoJSON, Aperio "
             "ImageScope or ASAP XML, CSV of boxes) or draw boxes on it in the labeling app's Slides page")
-    anns = [Annotation.rectangle(b.x0, b.y0, b.box_w, b.box_h, b.label, source=f"slide_box:{b.id}") for b in boxes]
-    return anns, f"{len(boxes)} boxes drawn in the labeling app"
+    return [slide_box_annotation(b) for b in boxes], f"{len(boxes)} boxes drawn in the labeling app"
 
 
 def crop_slide_for_viewer(session: Session, slide_path: str | Path, annotations: Sequence[Annotation],
@@ -240,12 +246,6 @@ def crop_slide_for_viewer(session: Session, slide_path: str | Path, annotations:
     Raises :class:`core.wsi.SlideError` when the slide cannot be read (no crop stays, nothing is
     registered) and :class:`core.extract.ExtractError` when no annotation can be cropped.
     """
-    from dataclasses import replace
-
-    from core.extract import ExtractError, extract_crops, register_crops
-    from core.extract import SlideTask as _Task
-    from core.wsi import SlideError
-
     dataset = ensure_uploads_dataset(session, classes, display_names, data_root, base=SLIDES_DATASET)
     # QuPath classes are often the display names ("新月体形成", "Crescent"): match keys and display
     # names, ignoring case; anything else is counted and shown as unannotated.
@@ -253,13 +253,8 @@ def crop_slide_for_viewer(session: Session, slide_path: str | Path, annotations:
     for k in classes:
         for name in (k, display_names.get(k, k)):
             lookup.setdefault(name.strip().casefold(), k)
-    ignored: dict[str, int] = {}
-    mapped = []
-    for a in annotations:
-        key = lookup.get(a.label.strip().casefold()) if a.label else None
-        if a.label and key is None:
-            ignored[a.label] = ignored.get(a.label, 0) + 1
-        mapped.append(replace(a, label=key))
+    mapped = [replace(a, label=lookup.get(a.label.strip().casefold()) if a.label else None) for a in annotations]
+    ignored = Counter(a.label for a, m in zip(annotations, mapped) if a.label and m.label is None)
     out: list[SlideCrop] = []
 
     def register(info, jobs) -> int:  # noqa: ANN001
@@ -270,7 +265,7 @@ def crop_slide_for_viewer(session: Session, slide_path: str | Path, annotations:
             out.append(SlideCrop(image.id, Path(job.path), info.name, tuple(job.box), job.label, ",".join(job.sources)))
         return n_new
 
-    report = extract_crops([_Task(Path(slide_path), mapped, mpp)], Path(dataset.root) / "wsi", settings,
+    report = extract_crops([SlideTask(Path(slide_path), mapped, mpp)], Path(dataset.root) / "wsi", settings,
                            workers=1, register=register, progress=progress)
     if report.failed:
         raise SlideError("; ".join(report.failed.values()))
@@ -278,4 +273,4 @@ def crop_slide_for_viewer(session: Session, slide_path: str | Path, annotations:
         reasons = "; ".join(str(p) for p in report.refused[:3])
         raise ExtractError(f"none of the {len(annotations)} annotations of {Path(slide_path).name} could be cropped"
                            + (f": {reasons}" if reasons else ""))
-    return SlideCrops(out, report, len(annotations), ignored)
+    return SlideCrops(out, report, len(annotations), dict(ignored))
