@@ -52,7 +52,7 @@ from core.feedback import (
 )
 from core.slide_summary import DECISION_SUPPORT_NOTE, SlideSummary, summarize_by_slide
 from core.uploads import CheckedImage, UploadError, UploadLimits, check_upload
-from core.wsi import SlideError, default_slides_dir, list_slide_files, open_slide
+from core.wsi import SlideError, default_slides_dir, is_slide_file, list_slide_files, open_slide
 
 log = logging.getLogger("glomlab.viewer")
 
@@ -334,14 +334,12 @@ def _display_rgb(rgb: np.ndarray, max_side_px: int = 512) -> np.ndarray:
 
 def _batch(ckpt: ViewerCheckpoint, crops: list[CheckedImage], slides: list[str | None], method: str | None,
            opacity: float, images_in_store: list | None, *, annotated: list[str | None] | None = None,
-           show: int | None = None, progress: gr.Progress | None = None):
+           show: int | None = None):
     """Predict every crop (stored with its predictions); the gallery shows the ``show`` most
     uncertain (all by default) with heatmaps; CSV and summary cover every crop."""
     method = method or None
     rgbs = [c.rgb for c in crops]
     show = len(crops) if show is None else max(0, min(int(show), len(crops)))
-    if progress is not None:
-        progress(0.5 if annotated is not None else 0.0, desc=f"Predicting {len(crops)} crops…")
     if show == len(crops):
         results = diagnose(ckpt, rgbs, method=method)
     else:  # probabilities for all, heatmaps only for the crops the gallery shows
@@ -443,7 +441,7 @@ def _slide_file(name: str | None) -> Path:
         raise SlideError("no slides folder on the server: start the viewer with --slides DIR (or set GLOM_SLIDES_DIR)")
     if not name:
         raise SlideError(f"choose a slide from {folder}")
-    if name not in list_slide_files(folder):
+    if Path(name).name != name or not is_slide_file(folder / name):  # one file of that folder, nothing else
         raise SlideError(f"{name!r} is not a slide in {folder} (pick one from the list)")
     return folder / name
 
@@ -488,8 +486,9 @@ def slide_batch(checkpoint: str | None, slide: str | None, annotations: str | No
                                     settings=SLIDE_CROP, mpp=mpp)
     # Checked like uploads; the file bytes are not needed again (the crops are in the store).
     crops = [replace(check_upload(c.path, UPLOAD_LIMITS), data=b"") for c in cut.crops]
+    progress(0.5, desc=f"Predicting {len(crops)} glomeruli…")
     out = _batch(ckpt, crops, [c.slide for c in cut.crops], method, opacity, [c.image_id for c in cut.crops],
-                 annotated=[c.annotated for c in cut.crops], show=int(limit or 64), progress=progress)
+                 annotated=[c.annotated for c in cut.crops], show=int(limit or 64))
     by_name = {c.name: str(sc.path) for c, sc in zip(crops, cut.crops)}
     out[4]["files"] = [by_name[n] for n in out[4]["names"]]
     rep = cut.report

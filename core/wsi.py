@@ -426,17 +426,20 @@ def slide_name(path: str | Path) -> str:
 SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff"})
 
 
-def list_slide_files(folder: str | Path) -> list[str]:
-    """File names in ``folder`` that OpenSlide recognises (header check, nothing decoded)."""
+def is_slide_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file OpenSlide recognises (suffix and header check, nothing decoded)."""
     import openslide
 
+    p = Path(path)
+    return p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and bool(openslide.OpenSlide.detect_format(str(p)))
+
+
+def list_slide_files(folder: str | Path) -> list[str]:
+    """File names in ``folder`` that OpenSlide recognises (header check, nothing decoded)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(
-        p.name for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and openslide.OpenSlide.detect_format(str(p))
-    )
+    return sorted(p.name for p in folder.iterdir() if is_slide_file(p))
 
 
 def default_slides_dir() -> str:
