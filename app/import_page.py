@@ -34,20 +34,14 @@ def upload_root() -> Path:
     return Path(os.environ.get("GLOM_DATA_ROOT", "data")).resolve() / "uploads"
 
 
-def label_format(name: str, chosen: str) -> str:
-    """The chosen format when it is a label format, else the one the file name says
-    (``.csv``, ``.jsonl``; ``.json``: Label Studio when its tasks have ``data``, else JSONL)."""
+def label_format(path: Path, chosen: str) -> str:
+    """The chosen format when it is a label format, else the one the file says: ``.csv``,
+    ``.jsonl``; ``.json`` is Label Studio when its tasks have ``data``, else JSONL."""
     if chosen in LABEL_FORMATS:
         return chosen
-    suffix = Path(name).suffix.lower()
-    if suffix == ".csv":
-        return "csv"
-    if suffix == ".jsonl":
-        return "jsonl"
-    return "json?"  # decided from the content by :func:`_sniff_json`
-
-
-def _sniff_json(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".jsonl"):
+        return suffix[1:]
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -160,10 +154,7 @@ def on_import_upload() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / upload.name
         path.write_bytes(upload.getvalue())
-        fmt = label_format(upload.name, st.session_state.import_format)
-        if fmt == "json?":
-            fmt = _sniff_json(path)
-        _run(fmt, path, root=Path(dataset_view(store_url(), name).root))
+        _run(label_format(path, st.session_state.import_format), path, root=Path(dataset_view(store_url(), name).root))
         kind, message = st.session_state.get("import_result", ("", ""))
         if kind == "error":  # name the file the clinician uploaded, not our temporary copy
             st.session_state.import_result = (kind, message.replace(str(path), upload.name))
