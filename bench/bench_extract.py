@@ -37,14 +37,15 @@ WSI = Path(os.environ.get("GLOM_SHARED_DATA", REPO.parent / "shared" / "data")) 
 SLIDES = ("cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs")
 
 
-def make_boxes(path: Path, n: int, seed: int) -> list[tuple[int, int, int, int]]:
+def make_boxes(path: Path, n: int, seed: int, margin: int = 0) -> list[tuple[int, int, int, int]]:
+    """``n`` glomerulus-sized (300-500 px) level-0 boxes at seeded positions, ``margin`` px inside the slide."""
     rng = np.random.default_rng(seed)
     with openslide.OpenSlide(str(path)) as osr:
         w0, h0 = osr.dimensions
     out = []
     for _ in range(n):
         w, h = (int(v) for v in rng.integers(300, 501, 2))
-        out.append((int(rng.integers(0, w0 - w)), int(rng.integers(0, h0 - h)), w, h))
+        out.append((int(rng.integers(margin, w0 - w - margin)), int(rng.integers(margin, h0 - h - margin)), w, h))
     return out
 
 

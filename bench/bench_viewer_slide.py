@@ -24,7 +24,6 @@ real checkpoint (safetensors + JSON) and loaded through the viewer's loader.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -43,6 +42,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import models  # noqa: E402,F401
+from bench.bench_extract import make_boxes  # noqa: E402 - the extraction benchmark's boxes
+from core.annotations import Annotation, write_geojson  # noqa: E402
 from core.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,25 +51,6 @@ WSI = Path(os.environ.get("GLOM_SHARED_DATA", REPO.parent / "shared" / "data")) 
 SLIDES = {"cmu-1-small-region.svs": None, "tcga-cr-7395-01a-01-ts1.svs": 0.25}  # name -> µm/px to supply
 TARGET_MPP, PAD = 0.5, 16
 CLASSES = ["normal", "segmental_sclerosis", "mesangial_proliferation", "crescent"]
-
-
-def make_boxes(path: Path, n: int, seed: int) -> list[tuple[int, int, int, int]]:
-    rng = np.random.default_rng(seed)
-    with openslide.OpenSlide(str(path)) as osr:
-        w0, h0 = osr.dimensions
-    out = []
-    for _ in range(n):
-        w, h = (int(v) for v in rng.integers(300, 501, 2))
-        out.append((int(rng.integers(PAD, w0 - w - PAD)), int(rng.integers(PAD, h0 - h - PAD)), w, h))
-    return out
-
-
-def write_geojson(path: Path, boxes: list[tuple[int, int, int, int]]) -> Path:
-    feats = [{"type": "Feature", "properties": {},
-              "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]]}}
-             for x, y, w, h in boxes]
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
-    return path
 
 
 def baseline(work: dict[str, list], out: Path, ckpt_path: Path) -> float:
@@ -141,8 +123,9 @@ def main() -> None:
                               "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "scaling": "imagenet",
                               "interpolation": "bilinear"}, temperature=1.0)
         ckpt = save_checkpoint(model, tmp / "runs" / "bench" / "best", meta)
-        work = {n: make_boxes(WSI / n, args.boxes, seed=i) for i, n in enumerate(SLIDES)}
-        anns = {n: write_geojson(tmp / f"{Path(n).stem}.geojson", b) for n, b in work.items()}
+        work = {n: make_boxes(WSI / n, args.boxes, seed=i, margin=PAD) for i, n in enumerate(SLIDES)}
+        anns = {n: write_geojson([Annotation.rectangle(*b) for b in boxes], tmp / f"{Path(n).stem}.geojson")
+                for n, boxes in work.items()}
         n_crops = sum(len(b) for b in work.values())
         # warm-up: imports, model load, first slide opens
         baseline(work, tmp / "warm-base", ckpt)

@@ -19,6 +19,7 @@ from annotation_db.boxes import add_box
 from annotation_db.models import Annotator, Image, Label, Prediction, SlideBox
 from annotation_db.queues import QueueSpec, next_image_ids
 from annotation_db.store import GLOMERULUS_CLASSES, add_image, create_dataset, get_dataset, get_or_create_slide
+from core.annotations import Annotation, write_geojson
 from core.demo import DEMO_CLASSES
 from tests.demo_checkpoint import demo_checkpoint, demo_set
 from tests.viewer_server import free_port, running_viewer
@@ -151,11 +152,8 @@ def test_slide_summary_per_biopsy_from_the_store(world):
 
 
 def _geojson(path: Path, boxes) -> Path:
-    feats = [{"type": "Feature", "properties": {"classification": {"name": label}} if label else {},
-              "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]]}}
-             for x, y, w, h, label in boxes]
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
-    return path
+    """A QuPath GeoJSON of (x, y, w, h, class) boxes."""
+    return write_geojson([Annotation.rectangle(*b) for b in boxes], path)
 
 
 def test_a_slide_with_its_annotations_is_cut_predicted_and_summarised(world, tmp_path):

@@ -9,7 +9,6 @@ browser is never downloaded.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from sqlalchemy import select
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
 from annotation_db.models import Annotator, Dataset, Image, Label, Prediction, Slide
 from annotation_db.store import add_image, create_dataset, get_or_create_slide
+from core.annotations import Annotation, write_geojson
 from tests.demo_checkpoint import balanced_bueno, train_checkpoint
 from tests.viewer_server import running_viewer
 
@@ -117,11 +117,8 @@ def test_clinician_runs_a_whole_slide_with_its_annotations(viewer, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     boxes = [(1150, 1950, 300, 260), (1540, 2640, 300, 280), (1000, 1100, 300, 260), (1100, 1500, 280, 240)]  # on tissue
-    ann = tmp_path / "cmu-1-small-region.geojson"
-    ann.write_text(json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {"classification": {"name": "Glomerulus"}},
-         "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]]}}
-        for x, y, w, h in boxes]}))
+    ann = write_geojson([Annotation.rectangle(*b, "Glomerulus") for b in boxes],
+                        tmp_path / "cmu-1-small-region.geojson")
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})

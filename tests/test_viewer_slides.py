@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from annotation_db import store
 from annotation_db.boxes import add_box
 from annotation_db.models import Image as ImageRow
 from annotation_db.models import Label, Slide, SlideBox
-from core.annotations import AnnotationFormatError
+from core.annotations import Annotation, AnnotationFormatError, write_geojson
 from core.extract import CropSettings, ExtractError
 from core.feedback import SLIDES_DATASET, crop_slide_for_viewer, slide_annotations
 from core.wsi import SlideError
@@ -28,13 +27,8 @@ SETTINGS = CropSettings(mpp=0.5, pad_px=16)
 
 
 def _geojson(path: Path, boxes: list[tuple[int, int, int, int, str | None]]) -> Path:
-    feats = []
-    for x, y, w, h, label in boxes:
-        ring = [[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]
-        props = {"classification": {"name": label}} if label else {}
-        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props})
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
-    return path
+    """A QuPath GeoJSON of (x, y, w, h, class) boxes."""
+    return write_geojson([Annotation.rectangle(*b) for b in boxes], path)
 
 
 def test_a_slide_with_its_annotation_file_becomes_stored_crops(tmp_path: Path, wsi_dir: Path, Session) -> None:  # noqa: N803
