@@ -118,6 +118,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:  # noqa: ANN001 - a matplotlib Figure
+    """Lay out, write at 120 dpi and close ``fig``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return Path(path)
+
+
 def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path,
                           title: str = "Confusion matrix") -> Path:
     """Counts with row-normalised shading (rows: true class)."""
@@ -135,10 +143,7 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], p
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_roc(metrics: dict[str, Any], path: str | Path) -> Path:
@@ -153,10 +158,7 @@ def plot_roc(metrics: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("true positive rate")
     ax.set_title("ROC per class")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_reliability(calibrations: dict[str, dict[str, Any]], path: str | Path) -> Path:
@@ -172,10 +174,7 @@ def plot_reliability(calibrations: dict[str, dict[str, Any]], path: str | Path) 
     ax.set_ylabel("accuracy")
     ax.set_title("Reliability")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def tsne_embed(features: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -205,10 +204,7 @@ def plot_tsne(panels: dict[str, tuple[np.ndarray, np.ndarray]], classes: Sequenc
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_history(history: list[dict[str, Any]], path: str | Path) -> Path:
@@ -226,10 +222,7 @@ def plot_history(history: list[dict[str, Any]], path: str | Path) -> Path:
     b.set_xlabel("epoch")
     a.legend()
     b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def _fmt(x: Any) -> str:
