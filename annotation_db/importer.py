@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from annotation_db import formats
 from annotation_db.db import StoreError
 from annotation_db.formats import FormatError, Record
+from annotation_db.paths import is_within
 from annotation_db.models import Dataset, Image, Label
 from annotation_db.store import (
     GLOMERULUS_CLASSES,
@@ -142,11 +143,13 @@ def import_records(
     skip_duplicates: bool = False,
     stain: str | None = None,
     progress: bool = False,
+    confine_to: Path | None = None,
 ) -> ImportReport:
     """Register every record's image (reading its bytes once) and write its label.
 
     ``annotator`` is used where a record names none; ``stain`` (HE, PAS, other) fills in the
-    stain of the slides the records name. Raises :class:`FormatError`,
+    stain of the slides the records name. ``confine_to``: refuse image files that resolve
+    (symbolic links followed) outside this folder, without saying more about them. Raises :class:`FormatError`,
     :class:`InvalidLabelError` or :class:`ImageFileError` naming the record's file and line.
     """
     report = ImportReport(dataset=dataset.name, records=len(records))
@@ -180,6 +183,8 @@ def import_records(
             if rel in existing or rel in new_rows:
                 continue
             path = resolve_in_root(dataset, rel)
+            if confine_to is not None and not is_within(path, confine_to):
+                raise ImageFileError(f"{r.where}: field 'image': refused: not a file under the data folder")
             if not path.is_file():
                 if skip_missing:
                     report.missing.append(f"{r.where}: {rel}")

@@ -140,10 +140,15 @@ class Image(Base):
 
 
 class Annotator(Base):
+    """A person (or a model, ``model:<checkpoint>``) labels are attributed to; a person with a
+    ``password_hash`` (argon2id) can sign in, with the rights of ``role`` (annotation_db.users)."""
+
     __tablename__ = "annotator"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    role: Mapped[str] = mapped_column(String(16), default="annotator", server_default="annotator")
+    password_hash: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -72,10 +72,10 @@ def summary_panel(dataset: DatasetView, report: dict) -> None:
 
 def disagreements_panel(dataset: DatasetView, report: dict) -> None:
     me = who()
-    may_decide = is_adjudicator(me.name)
+    may_decide = is_adjudicator(me)
     st.subheader("Disagreements, worst first")
     if not may_decide:
-        st.caption("Only adjudicators (secrets: glomlab.adjudicators) can set final labels.")
+        st.caption("Only adjudicators and admins can set final labels (`glom user role NAME adjudicator`).")
     for d in report["disagreements"][:SHOWN_DISAGREEMENTS]:
         image_id = d["image_id"]
         with st.container(border=True):

@@ -6,7 +6,7 @@ case "${1:-label}" in
   label)
     glom db upgrade
     glom demo --if-empty
-    exec streamlit run app/label.py --server.address 0.0.0.0 --server.port 8501 --server.headless true ;;
+    exec python app/serve.py --host 0.0.0.0 --port 8501 ;;
   viewer)
     glom db upgrade
     exec python app/viewer.py --host 0.0.0.0 --port 7860 ;;

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import zipfile
@@ -15,7 +14,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from annotation_db import importer, store
 from annotation_db.db import StoreError
+from app.session import who
 from app.store_cache import dataset_names, dataset_view, get_sessionmaker, store_url
+from core.roots import OutsideRootError, confine, data_root
 
 SOURCES = {
     "folders-unlabeled": "Folder of images (no labels)",
@@ -31,7 +32,12 @@ MAX_ZIP_MEMBERS = 200_000
 
 def upload_root() -> Path:
     """Where a zip for a new dataset is unpacked: ``$GLOM_DATA_ROOT/uploads`` (default ``data/uploads``)."""
-    return Path(os.environ.get("GLOM_DATA_ROOT", "data")).resolve() / "uploads"
+    return data_root() / "uploads"
+
+
+def _may_import() -> bool:
+    me = who()
+    return me is not None and me.may("import")
 
 
 def label_format(path: Path, chosen: str) -> str:
@@ -57,6 +63,7 @@ def _import(fmt: str, path: Path, dataset_name: str, root: Path | None, annotato
     if unlabeled:
         records = [r for r in records if not r.image.startswith("_")]  # e.g. _masks/
     root = root or (path if fmt == "folders" else path.parent)
+    confine(root, data_root())  # a new dataset's root, too, stays under the data folder
     with get_sessionmaker()() as s, s.begin():
         if dataset_name in dataset_names(store_url()):
             dataset = store.get_dataset(s, dataset_name)
@@ -67,7 +74,8 @@ def _import(fmt: str, path: Path, dataset_name: str, root: Path | None, annotato
                 multi_label=st.session_state.get("import_multi", False),
             )
         report = importer.import_records(
-            s, dataset, records, annotator=annotator, source=f"import:{fmt}", skip_missing=skip_missing
+            s, dataset, records, annotator=annotator, source=f"import:{fmt}", skip_missing=skip_missing,
+            confine_to=data_root(),
         )
     dataset_names.clear()
     dataset_view.clear()
@@ -75,6 +83,9 @@ def _import(fmt: str, path: Path, dataset_name: str, root: Path | None, annotato
 
 
 def _run(fmt: str, path: Path, root: Path | None = None) -> None:
+    if not _may_import():
+        st.session_state.import_result = ("error", "Only admins import.")
+        return
     name = (st.session_state.get("import_dataset") or "").strip()
     if not name:
         st.session_state.import_result = ("error", "Name the dataset to import into.")
@@ -82,18 +93,25 @@ def _run(fmt: str, path: Path, root: Path | None = None) -> None:
     try:
         summary = _import(fmt, path, name, root, st.session_state.get("import_annotator") or "imported",
                           st.session_state.get("import_skip_missing", False))
-    except (StoreError, SQLAlchemyError, OSError) as e:
+    except (OutsideRootError, StoreError, SQLAlchemyError, OSError) as e:
         st.session_state.import_result = ("error", f"Nothing imported: {e}")
         return
     st.session_state.import_result = ("success", summary)
 
 
 def on_import_folder() -> None:
-    path = Path(st.session_state.get("import_path") or "").expanduser()
-    if not path.exists():
-        st.session_state.import_result = ("error", f"{path} does not exist on the server.")
+    if not _may_import():
+        st.session_state.import_result = ("error", "Only admins import.")
         return
-    _run(st.session_state.import_format, path.resolve())
+    try:
+        path = confine(st.session_state.get("import_path") or "", data_root())
+    except OutsideRootError as e:
+        st.session_state.import_result = ("error", str(e))
+        return
+    if not path.exists():
+        st.session_state.import_result = ("error", "Nothing at that path under the data folder.")
+        return
+    _run(st.session_state.import_format, path)
 
 
 def _safe_extract(zf: zipfile.ZipFile, dest: Path) -> None:
@@ -112,6 +130,9 @@ def _safe_extract(zf: zipfile.ZipFile, dest: Path) -> None:
 
 
 def on_import_upload() -> None:
+    if not _may_import():
+        st.session_state.import_result = ("error", "Only admins import.")
+        return
     upload = st.session_state.get("import_upload")
     if upload is None:
         st.session_state.import_result = ("error", "Choose a file first.")
@@ -126,6 +147,11 @@ def on_import_upload() -> None:
         if existing:
             base = Path(dataset_view(store_url(), name).root)
             dest = base / "uploads" / stamp
+            try:
+                confine(dest, data_root())
+            except OutsideRootError as e:
+                st.session_state.import_result = ("error", f"Nothing imported: the dataset's images are {e}")
+                return
         else:
             base = dest = upload_root() / name
             if "/" in name or "\\" in name or name.startswith(".") or not dest.resolve().is_relative_to(upload_root()):
@@ -162,6 +188,9 @@ def on_import_upload() -> None:
 
 def page() -> None:
     st.header("Import")
+    if not _may_import():
+        st.info("Only admins import. An admin grants the role with `glom user role NAME admin`.")
+        return
     st.text_input("Dataset (existing, or a new name)", key="import_dataset",
                   value=st.session_state.get("dataset_name") or "")
     c1, c2, c3 = st.columns(3)
@@ -172,7 +201,8 @@ def page() -> None:
     st.checkbox("Skip (and list) missing image files", key="import_skip_missing")
     folder, upload = st.tabs(["Folder or file on the server", "Upload"])
     with folder:
-        st.text_input("Path on the server", key="import_path", placeholder="/data/crops or /data/labels.csv")
+        st.text_input(f"Path on the server, under {data_root()}", key="import_path",
+                      placeholder="crops/ or labels.csv (relative to the data folder)")
         st.button("Import", on_click=on_import_folder, type="primary", key="import_folder_btn")
     with upload:
         st.file_uploader("A zip of images, or a label file", type=["zip", "csv", "jsonl", "json"], key="import_upload",

@@ -18,12 +18,13 @@ import streamlit as st
 from annotation_db.queues import QUEUE_KINDS, QUEUE_TITLES, slides_of
 from app import signin_page
 from app.session import (
-    app_settings,
+    auth_mode,
     current_dataset,
     init_state,
-    oidc_configured,
+    local_user_name,
     sign_in,
     sign_out,
+    url_sign_in_allowed,
     who,
 )
 from app.store_cache import dataset_names, get_sessionmaker, store_url
@@ -58,12 +59,14 @@ KEY_HELP = (
 
 
 def _remembered_sign_in() -> None:
-    """Without a password or OIDC, the URL remembers who is labeling, so a reload carries on."""
-    if who() is not None or app_settings().get("password") or oidc_configured():
-        return
-    name = st.query_params.get("annotator")
-    if name:
-        sign_in(name)
+    """Sign-ins that need no form: the local user in single-user mode, and (tests only,
+    ``GLOM_TEST_URL_SIGNIN=1`` on loopback) ``?annotator=NAME``. Never a sign-in by URL otherwise:
+    a link must not make anyone someone else."""
+    if who() is None:
+        if auth_mode() == "single":
+            sign_in(local_user_name(), role="admin")
+        elif url_sign_in_allowed() and st.query_params.get("annotator"):
+            sign_in(st.query_params["annotator"])
     if st.session_state.dataset_name is None and st.query_params.get("dataset"):
         st.session_state.dataset_name = st.query_params["dataset"]
 
@@ -107,8 +110,11 @@ def _create_demo() -> None:
 def sidebar_panel() -> None:
     me = who()
     with st.sidebar:
-        st.markdown(f"Signed in as **{me.name}**")
-        st.button("Sign out", on_click=sign_out, type="tertiary", icon=":material/logout:")
+        st.markdown(f"Signed in as **{me.name}** · {me.role}")
+        if auth_mode() == "single":
+            st.caption("Single-user mode (this computer only, no password)")
+        else:
+            st.button("Sign out", on_click=sign_out, type="tertiary", icon=":material/logout:")
         names = dataset_names(store_url())
         if not names:
             st.warning("The store holds no datasets yet.")
@@ -152,7 +158,6 @@ def main() -> None:
         st.navigation(PAGES, position="hidden")
         signin_page.page()
         return
-    st.query_params["annotator"] = me.name
     if st.session_state.dataset_name:
         st.query_params["dataset"] = st.session_state.dataset_name
     sidebar_panel()

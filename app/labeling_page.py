@@ -124,8 +124,8 @@ def _adjudicate(image_id: int, classes: list[str]) -> None:
     if _stale(image_id):
         return
     me = who()
-    if not is_adjudicator(me.name):
-        _flash("error", f"{me.name} is not an adjudicator (secrets: glomlab.adjudicators); nothing saved.")
+    if not is_adjudicator(me):
+        _flash("error", f"{me.name} is not an adjudicator (an admin grants it: `glom user role NAME adjudicator`); nothing saved.")
         return
     note = st.session_state.get(f"note_{image_id}", "") or ""
     try:
@@ -383,7 +383,7 @@ def labeling_panel() -> None:
     with right:
         if adjudicating:
             votes_panel(info.image_id, dataset)
-        class_buttons_panel(dataset, info.image_id, mine, adjudicating, is_adjudicator(me.name))
+        class_buttons_panel(dataset, info.image_id, mine, adjudicating, is_adjudicator(me))
         actions_panel(dataset, info.image_id, spec, adjudicating, trail)
         st.text_input(
             "Note", key=f"note_{info.image_id}", value=mine.note if mine else "",

@@ -6,18 +6,21 @@ their values; every change happens in a callback (sign in, pick a dataset, pick 
 
 from __future__ import annotations
 
-import hmac
+import getpass
+import ipaddress
+import os
 from dataclasses import dataclass
 
 import streamlit as st
 
-from annotation_db import store
+from annotation_db import store, users
 from annotation_db.queues import QueueSpec
 from app.store_cache import DatasetView, dataset_names, dataset_view, get_sessionmaker, store_url
 
 DEFAULTS = {
     "annotator_id": None,
     "annotator_name": "",
+    "annotator_role": None,
     "dataset_name": None,
     "queue_kind": "mine",
     "slide_id": None,
@@ -31,6 +34,11 @@ DEFAULTS = {
 class Who:
     annotator_id: int
     name: str
+    role: str = "annotator"
+
+    def may(self, action: str) -> bool:
+        """Whether this person's role allows ``action`` (see :mod:`annotation_db.users`)."""
+        return users.may(self.role, action)
 
 
 def init_state() -> None:
@@ -40,7 +48,7 @@ def init_state() -> None:
 
 
 def app_settings() -> dict:
-    """The ``[glomlab]`` table of ``.streamlit/secrets.toml`` (password, adjudicators), or {}."""
+    """The ``[glomlab]`` table of ``.streamlit/secrets.toml``, or {}."""
     try:
         return dict(st.secrets.get("glomlab", {}))
     except (FileNotFoundError, KeyError, AttributeError):
@@ -54,23 +62,79 @@ def oidc_configured() -> bool:
         return False
 
 
-def password_ok(given: str) -> bool:
-    expected = str(app_settings().get("password", ""))
-    return not expected or hmac.compare_digest(given.encode(), expected.encode())
+def bind_address() -> str:
+    """The address the server listens on ("" when Streamlit was left to choose: every interface)."""
+    return str(st.get_option("server.address") or "")
 
 
-def sign_in(name: str) -> None:
-    """Attribute everything from now on to ``name`` (created on first sign-in)."""
+def on_loopback() -> bool:
+    """True only when the server is bound to a loopback address (reachable from this machine only)."""
+    address = bind_address().strip("[]")
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def single_user_requested() -> bool:
+    return os.environ.get("GLOM_SINGLE_USER", "") not in ("", "0")
+
+
+def auth_mode() -> str:
+    """How people sign in: ``oidc`` (an ``[auth]`` table in secrets.toml), ``single`` (asked for
+    with ``GLOM_SINGLE_USER=1`` and bound to loopback: one local user, no password) or
+    ``accounts`` (name and password checked against the store; the default, and always when the
+    server is reachable beyond loopback)."""
+    if oidc_configured():
+        return "oidc"
+    if single_user_requested() and on_loopback():
+        return "single"
+    return "accounts"
+
+
+def local_user_name() -> str:
+    """Who single-user mode attributes labels to: ``$GLOM_LOCAL_USER``, else the login name."""
+    name = os.environ.get("GLOM_LOCAL_USER", "").strip()
+    if not name:
+        try:
+            name = getpass.getuser()
+        except (KeyError, OSError):
+            name = "local"
+    return name
+
+
+def url_sign_in_allowed() -> bool:
+    """``?annotator=NAME`` signs in only in tests (``GLOM_TEST_URL_SIGNIN=1``) on loopback."""
+    return os.environ.get("GLOM_TEST_URL_SIGNIN", "") not in ("", "0") and on_loopback()
+
+
+def sign_in(name: str, role: str | None = None) -> None:
+    """Attribute everything from now on to ``name`` with the rights of ``role`` (the store's
+    role of that account when None). Callers have checked who it is."""
     Session = get_sessionmaker()
     with Session() as s, s.begin():
         annotator = store.get_or_create_annotator(s, name)
         st.session_state.annotator_id, st.session_state.annotator_name = annotator.id, annotator.name
+        st.session_state.annotator_role = role or annotator.role
     st.session_state.pop("trail", None)
     st.session_state.pop("progress", None)
 
 
+def sign_in_with_password(name: str, password: str) -> bool:
+    """Sign ``name`` in when ``password`` is theirs (argon2 hash in the store); False otherwise."""
+    with get_sessionmaker()() as s, s.begin():
+        account = users.authenticate(s, name, password)
+        if account is None:
+            return False
+        account_name = account.name
+    sign_in(account_name)
+    return True
+
+
 def sign_out() -> None:
-    for key in ("annotator_id", "annotator_name", "trail", "progress", "rate"):
+    for key in ("annotator_id", "annotator_name", "annotator_role", "trail", "progress", "rate"):
         st.session_state.pop(key, None)
     st.query_params.pop("annotator", None)
     init_state()
@@ -79,12 +143,12 @@ def sign_out() -> None:
 def who() -> Who | None:
     if st.session_state.get("annotator_id") is None:
         return None
-    return Who(st.session_state.annotator_id, st.session_state.annotator_name)
+    return Who(st.session_state.annotator_id, st.session_state.annotator_name,
+               st.session_state.get("annotator_role") or "annotator")
 
 
-def is_adjudicator(name: str) -> bool:
-    allowed = app_settings().get("adjudicators")
-    return not allowed or name in allowed
+def is_adjudicator(me: Who) -> bool:
+    return me.may("adjudicate")
 
 
 def current_dataset() -> DatasetView | None:

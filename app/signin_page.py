@@ -1,32 +1,42 @@
-"""Sign in: an annotator name (plus the shared password when one is set), or OIDC via st.login."""
+"""Sign in: name and password of an account in the store, or OIDC via st.login.
+
+Single-user mode (``GLOM_SINGLE_USER=1`` on loopback) needs no page: ``app/label.py`` signs the
+local user in.
+"""
 
 from __future__ import annotations
 
 import streamlit as st
 
+from annotation_db import users
 from annotation_db.db import StoreError
-from app.session import app_settings, oidc_configured, password_ok, sign_in
+from app.session import auth_mode, on_loopback, sign_in_with_password
+from app.store_cache import get_sessionmaker
+
+FIRST_ADMIN_HINT = (
+    "No account can sign in yet. An administrator creates the first one on the server: "
+    "`glom user add NAME --role admin` (then `glom user add` for each clinician)."
+)
 
 
 def _on_sign_in() -> None:
     name = (st.session_state.get("signin_name") or "").strip()
+    password = st.session_state.get("signin_password") or ""
     if not name:
         st.session_state.signin_error = "Type your name: every label is attributed to it."
         return
-    if not password_ok(st.session_state.get("signin_password") or ""):
-        st.session_state.signin_error = "Wrong password."
-        return
     try:
-        sign_in(name)
+        ok = sign_in_with_password(name, password)
     except StoreError as e:
         st.session_state.signin_error = str(e)
         return
-    st.session_state.signin_error = ""
+    # One message for an unknown name and a wrong password: the page does not say who exists.
+    st.session_state.signin_error = "" if ok else "Wrong name or password."
 
 
 def oidc_user_name() -> str | None:
     """The signed-in OIDC user's e-mail (or name), when OIDC is configured and they logged in."""
-    if not oidc_configured():
+    if auth_mode() != "oidc":
         return None
     try:
         if st.user.is_logged_in:
@@ -36,17 +46,25 @@ def oidc_user_name() -> str | None:
     return None
 
 
+def _has_accounts() -> bool:
+    with get_sessionmaker()() as s:
+        return users.has_accounts(s)
+
+
 def page() -> None:
     st.title("GlomLab labeling")
     st.write("Label glomerulus crops by keyboard. Every click is stored at once and attributed to you.")
-    with st.container(border=True, width=420):
-        if oidc_configured():
+    with st.container(border=True, width=440):
+        if auth_mode() == "oidc":
             st.button("Sign in with your organisation", on_click=st.login, icon=":material/login:", width="stretch")
             st.divider()
+        if not _has_accounts():
+            st.info(FIRST_ADMIN_HINT)
+            if on_loopback():
+                st.caption("Working alone on this computer? `make app` starts the single-user mode (no password).")
         with st.form("signin", border=False):
             st.text_input("Your name", key="signin_name", placeholder="e.g. dr.chen")
-            if app_settings().get("password"):
-                st.text_input("Shared password", key="signin_password", type="password")
+            st.text_input("Password", key="signin_password", type="password")
             st.form_submit_button("Sign in", on_click=_on_sign_in, type="primary", width="stretch")
         if st.session_state.get("signin_error"):
             st.error(st.session_state.signin_error)

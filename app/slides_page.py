@@ -25,6 +25,7 @@ from annotation_db.db import StoreError
 from annotation_db.models import Slide, SlideBox, Stain
 from app.session import current_dataset, who
 from app.store_cache import DatasetView, get_sessionmaker
+from core.roots import OutsideRootError, confine, slides_root
 from core.extract import CropSettings, ExtractError, clip_box, crop_boxes_into_dataset
 from core.wsi import (
     OPENSLIDE_FORMATS,
@@ -121,11 +122,23 @@ def _flash(kind: str, message: str) -> None:
     st.session_state.slides_flash.append((kind, message))
 
 
+def _slides_folder() -> Path:
+    """The folder typed on the page, confined to the server's slides folder (else OutsideRootError)."""
+    root = slides_root()
+    if root is None:
+        raise OutsideRootError("the server has no slides folder: start the app with GLOM_SLIDES_DIR set")
+    return confine(st.session_state.get("slides_dir") or root, root, "the slides folder")
+
+
 def _slide_path() -> Path | None:
     name = st.session_state.get("slides_file")
     if not name:
         return None
-    return Path(st.session_state.get("slides_dir") or ".").expanduser().resolve() / name
+    try:
+        folder = _slides_folder()
+        return confine(folder / name, folder, "the slides folder")
+    except OutsideRootError:
+        return None
 
 
 def _slide_mpp(slide: SlideReader) -> float | None:
@@ -242,7 +255,11 @@ def picker_panel() -> Path | None:
     if "slides_dir" not in st.session_state:  # first visit, or back from another page
         st.session_state.slides_dir = st.session_state.get("slides_dir_kept") or default_slides_dir()
     c1.text_input("Slides folder on the server", key="slides_dir", on_change=on_pick)
-    folder = Path(st.session_state.slides_dir or ".").expanduser()
+    try:
+        folder = _slides_folder()
+    except OutsideRootError as e:
+        st.error(str(e))
+        return None
     files = list_slide_files(folder)
     if not files:
         st.info(f"No slide in `{folder}`. Put slides there ({OPENSLIDE_FORMATS}) or name another folder.")

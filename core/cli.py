@@ -18,7 +18,7 @@ from annotation_db.db import StoreError
 log = logging.getLogger("glom")
 
 # Modules that add their own sub-commands: each has register(subparsers, parents).
-COMMAND_MODULES = ("core.cli_train", "core.cli_extract")
+COMMAND_MODULES = ("core.cli_train", "core.cli_extract", "core.cli_users")
 
 
 def _session(args: argparse.Namespace):

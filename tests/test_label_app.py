@@ -4,6 +4,7 @@ multi-label, a vanished file, adjudication, grid, export. Each test checks what 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
-from annotation_db import store
+from annotation_db import store, users
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
 from annotation_db.models import Adjudication, Annotator, Image, Label, LabelEvent
 
@@ -49,10 +50,24 @@ def app_store(tmp_path: Path, bueno_dir: Path, crops: list[str], monkeypatch):
     engine.dispose()
 
 
-def signed_in(name: str = "alice", dataset: str = "bueno") -> AppTest:
+PASSWORD = "correct horse battery"
+
+
+def account(name: str, role: str = "annotator", password: str = PASSWORD) -> None:
+    """An account ``name`` in the store the app uses ($GLOM_DB), unless it exists."""
+    engine = create_store_engine(os.environ["GLOM_DB"])
+    with make_sessionmaker(engine)() as s, s.begin():
+        if users.authenticate(s, name, password) is None:
+            users.add_user(s, name, password, role)
+    engine.dispose()
+
+
+def signed_in(name: str = "alice", dataset: str = "bueno", role: str = "annotator") -> AppTest:
+    account(name, role)
     at = AppTest.from_file(APP, default_timeout=30).run()
     assert not at.exception, at.exception
     at.text_input(key="signin_name").input(name)
+    at.text_input(key="signin_password").input(PASSWORD)
     next(b for b in at.button if b.label == "Sign in").click()
     at.run()
     assert any(f"Signed in as **{name}**" in m.value for m in at.sidebar.markdown), "sign-in did not take"
@@ -189,7 +204,7 @@ def test_adjudicator_decides_disagreements(app_store, crops):
         store.set_label(s, agree, "alice", ["globally_sclerotic"])
         store.set_label(s, agree, "bob", ["globally_sclerotic"])
         target = img.id
-    at = signed_in("dr.adj")
+    at = signed_in("dr.adj", role="adjudicator")
     at.sidebar.radio(key="queue_kind").set_value("disagreements").run()
     assert shown_image_id(at) == target
     assert any("**alice**" in m.value and "**bob**" in m.value for m in at.markdown)
@@ -231,7 +246,7 @@ def test_agreement_page_shows_kappa_and_confusion(app_store, crops):
             img = store.find_image(s, ds, name)
             store.set_label(s, img, "alice", ["globally_sclerotic" if i < 3 else "non_globally_sclerotic"])
             store.set_label(s, img, "bob", ["globally_sclerotic" if i < 2 else "non_globally_sclerotic"])
-    at = signed_in("alice")
+    at = signed_in("alice", role="adjudicator")
     at.switch_page("agreement_page.py").run()
     assert not at.exception, at.exception
     assert at.metric[0].value not in ("n/a", "")
@@ -247,7 +262,7 @@ def test_agreement_page_shows_kappa_and_confusion(app_store, crops):
     assert any(m.value == "Final: globally_sclerotic — alice" for m in at.success)
 
 
-def test_model_uncertain_queue_shows_least_sure_first(app_store, crops):
+def test_model_uncertain_queue_shows_least_sure_first(app_store, crops, monkeypatch):
     Session, _ = app_store
     with Session() as s, s.begin():
         ds = store.get_dataset(s, "bueno")
@@ -273,6 +288,7 @@ def test_model_uncertain_queue_shows_least_sure_first(app_store, crops):
     assert shown_image_id(at) == ids[crops[0]]
 
     # A link can open the queue: ?queue=uncertain (the benchmark and the viewer use it).
+    monkeypatch.setenv("GLOM_TEST_URL_SIGNIN", "1")  # sign-in by URL: a test-only switch
     linked = AppTest.from_file(APP, default_timeout=30)
     linked.query_params["annotator"] = "bob"
     linked.query_params["dataset"] = "bueno"
@@ -282,9 +298,10 @@ def test_model_uncertain_queue_shows_least_sure_first(app_store, crops):
     assert shown_image_id(linked) == ids[crops[1]]
 
 
-def test_import_a_label_file_from_the_server(app_store, bueno_dir):
+def test_import_a_label_file_from_the_server(app_store, bueno_dir, monkeypatch):
     Session, _ = app_store
-    at = signed_in("alice")
+    monkeypatch.setenv("GLOM_DATA_ROOT", str(bueno_dir.parent))
+    at = signed_in("alice", role="admin")
     at.switch_page("import_page.py").run()
     at.text_input(key="import_dataset").input("bueno-labeled")
     at.radio(key="import_format").set_value("csv")
@@ -313,10 +330,10 @@ def test_slide_thumbnail_shows_where_the_crop_lies(app_store, crops, wsi_dir):
 def test_empty_store_offers_the_demo_dataset(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'empty.db'}"
     monkeypatch.setenv("GLOM_DB", url)
+    monkeypatch.setenv("GLOM_SINGLE_USER", "1")  # as `make app` starts it on a fresh machine
+    monkeypatch.setenv("GLOM_LOCAL_USER", "alice")
     at = AppTest.from_file(APP, default_timeout=60).run()
-    at.text_input(key="signin_name").input("alice")
-    next(b for b in at.button if b.label == "Sign in").click()
-    at.run()
+    assert any("Signed in as **alice** · admin" in m.value for m in at.sidebar.markdown)
     assert any("no datasets yet" in w.value for w in at.sidebar.warning)
     next(b for b in at.sidebar.button if b.label == "Create the demo dataset").click()
     at.run()

@@ -1,0 +1,154 @@
+"""Sign-in accounts: annotators with a role and an argon2id password hash, kept in the store.
+
+A person signs in as an :class:`~annotation_db.models.Annotator` (the labels they write are
+attributed to that row). Annotators created by imports or by models have no password and cannot
+sign in. Roles and what each may do:
+
+- ``annotator``: label, see their own queues, export.
+- ``adjudicator``: as annotator, plus the disagreement queue and final labels.
+- ``admin``: everything, including imports, cutting crops from server slides and accounts.
+
+Functions take a session; the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from annotation_db.db import StoreError
+from annotation_db.models import Annotator
+from annotation_db.store import MODEL_ANNOTATOR_PREFIX
+
+__all__ = ["ROLES", "PERMISSIONS", "AccountError", "hash_password", "verify_password", "add_user",
+           "set_password", "set_role", "authenticate", "has_accounts", "role_of", "may", "list_users",
+           "MIN_PASSWORD_CHARS"]
+
+ROLES = ("annotator", "adjudicator", "admin")
+PERMISSIONS: dict[str, frozenset[str]] = {
+    "annotator": frozenset({"label", "export"}),
+    "adjudicator": frozenset({"label", "export", "adjudicate"}),
+    "admin": frozenset({"label", "export", "adjudicate", "import", "slides", "users"}),
+}
+MIN_PASSWORD_CHARS = 8
+MAX_PASSWORD_CHARS = 1024  # argon2 hashes anything; a cap keeps a sign-in request cheap
+
+_hasher = PasswordHasher()  # argon2id, the library's defaults (RFC 9106 low-memory profile)
+# Verified when the name is unknown, so a wrong name costs as long as a wrong password.
+_DUMMY_HASH = _hasher.hash("not a password of anyone")
+
+
+class AccountError(StoreError):
+    """An account cannot be created or changed as asked; the message says why."""
+
+
+def hash_password(password: str) -> str:
+    """An argon2id hash of ``password`` (salted; the password itself is never stored)."""
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise AccountError(f"a password needs at least {MIN_PASSWORD_CHARS} characters")
+    if len(password) > MAX_PASSWORD_CHARS:
+        raise AccountError(f"a password may have at most {MAX_PASSWORD_CHARS} characters")
+    return _hasher.hash(password)
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    """True when ``password`` matches ``password_hash`` (False for no hash or a damaged one)."""
+    if not password or len(password) > MAX_PASSWORD_CHARS:
+        return False  # refused before any lookup cost, the same for known and unknown names
+    try:
+        matched = _hasher.verify(password_hash or _DUMMY_HASH, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+    return matched and password_hash is not None
+
+
+def _check_role(role: str) -> str:
+    if role not in ROLES:
+        raise AccountError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
+    return role
+
+
+def _check_name(name: str) -> str:
+    name = name.strip()
+    if not name:
+        raise AccountError("an account needs a non-empty name")
+    if len(name) > 200:
+        raise AccountError(f"a name may have at most 200 characters, got {len(name)}")
+    if name.startswith(MODEL_ANNOTATOR_PREFIX):
+        raise AccountError(f"names starting with {MODEL_ANNOTATOR_PREFIX!r} are reserved for models")
+    return name
+
+
+def _get(session: Session, name: str) -> Annotator | None:
+    return session.scalar(select(Annotator).where(Annotator.name == name.strip()))
+
+
+def add_user(session: Session, name: str, password: str, role: str = "annotator") -> Annotator:
+    """Create the account ``name``. An annotator already in the store without a password (e.g.
+    named by an import) becomes this account and keeps its labels; one with a password is refused."""
+    name, role = _check_name(name), _check_role(role)
+    hashed = hash_password(password)
+    annotator = _get(session, name)
+    if annotator is not None and annotator.password_hash:
+        raise AccountError(f"an account named {name!r} already exists; change it with `glom user passwd/role`")
+    if annotator is None:
+        annotator = Annotator(name=name)
+        session.add(annotator)
+    annotator.password_hash, annotator.role = hashed, role
+    session.flush()
+    return annotator
+
+
+def set_password(session: Session, name: str, password: str) -> Annotator:
+    annotator = _get(session, name)
+    if annotator is None:
+        raise AccountError(f"no account named {name!r}; create it with `glom user add {name}`")
+    annotator.password_hash = hash_password(password)
+    session.flush()
+    return annotator
+
+
+def set_role(session: Session, name: str, role: str) -> Annotator:
+    annotator = _get(session, name)
+    if annotator is None:
+        raise AccountError(f"no account named {name!r}; create it with `glom user add {name}`")
+    annotator.role = _check_role(role)
+    session.flush()
+    return annotator
+
+
+def authenticate(session: Session, name: str, password: str) -> Annotator | None:
+    """The account ``name`` when ``password`` is its password, else None (same cost either way).
+
+    Hashes made with older argon2 parameters are upgraded on a successful sign-in.
+    """
+    annotator = _get(session, name) if name and name.strip() else None
+    stored = annotator.password_hash if annotator is not None else None
+    if not verify_password(stored, password or ""):
+        return None
+    if _hasher.check_needs_rehash(stored):
+        annotator.password_hash = _hasher.hash(password)
+    return annotator
+
+
+def has_accounts(session: Session) -> bool:
+    """Whether anyone can sign in with a password (the first admin has been created)."""
+    return session.scalar(select(Annotator.id).where(Annotator.password_hash.is_not(None)).limit(1)) is not None
+
+
+def role_of(session: Session, name: str) -> str | None:
+    return session.scalar(select(Annotator.role).where(Annotator.name == name))
+
+
+def may(role: str | None, action: str) -> bool:
+    """Whether ``role`` may do ``action`` (label, export, adjudicate, import, slides, users)."""
+    return action in PERMISSIONS.get(role or "", frozenset())
+
+
+def list_users(session: Session) -> list[tuple[str, str]]:
+    """(name, role) of every account that can sign in, by name."""
+    return list(session.execute(
+        select(Annotator.name, Annotator.role).where(Annotator.password_hash.is_not(None)).order_by(Annotator.name)
+    ).tuples())
