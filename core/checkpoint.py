@@ -48,6 +48,10 @@ class CheckpointMeta:
     split: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     temperature: float | None = None
+    tta: bool = False  # predictions average the 8 dihedral views
+    ensemble: int = 0  # > 0: the weights are this many members of one architecture, logits averaged
+    class_bias: list[float] | None = None  # added to calibrated logits: an operating point re-fitted for a site
+    adapted: dict[str, Any] | None = None  # where and how class_bias was fitted
     epoch: int | None = None
     config: dict[str, Any] | None = None
     code_revision: str = ""
@@ -129,10 +133,16 @@ def read_meta(stem: str | Path) -> CheckpointMeta:
 
 
 def build_model_from_meta(meta: CheckpointMeta) -> nn.Module:
-    """The architecture the sidecar names, untrained (``pretrained=False``)."""
+    """The architecture the sidecar names, untrained (``pretrained=False``); an
+    :class:`~models.ensemble.EnsembleClassifier` of ``meta.ensemble`` copies when it says so."""
+    from models.ensemble import EnsembleClassifier
+
     try:
-        return timm.create_model(meta.architecture, pretrained=False, num_classes=meta.num_classes,
-                                 **meta.model_kwargs)
+        def one() -> nn.Module:
+            return timm.create_model(meta.architecture, pretrained=False, num_classes=meta.num_classes,
+                                     **meta.model_kwargs)
+
+        return EnsembleClassifier([one() for _ in range(meta.ensemble)]) if meta.ensemble else one()
     except RuntimeError as e:
         raise CheckpointError(f"cannot build {meta.architecture!r}: {e}") from None
 

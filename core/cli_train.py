@@ -1,6 +1,6 @@
-"""``glom train | evaluate | compare | predict``: argument parsing over core.train and friends.
+"""``glom train | cv | evaluate | adapt | compare | predict``: argument parsing over core.train and friends.
 
-``register(subparsers)`` adds the four subcommands to the ``glom`` parser (core/cli.py).
+``register(subparsers)`` adds the subcommands to the ``glom`` parser (core/cli.py).
 """
 
 from __future__ import annotations
@@ -79,6 +79,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cv(args: argparse.Namespace) -> int:
+    from core.config import load_config
+    from core.cv import run_cv, summary_lines
+
+    cfg = load_config(args.recipe, args.overrides)
+    if getattr(args, "db", None) and not cfg.data.db_url:
+        cfg.data.db_url = args.db
+    if args.bootstrap is not None:
+        cfg.evaluate.bootstrap = args.bootstrap
+    if args.tta:
+        cfg.evaluate.tta = True
+    result = run_cv(cfg, args.scheme, args.folds, args.group_by, progress=not args.no_progress,
+                    ensemble=args.ensemble)
+    for line in summary_lines(result.report):
+        print(line)
+    print(f"report: {result.out_dir / 'cv_report.md'}")
+    if result.ensemble:
+        print(f"ensemble checkpoint: {result.ensemble}")
+    print(f"wall time: {result.seconds:.0f} s")
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from core.compare import compare_architectures
     from core.config import load_config
@@ -118,13 +140,16 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
         from core.model_factory import ModelConfigError, PretrainedUnavailableError
         from core.stain import StainError
         from annotation_db.db import StoreError
+        from core.engine import TrainingDivergedError
         from core.train import TrainingConfigError
+        from core.transforms import TransformError
         from models.freeze import FreezeError
 
         try:
             return func(args)
         except (CheckpointError, ConfigError, DataError, LossConfigError, ModelConfigError,
-                PretrainedUnavailableError, StainError, TrainingConfigError, FreezeError, StoreError) as e:
+                PretrainedUnavailableError, StainError, TrainingConfigError, FreezeError, StoreError,
+                TrainingDivergedError, TransformError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
 
@@ -151,6 +176,20 @@ def register(subparsers: argparse._SubParsersAction,
     p.add_argument("--no-tsne", action="store_true")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_guarded(_cmd_evaluate))
+
+    p = subparsers.add_parser("cv", parents=parents,
+                              help="grouped k-fold or leave-one-centre-out cross-validation, figures with 95 % CIs")
+    _add_recipe_args(p)
+    p.add_argument("--scheme", choices=("kfold", "loco"), default="kfold",
+                   help="kfold (default) or loco: leave one centre out, each centre scored by a model that never saw it")
+    p.add_argument("--folds", type=int, default=5, help="k of k-fold (default 5)")
+    p.add_argument("--group-by", choices=("slide", "patient", "centre"),
+                   help="what no fold may split (default: the recipe's data.split.group_by; centre for loco)")
+    p.add_argument("--bootstrap", type=int, help="slide resamples for the intervals (default: evaluate.bootstrap)")
+    p.add_argument("--tta", action="store_true", help="predict held-out crops with the 8 dihedral views")
+    p.add_argument("--ensemble", action="store_true", help="also save the k fold models as one checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_guarded(_cmd_cv))
 
     p = subparsers.add_parser("compare", parents=parents, help="train several architectures on one split, compare")
     _add_recipe_args(p)

@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 @dataclass
 class SplitConfig:
     ratios: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])  # 2 values: train/test (7:3)
-    group_by: str = "slide"  # slide | patient | none
+    group_by: str = "slide"  # slide | patient | centre | none
     seed: int = 0
     kfold: int = 0  # > 1: k-fold; run fold ``fold``
     fold: int = 0
@@ -49,6 +49,7 @@ class DataConfig:
     cache: bool = True  # keep decoded (stain-normalised) crops in memory
     num_workers: int = 0
     max_images: int = 0  # > 0: use a stratified subset (smoke runs)
+    centre_pattern: str = ""  # regex on the slide id giving its centre (group 1), e.g. "^([^_]+)_"
 
 
 @dataclass
@@ -93,7 +94,12 @@ class AugmentConfig:
     gaussian_noise: float = 0.0  # σ on the [0, 1] scale
     color_jitter: float = 0.0  # brightness/contrast/saturation strength
     hue_jitter: float = 0.0
-    hed_jitter: float = 0.0  # per-stain concentration scale/shift strength (Tellez et al.)
+    hed_jitter: float = 0.0  # per-stain concentration scale/shift strength (Tellez et al.: 0.05 light, 0.2 strong)
+    randstain: float = 0.0  # probability of RandStainNA-style LAB re-staining towards a random training stain
+    randstain_std: float = 1.0  # spread of the drawn LAB statistics, in units of their training spread
+    grayscale: float = 0.0  # probability of a grey image (3 equal channels)
+    blur: float = 0.0  # probability of a Gaussian blur (σ 0.1–1.5 px): focus differences between scanners
+    jpeg: float = 0.0  # probability of JPEG re-compression at quality 30–90: scanner/archive artefacts
     mixup_alpha: float = 0.0  # batch MixUp (seed 000: 0.2)
     same_class_mix_p: float = 0.0  # probability of same-class mixup per image (seed 003)
     same_class_mix_alpha: float = 0.4
@@ -116,7 +122,7 @@ class SchedulerConfig:
 class LossConfig:
     name: str = "cross_entropy"  # cross_entropy | focal
     label_smoothing: float = 0.0
-    class_weights: Any = None  # None | "balanced" | list of floats
+    class_weights: Any = "auto"  # "auto" (balanced when classes are skewed ≥ 1.5:1) | None | "balanced" | list
     focal_gamma: float = 2.0
     focal_alpha: list[float] | None = None  # per class; None: class_weights
 
@@ -155,6 +161,8 @@ class EvalConfig:
     tsne: bool = True
     calibrate: bool = True
     batch_size: int = 64
+    tta: bool = False  # average the 8 dihedral views (rotations × flip) at evaluation and prediction
+    bootstrap: int = 1000  # resamples of slides for the 95 % intervals of `glom cv` / `glom evaluate`
 
 
 @dataclass

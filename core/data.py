@@ -12,7 +12,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DataError", "Sample", "LabeledSet", "Split", "load_from_store", "load_from_folder",
     "load_from_csv", "load_from_jsonl", "load_labeled_set", "split_grouped", "kfold_grouped",
-    "ImageDataset", "balanced_sampler", "shared_data_dir",
+    "ImageDataset", "balanced_sampler", "shared_data_dir", "assign_centres", "GROUP_BY",
 ]
 
 
@@ -45,6 +45,7 @@ class Sample:
     patient: str | None = None
     stain: str | None = None
     image_id: int | None = None
+    centre: str | None = None  # the hospital / scanner site (a CSV column or a slide-id pattern)
 
 
 @dataclass
@@ -70,13 +71,20 @@ class LabeledSet:
         return [c.get(i, 0) for i in range(len(self.classes))]
 
     def groups(self, group_by: str = "slide") -> list[str]:
-        """Group name of each sample (``slide``, ``patient`` or ``none``); ungrouped samples stand alone.
+        """Group name of each sample (``slide``, ``patient``, ``centre`` or ``none``); ungrouped samples stand alone.
 
         ``patient`` falls back to the slide for samples whose slide records no patient, so a
-        slide is never split either way (``glom patients`` fills the patients in).
+        slide is never split either way (``glom patients`` fills the patients in). ``centre``
+        has no fallback: every sample must have one (:func:`assign_centres`).
         """
-        if group_by not in ("slide", "patient", "none"):
-            raise DataError(f"group_by must be slide, patient or none, not {group_by!r}")
+        if group_by not in GROUP_BY:
+            raise DataError(f"group_by must be one of {', '.join(GROUP_BY)}, not {group_by!r}")
+        if group_by == "centre":
+            missing = [s.path for s in self.samples if not s.centre]
+            if missing:
+                raise DataError(f"{len(missing)} of {len(self.samples)} images have no centre, e.g. {missing[0]}: "
+                                f"add a `centre` column or set data.centre_pattern (a regex on the slide id)")
+            return [f"centre:{s.centre}" for s in self.samples]
         out, no_patient = [], 0
         for i, s in enumerate(self.samples):
             if group_by == "patient":
@@ -89,6 +97,36 @@ class LabeledSet:
             log.warning("%d of %d images have no patient (grouped by their slide instead): record patients with "
                         "`glom patients FILE.csv`", no_patient, len(self.samples))
         return out
+
+
+GROUP_BY = ("slide", "patient", "centre", "none")
+
+
+def assign_centres(ls: LabeledSet, pattern: str = "") -> LabeledSet:
+    """Fill each sample's centre from ``pattern``, a regex searched in the slide id (group 1, or the
+    whole match). Samples that already have a centre (a CSV column) keep it. ``^([^_]+)_`` gives the
+    shared set's ``SAS`` / ``SESCAM`` / ``VUHSK``. A slide the pattern does not match is an error
+    naming it (a silently unassigned centre would leak between the training and test side).
+    """
+    import re
+
+    if not pattern:
+        return ls
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise DataError(f"data.centre_pattern {pattern!r} is not a regular expression: {e}") from None
+    out = []
+    for s in ls.samples:
+        if s.centre:
+            out.append(s)
+            continue
+        m = rx.search(s.slide or "")
+        if not m:
+            raise DataError(f"data.centre_pattern {pattern!r} does not match the slide id {s.slide!r} of {s.path}")
+        centre = m.group(1) if rx.groups else m.group(0)
+        out.append(replace(s, centre=centre))
+    return LabeledSet(ls.classes, out, ls.display_names, ls.source)
 
 
 def shared_data_dir() -> Path:
@@ -192,12 +230,34 @@ def load_from_csv(path: str | Path, root: str | Path | None = None,
         log.warning("%s has an annotator column; every row is used as its own sample", path)
     keys = list(classes) if classes else sorted({c for r in records for c in r.classes})
     index = {k: i for i, k in enumerate(keys)}
+    centre_of = _csv_centres(path)
     samples = []
     for r in records:
         label = _single_label(r.where, r.classes, index)
         if label is not None:
-            samples.append(Sample(str((base / r.image).resolve()), label, r.slide, r.patient))
+            samples.append(Sample(str((base / r.image).resolve()), label, r.slide, r.patient,
+                                  centre=centre_of.get(r.image)))
     return LabeledSet(keys, samples, source=f"csv:{path}")
+
+
+_CSV_CENTRE = ("centre", "center", "site")
+
+
+def _csv_centres(path: Path) -> dict[str, str]:
+    """Image → centre from a ``centre``/``center``/``site`` column, when the CSV has one."""
+    import csv
+
+    from annotation_db.formats import _CSV_IMAGE
+
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip().lower() for h in reader.fieldnames or []]
+        col = next((reader.fieldnames[i] for i, h in enumerate(header) if h in _CSV_CENTRE), None)
+        image_col = next((reader.fieldnames[i] for i, h in enumerate(header) if h in _CSV_IMAGE), None)
+        if col is None or image_col is None:
+            return {}
+        return {(row.get(image_col) or "").strip(): (row.get(col) or "").strip()
+                for row in reader if (row.get(col) or "").strip()}
 
 
 def load_from_jsonl(path: str | Path, root: str | Path | None = None,
@@ -356,9 +416,10 @@ def split_grouped(ls: LabeledSet, ratios: Sequence[float] = (0.6, 0.2, 0.2), see
 
 
 def kfold_grouped(ls: LabeledSet, n_folds: int = 5, seed: int = 0, group_by: str = "slide",
-                  val_fraction: float = 0.2) -> list[Split]:
+                  val_fraction: float = 0.2, val_group_by: str | None = None) -> list[Split]:
     """``n_folds`` grouped, stratified folds; each fold's test part is one fold, val is carved
-    from the rest by :func:`split_grouped` (``val_fraction`` of it, 0 for none)."""
+    from the rest by :func:`split_grouped` (``val_fraction`` of it, 0 for none), grouped by
+    ``val_group_by`` (default ``group_by``; folds by centre carve val by slide)."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     groups = ls.groups(group_by)
@@ -371,7 +432,7 @@ def kfold_grouped(ls: LabeledSet, n_folds: int = 5, seed: int = 0, group_by: str
         rest = LabeledSet(ls.classes, [ls.samples[i] for i in rest_idx], ls.display_names, ls.source)
         test = [ls.samples[i].path for i in test_idx]
         if val_fraction > 0:
-            inner = split_grouped(rest, (1 - val_fraction, val_fraction), seed + k, group_by)
+            inner = split_grouped(rest, (1 - val_fraction, val_fraction), seed + k, val_group_by or group_by)
             train, val = inner.train, inner.test
         else:
             train, val = [s.path for s in rest.samples], []

@@ -163,7 +163,12 @@ def diagnose(ckpt: ViewerCheckpoint, rgbs: Sequence[np.ndarray], *, method: str 
                 heats = cam(batch, target_class=targets, versus_class=versus)
                 # The CAM's own forward pass gives the logits (no second forward).
                 logits = cam.outputs.detach().float()
-            probs = torch.softmax(logits / pred.temperature, dim=1).cpu().numpy()
+            # A TTA checkpoint's probabilities are the 8-view mean, not the CAM's single view.
+            if pred.tta:
+                with ckpt.lock:
+                    probs = pred.predict_batch(batch)
+            else:
+                probs = pred.probabilities(logits)
         for j, p in enumerate(probs):
             out.append(CropResult({k: float(v) for k, v in zip(pred.classes, p)}, pred.classes[int(p.argmax())],
                                   _margin(p), None if heats is None else heats[j]))

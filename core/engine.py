@@ -134,15 +134,24 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module,
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, ctx: StepContext, features: bool = False,
-            progress: bool = False, desc: str = "predict") -> dict[str, torch.Tensor]:
-    """Logits (float32, CPU) and labels for every batch; penultimate features when asked."""
+            progress: bool = False, desc: str = "predict", tta: bool = False) -> dict[str, torch.Tensor]:
+    """Logits (float32, CPU) and labels for every batch; penultimate features when asked.
+
+    ``tta``: logits are the mean over the 8 dihedral views (features stay those of the plain view).
+    """
+    from core.transforms import tta_logits
+
     model.eval()
     inner = getattr(model, "module", model)
     logits, labels, feats = [], [], []
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         x = ctx.to_device(x)
         with ctx.autocast():
-            if features:
+            if tta:
+                out = tta_logits(model, x)
+                if features:
+                    feats.append(inner.forward_head(inner.forward_features(x), pre_logits=True).float().cpu())
+            elif features:
                 f = inner.forward_head(inner.forward_features(x), pre_logits=True)
                 out = inner.get_classifier()(f)
                 feats.append(f.float().cpu())

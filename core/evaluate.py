@@ -38,8 +38,10 @@ def evaluate_model(model: nn.Module, classes: Sequence[str], preprocess: dict[st
                    subsets: dict[str, Sequence[Sample]], out_dir: str | Path, ctx: StepContext,
                    temperature: float | None = None, calibrate: bool = True, tsne: bool = True,
                    batch_size: int = 64, num_workers: int = 0,
-                   extra: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
+                   extra: dict[str, Any] | None = None, seed: int = 0, tta: bool = False) -> dict[str, Any]:
     """Metrics on every non-empty subset (val, test, ...), temperature fitted on ``val``, plots.
+
+    ``tta`` averages the logits of the 8 dihedral views (what a checkpoint with ``tta`` predicts).
 
     Writes ``report.json``, ``report.md`` and PNGs into ``out_dir``; returns the report.
     """
@@ -51,7 +53,7 @@ def evaluate_model(model: nn.Module, classes: Sequence[str], preprocess: dict[st
         if samples:
             loader = make_eval_loader(samples, preprocess, normalizer, batch_size, num_workers,
                                       ctx.device.type == "cuda")
-            outputs[name] = predict(model, loader, ctx, features=tsne, progress=True, desc=name)
+            outputs[name] = predict(model, loader, ctx, features=tsne, progress=True, desc=name, tta=tta)
     if temperature is None and calibrate and "val" in outputs:
         temperature = fit_temperature(outputs["val"]["logits"].numpy(), outputs["val"]["labels"].numpy())
         log.info("temperature fitted on val: %.3f", temperature)

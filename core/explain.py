@@ -176,6 +176,12 @@ def vit_reshape_transform(model: nn.Module) -> Callable[[torch.Tensor], torch.Te
 
 def find_target_layers(model: nn.Module, architecture: str | None = None) -> TargetLayers:
     """The layer(s) to explain for ``architecture`` (a timm name), with the reshape it needs."""
+    from models.ensemble import EnsembleClassifier
+
+    if isinstance(model, EnsembleClassifier):
+        parts = [find_target_layers(m, architecture) for m in model.members]
+        return TargetLayers([layer for p in parts for layer in p.layers], parts[0].reshape_transform,
+                            ", ".join(f"members.{i}.{p.where}" for i, p in enumerate(parts)))
     arch = architecture or getattr(model, "pretrained_cfg", {}).get("architecture", "") or ""
     name = None
     for patterns, resolve in _REGISTRY:

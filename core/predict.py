@@ -4,7 +4,9 @@
     predictor.predict_rgb(rgb)            # {"globally_sclerotic": 0.93, ...}
     predictor.predict_paths(paths)        # one dict per image
 
-Temperature scaling fitted at training time is applied unless ``calibrated=False``. The model is
+Temperature scaling fitted at training time is applied unless ``calibrated=False``, and so is a
+class bias re-fitted for a new site (``glom adapt``); a checkpoint saved with ``tta`` averages the
+8 dihedral views; an ensemble checkpoint averages its members. The model is
 exposed (``predictor.model``) with ``forward_features``/``forward_head`` for Grad-CAM.
 """
 
@@ -22,7 +24,7 @@ from torch import nn
 from core.checkpoint import CheckpointMeta, load_checkpoint
 from core.data import read_rgb
 from core.stain import PerStainNormalizer, StainNormalizer, create_stain_normalizer
-from core.transforms import build_eval_transform
+from core.transforms import build_eval_transform, tta_logits
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,9 @@ class Predictor:
         if meta.stain:
             self.stain = create_stain_normalizer({k: v for k, v in meta.stain.items() if k != "references"})
         self.temperature = float(meta.temperature) if meta.temperature else 1.0
+        self.tta = bool(meta.tta)
+        self.class_bias = (torch.tensor(meta.class_bias, dtype=torch.float32)
+                           if meta.class_bias is not None else None)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Predictor:
@@ -62,11 +67,27 @@ class Predictor:
         return self.transform(rgb)
 
     @torch.no_grad()
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Raw logits (N, C) for preprocessed tensors; the 8-view mean when the checkpoint uses TTA."""
+        x = batch.to(self.device)
+        return (tta_logits(self.model, x) if self.tta else self.model(x)).float()
+
+    def probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> np.ndarray:
+        """Logits → probabilities: temperature, then the site's re-fitted class bias when there is one.
+
+        ``calibrated=False`` gives the plain softmax (neither applied).
+        """
+        logits = logits.detach().float().cpu()
+        if calibrated:
+            logits = logits / self.temperature
+            if self.class_bias is not None:
+                logits = logits + self.class_bias
+        return torch.softmax(logits, dim=1).numpy()
+
+    @torch.no_grad()
     def predict_batch(self, batch: torch.Tensor, calibrated: bool = True) -> np.ndarray:
         """Probabilities (N, C) for preprocessed tensors (N, C, H, W)."""
-        logits = self.model(batch.to(self.device)).float()
-        t = self.temperature if calibrated else 1.0
-        return torch.softmax(logits / t, dim=1).cpu().numpy()
+        return self.probabilities(self.logits(batch), calibrated)
 
     def predict_rgb(self, rgb: np.ndarray, calibrated: bool = True, stain: str | None = None) -> dict[str, float]:
         """Class key → probability for one HWC uint8 RGB image."""

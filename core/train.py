@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from core.checkpoint import CheckpointMeta, save_checkpoint
 from core.config import TrainConfig, load_config
-from core.data import (DataError, ImageDataset, LabeledSet, Sample, Split, balanced_sampler,
+from core.data import (DataError, ImageDataset, LabeledSet, Sample, Split, assign_centres, balanced_sampler,
                        kfold_grouped, load_labeled_set, read_rgb, shared_data_dir, split_grouped)
 from core.engine import StepContext, make_step_context, predict, train_one_epoch
 from core.evaluate import evaluate_model
@@ -38,7 +38,7 @@ from core.losses import class_weights_from_counts, create_loss
 from core.metrics import classification_metrics, plot_history, softmax
 from core.model_factory import apply_freeze, create_classifier, model_kwargs
 from core.stain import PerStainNormalizer, create_stain_normalizer, pick_reference
-from core.transforms import build_eval_transform, build_train_transform, resolve_preprocess
+from core.transforms import build_eval_transform, build_train_transform, lab_statistics, resolve_preprocess
 from models.freeze import freeze_backbone, set_frozen_norm_eval, unfreeze_all
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,37 @@ def _stain_normalizer(cfg: TrainConfig, train: list[Sample]) -> tuple[Any, dict 
     return norm, {**norm.to_dict(), "reference": ref}
 
 
+def _class_weights(setting: Any, counts: list[int]) -> list[float] | None:
+    """Loss weights: ``balanced`` (inverse frequency), ``auto`` (balanced when the largest class
+    has ≥ 1.5× the images of the smallest present one, else none), None, or the list given."""
+    if setting == "auto":
+        present = [c for c in counts if c > 0]
+        skewed = len(present) > 1 and max(present) >= 1.5 * min(present)
+        if skewed:
+            log.info("classes are skewed %s: balanced class weights (train.loss.class_weights: auto)", counts)
+        return class_weights_from_counts(counts).tolist() if skewed else None
+    if setting == "balanced":
+        return class_weights_from_counts(counts).tolist()
+    if setting is None or isinstance(setting, (list, tuple)):
+        return setting
+    raise TrainingConfigError(f"train.loss.class_weights: {setting!r} is not auto, balanced, null or a list")
+
+
+def _lab_stats(train: list[Sample], preprocess: dict[str, Any], normalizer: Any, seed: int,
+               n: int = 64) -> dict[str, list[float]]:
+    """LAB stain statistics of up to ``n`` training crops (RandStainNA's template distribution)."""
+    import torchvision.transforms.v2 as T
+
+    rng = random.Random(seed)
+    picked = rng.sample(train, min(n, len(train)))
+    size = int(preprocess["input_size"][-1])
+    to_tensor = T.Compose([T.ToImage(), T.Resize((size, size), antialias=True), T.ToDtype(torch.float32, scale=True)])
+    ds = ImageDataset(picked, to_tensor, normalizer)
+    stats = lab_statistics([ds[i][0] for i in range(len(ds))])
+    log.info("RandStainNA template distribution from %d training crops: %s", len(picked), stats)
+    return stats
+
+
 def _subsample(ls: LabeledSet, n: int, seed: int) -> LabeledSet:
     """A class-stratified subset of whole slides' images, at most ``n`` images."""
     if n <= 0 or n >= len(ls.samples):
@@ -199,7 +230,8 @@ def _make_split(cfg: TrainConfig, ls: LabeledSet) -> Split:
         split.subsets(ls)  # raises if it names unknown images
         return split
     if sc.kfold > 1:
-        folds = kfold_grouped(ls, sc.kfold, sc.seed, sc.group_by)
+        folds = kfold_grouped(ls, sc.kfold, sc.seed, sc.group_by,
+                              val_group_by="slide" if sc.group_by == "centre" else None)
         if not 0 <= sc.fold < sc.kfold:
             raise DataError(f"fold {sc.fold} is outside 0..{sc.kfold - 1}")
         return folds[sc.fold]
@@ -310,7 +342,7 @@ def run_training(cfg: TrainConfig, progress: bool = True,
     d = cfg.data
     ls = load_labeled_set(d.kind, resolve_path(d.path), resolve_path(d.root), d.dataset, d.label_source,
                           d.db_url, d.classes or None)
-    ls = _subsample(ls, d.max_images, cfg.seed)
+    ls = assign_centres(_subsample(ls, d.max_images, cfg.seed), d.centre_pattern)
     split = _make_split(cfg, ls)
     run_dir = _run_dir(cfg, rank)
     if is_main:
@@ -330,7 +362,8 @@ def run_training(cfg: TrainConfig, progress: bool = True,
     if ctx.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    train_ds = ImageDataset(subsets["train"], build_train_transform(preprocess, cfg.augment), normalizer,
+    stain_stats = _lab_stats(subsets["train"], preprocess, normalizer, cfg.seed) if cfg.augment.randstain > 0 else None
+    train_ds = ImageDataset(subsets["train"], build_train_transform(preprocess, cfg.augment, stain_stats), normalizer,
                             cache=d.cache, same_class_mix_p=cfg.augment.same_class_mix_p,
                             same_class_mix_alpha=cfg.augment.same_class_mix_alpha)
     if world > 1:
@@ -352,7 +385,7 @@ def run_training(cfg: TrainConfig, progress: bool = True,
 
     counts = np.bincount([s.label for s in subsets["train"]], minlength=k).tolist()
     lc = cfg.train.loss
-    weights = class_weights_from_counts(counts).tolist() if lc.class_weights == "balanced" else lc.class_weights
+    weights = _class_weights(lc.class_weights, counts)
     loss_fn = create_loss(lc.name, k, lc.label_smoothing, weights, lc.focal_gamma, lc.focal_alpha).to(device)
     eval_loss = create_loss(lc.name, k, 0.0, weights, lc.focal_gamma, lc.focal_alpha).to(device)
 
@@ -363,7 +396,7 @@ def run_training(cfg: TrainConfig, progress: bool = True,
 
     meta = CheckpointMeta(architecture=cfg.model.name, num_classes=k, classes=classes,
                           display_names=ls.display_names, preprocess=preprocess,
-                          model_kwargs=model_kwargs(cfg.model), stain=stain_meta,
+                          model_kwargs=model_kwargs(cfg.model), stain=stain_meta, tta=cfg.evaluate.tta,
                           split={"file": "split.json", "groups": split.groups, "seed": split.seed,
                                  "ratios": split.ratios, "group_by": split.group_by, "fold": split.fold,
                                  "sizes": {n: len(getattr(split, n)) for n in ("train", "val", "test")}},
@@ -447,7 +480,7 @@ def run_training(cfg: TrainConfig, progress: bool = True,
         report = evaluate_model(
             best_model, classes, preprocess, normalizer, {"val": subsets["val"], "test": subsets["test"]},
             run_dir, ctx, calibrate=cfg.evaluate.calibrate, tsne=cfg.evaluate.tsne,
-            batch_size=cfg.evaluate.batch_size, num_workers=d.num_workers, seed=cfg.seed,
+            batch_size=cfg.evaluate.batch_size, num_workers=d.num_workers, seed=cfg.seed, tta=cfg.evaluate.tta,
             extra={"name": cfg.name, "architecture": cfg.model.name, "checkpoint": "best.safetensors",
                    "data": ls.source, "split_groups": split.groups, "best_epoch": best_epoch,
                    "stop_reason": stop_reason, "code_revision": best_meta.code_revision,
