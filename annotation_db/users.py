@@ -149,6 +149,6 @@ def may(role: str | None, action: str) -> bool:
 
 def list_users(session: Session) -> list[tuple[str, str]]:
     """(name, role) of every account that can sign in, by name."""
-    return list(session.execute(
-        select(Annotator.name, Annotator.role).where(Annotator.password_hash.is_not(None)).order_by(Annotator.name)
-    ).tuples())
+    rows = session.execute(
+        select(Annotator.name, Annotator.role).where(Annotator.password_hash.is_not(None)).order_by(Annotator.name))
+    return [(name, role) for name, role in rows]

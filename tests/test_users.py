@@ -1,0 +1,93 @@
+"""Accounts in the store (SQLite and PostgreSQL): argon2id hashes, never the password; roles;
+an imported annotator becomes an account and keeps its labels; `glom user` on the command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import select
+
+from annotation_db import store, users
+from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
+from annotation_db.models import Annotator, Label
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def Session(store_url):  # noqa: N802
+    engine = create_store_engine(store_url)
+    upgrade(engine)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def test_passwords_are_stored_as_argon2id_hashes_and_checked(Session):
+    with Session() as s, s.begin():
+        users.add_user(s, "dr_li", PASSWORD, "admin")
+    with Session() as s, s.begin():
+        row = s.scalar(select(Annotator).where(Annotator.name == "dr_li"))
+        assert row.password_hash.startswith("$argon2id$") and PASSWORD not in row.password_hash
+        assert row.role == "admin"
+        assert users.authenticate(s, "dr_li", PASSWORD).name == "dr_li"
+        assert users.authenticate(s, "dr_li", PASSWORD + "x") is None
+        assert users.authenticate(s, "nobody", PASSWORD) is None
+        assert users.authenticate(s, "dr_li", "") is None
+        assert users.list_users(s) == [("dr_li", "admin")]
+
+
+def test_accounts_refuse_bad_names_roles_and_short_passwords(Session):
+    with Session() as s, s.begin():
+        users.add_user(s, "dr_li", PASSWORD)
+        with pytest.raises(users.AccountError, match="already exists"):
+            users.add_user(s, "dr_li", PASSWORD)
+        with pytest.raises(users.AccountError, match="at least 8"):
+            users.add_user(s, "dr_chen", "short")
+        with pytest.raises(users.AccountError, match="unknown role"):
+            users.add_user(s, "dr_chen", PASSWORD, "root")
+        with pytest.raises(users.AccountError, match="reserved for models"):
+            users.add_user(s, "model:abc", PASSWORD)
+        with pytest.raises(users.AccountError, match="no account"):
+            users.set_role(s, "ghost", "admin")
+
+
+def test_an_imported_annotator_becomes_an_account_and_keeps_its_labels(Session, bueno_dir):
+    with Session() as s, s.begin():
+        ds = store.create_dataset(s, "d", ["a", "b"], root=bueno_dir)
+        img = store.add_image(s, ds, sorted(bueno_dir.glob("globally_sclerotic/*.png"))[0].relative_to(bueno_dir))
+        store.set_label(s, img, "dr_wu", ["a"])
+        assert users.authenticate(s, "dr_wu", PASSWORD) is None  # no password: cannot sign in
+        assert not users.has_accounts(s)
+        users.add_user(s, "dr_wu", PASSWORD, "adjudicator")
+    with Session() as s:
+        assert users.has_accounts(s)
+        account = users.authenticate(s, "dr_wu", PASSWORD)
+        assert s.scalar(select(Label.annotator_id)) == account.id
+        assert users.may(account.role, "adjudicate") and not users.may(account.role, "import")
+
+
+def test_roles_grant_what_docs_security_says():
+    assert users.may("admin", "import") and users.may("admin", "adjudicate")
+    assert not users.may("adjudicator", "import") and users.may("adjudicator", "adjudicate")
+    assert users.may("annotator", "label") and not users.may("annotator", "adjudicate")
+    assert not users.may(None, "label")
+
+
+def test_glom_user_on_the_command_line(tmp_path):
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    glom = [sys.executable, "-m", "core.cli", "--db", db, "user"]
+    out = subprocess.run([*glom, "add", "dr_li", "--role", "admin", "--password-stdin"], input=PASSWORD + "\n",
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run([*glom, "add", "dr_x", "--password-stdin"], input="short\n", capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "at least 8 characters" in out.stderr
+    subprocess.run([*glom, "role", "dr_li", "adjudicator"], check=True, capture_output=True, timeout=120)
+    out = subprocess.run([*glom, "list"], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.splitlines() == ["dr_li\tadjudicator"]
+    engine = create_store_engine(db)
+    with make_sessionmaker(engine)() as s:
+        assert users.authenticate(s, "dr_li", PASSWORD) is not None
+    engine.dispose()
