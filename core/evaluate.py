@@ -17,6 +17,7 @@ from core.engine import StepContext, predict
 from core.metrics import (classification_metrics, expected_calibration_error, fit_temperature,
                           plot_confusion_matrix, plot_reliability, plot_roc, plot_tsne, softmax,
                           write_report)
+from core.intervals import bootstrap_metrics
 from core.transforms import build_eval_transform
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,13 @@ def evaluate_model(model: nn.Module, classes: Sequence[str], preprocess: dict[st
                    subsets: dict[str, Sequence[Sample]], out_dir: str | Path, ctx: StepContext,
                    temperature: float | None = None, calibrate: bool = True, tsne: bool = True,
                    batch_size: int = 64, num_workers: int = 0,
-                   extra: dict[str, Any] | None = None, seed: int = 0, tta: bool = False) -> dict[str, Any]:
+                   extra: dict[str, Any] | None = None, seed: int = 0, tta: bool = False,
+                   bootstrap: int = 1000, class_bias: Sequence[float] | None = None) -> dict[str, Any]:
     """Metrics on every non-empty subset (val, test, ...), temperature fitted on ``val``, plots.
 
     ``tta`` averages the logits of the 8 dihedral views (what a checkpoint with ``tta`` predicts).
+    Each subset also gets ``intervals``: the headline figures of the calibrated predictions (with
+    ``class_bias`` added when given) with 95 % intervals from ``bootstrap`` resamples of slides.
 
     Writes ``report.json``, ``report.md`` and PNGs into ``out_dir``; returns the report.
     """
@@ -63,6 +67,9 @@ def evaluate_model(model: nn.Module, classes: Sequence[str], preprocess: dict[st
         m = classification_metrics(softmax(logits), labels, classes)
         if temperature is not None:
             m["calibration_temperature"] = expected_calibration_error(softmax(logits, temperature), labels)
+        z = logits / (temperature or 1.0) + (np.asarray(class_bias) if class_bias is not None else 0.0)
+        m["intervals"] = bootstrap_metrics(softmax(z), labels, [s.slide for s in subsets[name]], classes,
+                                           bootstrap, seed)
         report["splits"][name] = m
     final = "test" if "test" in outputs else next(iter(outputs), None)
     if final is not None:

@@ -248,8 +248,17 @@ def write_report(out_dir: str | Path, report: dict[str, Any], classes: Sequence[
                   f"| {_fmt(m['accuracy'])} | {_fmt(m['balanced_accuracy'])} | {_fmt(m['macro_precision'])} "
                   f"| {_fmt(m['macro_recall'])} | {_fmt(m['macro_f1'])} | {_fmt(m['macro_auc'])} "
                   f"| {_fmt((m.get('calibration') or {}).get('ece'))} "
-                  f"| {_fmt((m.get('calibration_temperature') or {}).get('ece'))} |", "",
-                  "| class | precision | recall | F1 | AUC | support |", "|---|---|---|---|---|---|"]
+                  f"| {_fmt((m.get('calibration_temperature') or {}).get('ece'))} |", ""]
+        if m.get("intervals"):
+            from core.intervals import format_ci
+
+            ci = m["intervals"]
+            r = ci.get("_resampled", {})
+            lines += [f"95 % intervals, bootstrap over {r.get('groups')} {r.get('unit')}s ({r.get('n')} resamples), "
+                      f"calibrated predictions: macro-F1 {format_ci(ci['macro_f1'])}, balanced accuracy "
+                      f"{format_ci(ci['balanced_accuracy'])}, macro AUC {format_ci(ci['macro_auc'])}, "
+                      f"ECE {format_ci(ci['ece'])}.", ""]
+        lines += ["| class | precision | recall | F1 | AUC | support |", "|---|---|---|---|---|---|"]
         for name in classes:
             c = m["per_class"][name]
             lines.append(f"| {name} | {_fmt(c['precision'])} | {_fmt(c['recall'])} | {_fmt(c['f1'])} "
