@@ -62,12 +62,41 @@ class Record:
 
 # --- readers -----------------------------------------------------------------------------------
 
+MAX_IMAGE_NAME_CHARS = 1024  # a crop's path relative to its dataset root
+MAX_NAME_PART_BYTES = 255  # one folder or file name (the file system's own limit)
+CSV_FIELD_LIMIT = csv.field_size_limit()  # 131072 characters unless changed
+
+
+def image_name_problem(image: str) -> str | None:
+    """Why ``image`` cannot name a crop's file (too long, a NUL byte), or None when it can."""
+    if len(image) > MAX_IMAGE_NAME_CHARS:
+        return f"image path of {len(image)} characters is too long (at most {MAX_IMAGE_NAME_CHARS})"
+    if "\x00" in image:
+        return "image path holds a NUL byte"
+    longest = max((len(part.encode("utf-8", "surrogateescape")) for part in image.replace("\\", "/").split("/")),
+                  default=0)
+    if longest > MAX_NAME_PART_BYTES:
+        return f"a file or folder name of {longest} bytes in the image path (at most {MAX_NAME_PART_BYTES})"
+    return None
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (BOM dropped); bad bytes raise :class:`FormatError` with their line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FormatError(path, None, None, f"cannot read ({e.strerror or type(e).__name__})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise FormatError(path, line, None, f"not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); "
+                                            "save the file as UTF-8") from None
+
 
 def _iter_json_objects(path: Path) -> Iterator[tuple[int, object]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise FormatError(path, None, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = _read_text(path)
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -96,6 +125,8 @@ def read_jsonl(path: str | Path) -> tuple[list[str], list[Record]]:
         image = obj.get(JSONL_IMAGE_KEY)
         if not isinstance(image, str) or not image.strip():
             raise FormatError(path, lineno, JSONL_IMAGE_KEY, "missing or empty image name")
+        if problem := image_name_problem(image):
+            raise FormatError(path, lineno, JSONL_IMAGE_KEY, problem)
         names = [k for k in obj if k != JSONL_IMAGE_KEY]
         if class_names is None:
             if not names:
@@ -128,18 +159,87 @@ _CSV_SLIDE = ("slide", "slide_id", "slide_name")
 _CSV_PATIENT = ("patient", "patient_id")
 
 
+class _Utf8Lines:
+    """The file's lines as text, counting them; a line that is not UTF-8 raises
+    :class:`FormatError` naming it."""
+
+    def __init__(self, path: Path, f) -> None:  # noqa: ANN001 - a binary file
+        self.path, self.f, self.lineno = path, f, 0
+
+    def __iter__(self) -> _Utf8Lines:
+        return self
+
+    def __next__(self) -> str:
+        raw = next(self.f)
+        self.lineno += 1
+        if self.lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FormatError(self.path, self.lineno, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                                            f"{e.start + 1}); save the file as UTF-8") from None
+
+
 @contextmanager
 def _csv_reader(path: Path) -> Iterator[tuple[csv.DictReader, list[str]]]:
-    """A ``DictReader`` over ``path`` (BOM tolerated) with its header lower-cased and stripped."""
+    """A ``DictReader`` over ``path`` (UTF-8, BOM tolerated) with its header lower-cased and
+    stripped; a header naming a column twice is refused."""
     try:
-        f = path.open(newline="", encoding="utf-8-sig")
+        f = path.open("rb")
     except OSError as e:
         raise FormatError(path, None, None, f"cannot open ({e.strerror})") from None
     with f:
-        reader = csv.DictReader(f)
-        header = [h.strip().lower() for h in (reader.fieldnames or [])]
+        lines = _Utf8Lines(path, f)
+        reader = csv.DictReader(lines)
+        reader.lines = lines  # where a parse error happened: the line being read, not the last row's
+        try:
+            fieldnames = reader.fieldnames or []
+        except csv.Error as e:
+            raise FormatError(path, lines.lineno or 1, None, _csv_problem(e)) from None
+        header = [h.strip().lower() for h in fieldnames]
+        seen: dict[str, int] = {}
+        for i, name in enumerate(header, 1):
+            if name and name in seen:
+                raise FormatError(path, 1, name, f"column {name!r} appears twice in the header (columns "
+                                                 f"{seen[name]} and {i}); keep one")
+            seen[name] = i
         reader.fieldnames = header
         yield reader, header
+
+
+def _csv_problem(e: csv.Error) -> str:
+    if "field larger than field limit" in str(e):
+        return f"a field is longer than {CSV_FIELD_LIMIT} characters (an unclosed quote?)"
+    return f"not valid CSV ({e})"
+
+
+def _csv_rows(path: Path, reader: csv.DictReader, header: list[str]) -> Iterator[tuple[int, dict]]:
+    """(line, row) of every data row; a row with more or fewer fields than the header, or that
+    the CSV parser refuses, raises :class:`FormatError` naming its line."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise FormatError(path, reader.lines.lineno, None, _csv_problem(e)) from None
+        lineno = reader.line_num
+        if None in row:
+            n = len(header) + len(row[None])
+            raise FormatError(path, lineno, None, f"{n} fields, the header has {len(header)} "
+                                                  "(a comma too many, or a name with a comma that is not quoted?)")
+        missing = [k for k, v in row.items() if v is None]
+        if missing:
+            raise FormatError(path, lineno, missing[0], f"{len(header) - len(missing)} fields, the header has "
+                                                        f"{len(header)}")
+        yield lineno, row
+
+
+def _shown(header: list[str]) -> str:
+    """A header as an error message shows it: short names only, so a stray file is not echoed."""
+    names = [h if len(h) <= 40 else h[:37] + "..." for h in header[:8]]
+    return str(names) + (f" and {len(header) - 8} more" if len(header) > 8 else "")
 
 
 def read_csv(path: str | Path) -> list[Record]:
@@ -148,15 +248,22 @@ def read_csv(path: str | Path) -> list[Record]:
     with _csv_reader(path) as (reader, header):
         image_col = next((c for c in _CSV_IMAGE if c in header), None)
         if image_col is None or "label" not in header:
-            raise FormatError(path, 1, None, f"header must name an image column and 'label', got {header}")
+            raise FormatError(path, 1, None, f"header must name an image column and 'label', got {_shown(header)}")
+        images = [c for c in _CSV_IMAGE if c in header]
+        if len(images) > 1:
+            raise FormatError(path, 1, images[1], f"two image columns ({', '.join(images)}); keep one")
         slide_col = next((c for c in _CSV_SLIDE if c in header), None)
         patient_col = next((c for c in _CSV_PATIENT if c in header), None)
         records = []
-        for row in reader:
-            lineno = reader.line_num
+        for lineno, row in _csv_rows(path, reader, header):
             image = (row.get(image_col) or "").strip()
             if not image:
                 raise FormatError(path, lineno, image_col, "empty image path")
+            if problem := image_name_problem(image):
+                raise FormatError(path, lineno, image_col, problem)
+            for col, limit in (("annotator", 200), (slide_col, 300), (patient_col, 200)):
+                if col and len((row.get(col) or "").strip()) > limit:
+                    raise FormatError(path, lineno, col, f"at most {limit} characters")
             raw = (row.get("label") or "").strip()
             classes = [c.strip() for c in raw.split(MULTI_SEP) if c.strip()] or None
             records.append(
@@ -182,10 +289,9 @@ def read_patient_csv(path: str | Path) -> list[tuple[str, str, str]]:
         slide_col = next((c for c in _CSV_SLIDE if c in header), None)
         patient_col = next((c for c in _CSV_PATIENT if c in header), None)
         if slide_col is None or patient_col is None:
-            raise FormatError(path, 1, None, f"header must name a slide and a patient column, got {header}")
+            raise FormatError(path, 1, None, f"header must name a slide and a patient column, got {_shown(header)}")
         rows, seen = [], {}
-        for row in reader:
-            lineno = reader.line_num
+        for lineno, row in _csv_rows(path, reader, header):
             slide, patient = (row.get(slide_col) or "").strip(), (row.get(patient_col) or "").strip()
             if not slide:
                 raise FormatError(path, lineno, slide_col, "empty slide name")
@@ -240,16 +346,28 @@ def _label_studio_image(data: dict) -> str | None:
 
 
 def read_label_studio(path: str | Path) -> list[Record]:
-    """Read Label Studio JSON tasks: one record per completed annotation (or per task without one)."""
+    """Read Label Studio JSON tasks: one record per completed annotation (or per task without one).
+
+    Every part a record is made of is type-checked; a wrong type names the task and the field
+    (``[3].annotations[0].result``), and the line is that of the task in the file when known.
+    """
     path = Path(path)
+    text = _read_text(path)
     try:
-        tasks = json.loads(path.read_text(encoding="utf-8"))
+        tasks = json.loads(text)
     except json.JSONDecodeError as e:
         raise FormatError(path, e.lineno, None, f"invalid JSON: {e.msg}") from None
     if isinstance(tasks, dict):
         tasks = [tasks]
     if not isinstance(tasks, list):
         raise FormatError(path, None, None, "expected a list of tasks")
+
+    def bad(i: int, field: str, problem: str) -> FormatError:
+        return FormatError(path, None, f"[{i}]{field}", problem)
+
+    def kind(value: object) -> str:
+        return "null" if value is None else {dict: "object", list: "array", str: "string"}.get(type(value), type(value).__name__)
+
     records = []
     for i, task in enumerate(tasks):
         where = f"{path}:task {i}"
@@ -258,17 +376,50 @@ def read_label_studio(path: str | Path) -> list[Record]:
         image = _label_studio_image(task["data"])
         if not image:
             raise FormatError(path, None, f"[{i}].data.image", "task has no image")
+        if problem := image_name_problem(image):
+            raise bad(i, ".data.image", problem)
         slide = task["data"].get("slide") if isinstance(task["data"].get("slide"), str) else None
-        annotations = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
-        if not annotations:
+        annotations = task.get("annotations")
+        if annotations is None:
+            annotations = []
+        if not isinstance(annotations, list):
+            raise bad(i, ".annotations", f"expected an array of annotations, got {kind(annotations)}")
+        kept = []
+        for j, a in enumerate(annotations):
+            if not isinstance(a, dict):
+                raise bad(i, f".annotations[{j}]", f"expected an annotation object, got {kind(a)}")
+            if not a.get("was_cancelled"):
+                kept.append((j, a))
+        if not kept:
             records.append(Record(image=image, classes=None, where=where, slide=slide))
-        for a in annotations:
-            choices = [
-                c for r in a.get("result") or [] if r.get("type") == "choices" for c in r.get("value", {}).get("choices", [])
-            ]
+        for j, a in kept:
+            result = a.get("result")
+            if result is None:
+                result = []
+            if not isinstance(result, list):
+                raise bad(i, f".annotations[{j}].result", f"expected an array of results, got {kind(result)}")
+            choices: list[str] = []
+            for k, r in enumerate(result):
+                field = f".annotations[{j}].result[{k}]"
+                if not isinstance(r, dict):
+                    raise bad(i, field, f"expected a result object, got {kind(r)}")
+                if r.get("type") != "choices":
+                    continue
+                value = r.get("value")
+                if not isinstance(value, dict):
+                    raise bad(i, f"{field}.value", f"expected an object with 'choices', got {kind(value)}")
+                picked = value.get("choices", [])
+                if not isinstance(picked, list) or not all(isinstance(c, str) for c in picked):
+                    raise bad(i, f"{field}.value.choices", f"expected an array of class names, got {kind(picked)}"
+                              + (" with other items" if isinstance(picked, list) else ""))
+                choices.extend(picked)
             who = a.get("completed_by")
             if isinstance(who, dict):
                 who = who.get("email") or who.get("username") or who.get("id")
+            if who is not None and not isinstance(who, (str, int)):
+                raise bad(i, f".annotations[{j}].completed_by", f"expected a user name, id or object, got {kind(who)}")
+            if who is not None and len(str(who)) > 200:
+                raise bad(i, f".annotations[{j}].completed_by", "an annotator name may have at most 200 characters")
             records.append(
                 Record(
                     image=image,

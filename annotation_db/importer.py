@@ -25,6 +25,7 @@ from annotation_db.store import (
     GLOMERULUS_CLASSES,
     ClassSpec,
     ImageFileError,
+    ImageLimits,
     InvalidLabelError,
     create_dataset,
     get_or_create_annotator,
@@ -51,6 +52,7 @@ class ImportReport:
     missing: list[str] = field(default_factory=list)  # "where: path" of files skipped as missing
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, path of the same bytes)
     duplicates_skipped: int = 0
+    overridden: list[str] = field(default_factory=list)  # "where" of lines a later line replaced (keep_last)
 
     def summary(self) -> str:
         parts = [
@@ -63,6 +65,8 @@ class ImportReport:
             parts.append(f"{self.labels_unchanged} unchanged")
         if self.missing:
             parts.append(f"{len(self.missing)} missing files skipped")
+        if self.overridden:
+            parts.append(f"{len(self.overridden)} earlier lines for the same image replaced by later ones")
         if self.duplicates:
             verb = "skipped" if self.duplicates_skipped else "kept"
             parts.append(f"{len(self.duplicates)} duplicate images by hash ({verb})")
@@ -144,15 +148,20 @@ def import_records(
     stain: str | None = None,
     progress: bool = False,
     confine_to: Path | None = None,
+    keep_last: bool = False,
 ) -> ImportReport:
     """Register every record's image (reading its bytes once) and write its label.
 
     ``annotator`` is used where a record names none; ``stain`` (HE, PAS, other) fills in the
     stain of the slides the records name. ``confine_to``: refuse image files that resolve
-    (symbolic links followed) outside this folder, without saying more about them. Raises :class:`FormatError`,
-    :class:`InvalidLabelError` or :class:`ImageFileError` naming the record's file and line.
+    (symbolic links followed) outside this folder, without saying more about them. Two records
+    giving one image different labels by the same annotator are refused, naming both, unless
+    ``keep_last`` (the later one wins; the report lists the lines it overrode). Raises
+    :class:`FormatError`, :class:`InvalidLabelError` or :class:`ImageFileError` (its subclass
+    :class:`ImageTooLargeError` over the image limits) naming the record's file and line.
     """
     report = ImportReport(dataset=dataset.name, records=len(records))
+    limits = ImageLimits.from_env()
     _record_patients(session, records, stain)
     name_to_key = _class_key_map(dataset)
     annotator_ids: dict[str, int] = {}
@@ -161,16 +170,20 @@ def import_records(
     is_pg = session.get_bind().dialect.name == "postgresql"
     if is_pg:
         session.execute(text("ANALYZE image, label"))
+    # Every record is checked before the first write: paths, classes, repeated images.
+    all_rels: list[str] = []
+    for r in records:
+        try:
+            all_rels.append(normalize_rel_path(dataset, r.image))
+        except (ImageFileError, OSError, ValueError) as e:
+            raise ImageFileError(f"{r.where}: field 'image': {e}") from None
+    all_keys = [_keys_for(r, dataset, name_to_key) for r in records]
+    report.overridden = _repeated_images(records, all_rels, all_keys, annotator, keep_last)
     bar = tqdm(total=len(records), desc=f"import {dataset.name}", unit="img", disable=not progress)
     for start in range(0, len(records), BATCH_SIZE):
         batch = records[start : start + BATCH_SIZE]
-        rels: list[str] = []
-        for r in batch:
-            try:
-                rels.append(normalize_rel_path(dataset, r.image))
-            except ImageFileError as e:
-                raise ImageFileError(f"{r.where}: field 'image': {e}") from None
-        keys = [_keys_for(r, dataset, name_to_key) for r in batch]
+        rels = all_rels[start : start + BATCH_SIZE]
+        keys = all_keys[start : start + BATCH_SIZE]
 
         existing = dict(
             session.execute(
@@ -185,7 +198,11 @@ def import_records(
             path = resolve_in_root(dataset, rel)
             if confine_to is not None and not is_within(path, confine_to):
                 raise ImageFileError(f"{r.where}: field 'image': refused: not a file under the data folder")
-            if not path.is_file():
+            try:
+                is_file = path.is_file()
+            except OSError as e:  # e.g. a name longer than the file system allows
+                raise ImageFileError(f"{r.where}: field 'image': cannot use this path ({e.strerror})") from None
+            if not is_file:
                 if skip_missing:
                     report.missing.append(f"{r.where}: {rel}")
                     skip.add(i)
@@ -195,9 +212,9 @@ def import_records(
                     "(pass --skip-missing to import the rest and list what is missing)"
                 )
             try:
-                meta = read_image_meta(path)
+                meta = read_image_meta(path, limits)
             except ImageFileError as e:
-                raise ImageFileError(f"{r.where}: field 'image': {e}") from None
+                raise type(e)(f"{r.where}: field 'image': {e}") from None
             slide_id = None
             if r.slide:
                 if r.slide not in slide_ids:
@@ -276,6 +293,28 @@ def import_records(
     bar.close()
     session.flush()
     return report
+
+
+def _repeated_images(records: Sequence[Record], rels: Sequence[str], keys: Sequence[list[str]], annotator: str,
+                     keep_last: bool) -> list[str]:
+    """Records that label one image twice for one annotator, differently: refused (naming both
+    lines) unless ``keep_last``; then the overridden lines' places are returned."""
+    first: dict[tuple[str, str], int] = {}
+    overridden = []
+    for i, (r, rel, k) in enumerate(zip(records, rels, keys)):
+        if not k:
+            continue
+        who = r.annotator or annotator
+        j = first.setdefault((rel, who), i)
+        if j == i or (keys[j], records[j].uncertain) == (k, r.uncertain):
+            continue
+        if not keep_last:
+            raise InvalidLabelError(
+                f"{r.where}: field 'label': {rel} is labeled {', '.join(k)} here but {', '.join(keys[j])} at "
+                f"{records[j].where} (both by {who}); keep one line, or pass --keep-last to let the last one win")
+        overridden.append(records[j].where)
+        first[(rel, who)] = i
+    return overridden
 
 
 def _record_patients(session: Session, records: Sequence[Record], stain: str | None) -> None:

@@ -69,6 +69,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             skip_duplicates=args.skip_duplicates,
             stain=args.stain,
             progress=True,
+            keep_last=args.keep_last,
         )
     print(report.summary())
     for line in report.missing:
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="folders: leave out matching paths or folders (repeatable)")
     p.add_argument("--skip-missing", action="store_true", help="skip (and list) records whose image file is missing")
     p.add_argument("--skip-duplicates", action="store_true", help="skip images whose bytes are already registered")
+    p.add_argument("--keep-last", action="store_true",
+                   help="when lines label one image differently for one annotator, keep the last (default: refuse)")
     p.add_argument("--stain", choices=["HE", "PAS", "other"], help="stain of the slides the file names")
     p.set_defaults(func=cmd_import)
 
