@@ -13,6 +13,10 @@ Functions take a session; the caller owns the transaction.
 
 from __future__ import annotations
 
+import getpass
+import ipaddress
+import os
+
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from sqlalchemy import select
@@ -24,7 +28,7 @@ from annotation_db.store import MODEL_ANNOTATOR_PREFIX
 
 __all__ = ["ROLES", "PERMISSIONS", "AccountError", "hash_password", "verify_password", "add_user",
            "set_password", "set_role", "authenticate", "has_accounts", "role_of", "may", "list_users",
-           "MIN_PASSWORD_CHARS"]
+           "MIN_PASSWORD_CHARS", "local_user_name", "is_loopback"]
 
 ROLES = ("annotator", "adjudicator", "admin")
 PERMISSIONS: dict[str, frozenset[str]] = {
@@ -152,3 +156,26 @@ def list_users(session: Session) -> list[tuple[str, str]]:
     rows = session.execute(
         select(Annotator.name, Annotator.role).where(Annotator.password_hash.is_not(None)).order_by(Annotator.name))
     return [(name, role) for name, role in rows]
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether a server bound to ``host`` is reachable from this machine only ("" or None: every
+    interface, so not loopback)."""
+    host = (host or "").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def local_user_name() -> str:
+    """Who single-user mode attributes labels to: ``$GLOM_LOCAL_USER``, else the login name."""
+    name = os.environ.get("GLOM_LOCAL_USER", "").strip()
+    if not name:
+        try:
+            name = getpass.getuser()
+        except (KeyError, OSError):
+            name = "local"
+    return name

@@ -11,12 +11,15 @@ on the command line (highest precedence), so the address is the one asked for, l
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python app/serve.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+from annotation_db.users import is_loopback  # noqa: E402
 APP = REPO / "app" / "label.py"
 # What .streamlit/config.toml says, so the app behaves the same wherever it is started from.
 SETTINGS = {
@@ -28,16 +31,6 @@ SETTINGS = {
     "client.toolbarMode": "minimal",
     "theme.primaryColor": "#7b2d8e",
 }
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def streamlit_argv(host: str, port: int, app_args: list[str]) -> list[str]:

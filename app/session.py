@@ -6,8 +6,6 @@ their values; every change happens in a callback (sign in, pick a dataset, pick 
 
 from __future__ import annotations
 
-import getpass
-import ipaddress
 import os
 from dataclasses import dataclass
 
@@ -69,13 +67,7 @@ def bind_address() -> str:
 
 def on_loopback() -> bool:
     """True only when the server is bound to a loopback address (reachable from this machine only)."""
-    address = bind_address().strip("[]")
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+    return users.is_loopback(bind_address())
 
 
 def single_user_requested() -> bool:
@@ -95,14 +87,7 @@ def auth_mode() -> str:
 
 
 def local_user_name() -> str:
-    """Who single-user mode attributes labels to: ``$GLOM_LOCAL_USER``, else the login name."""
-    name = os.environ.get("GLOM_LOCAL_USER", "").strip()
-    if not name:
-        try:
-            name = getpass.getuser()
-        except (KeyError, OSError):
-            name = "local"
-    return name
+    return users.local_user_name()
 
 
 def url_sign_in_allowed() -> bool:

@@ -7,8 +7,12 @@ Named API endpoints (``gradio_client``): ``/checkpoints``, ``/predict``, ``/cam`
 ``/store_batch``, ``/slide_batch``, ``/slides``, ``/disagree``, ``/slide_summary``. Settings come
 from the environment, which the command line fills in: ``GLOM_RUNS`` (runs folder),
 ``GLOM_VIEWER_CHECKPOINT``, ``GLOM_DB`` (the store), ``GLOM_DATA_ROOT`` (where uploaded crops and
-crops cut from slides are kept), ``GLOM_SLIDES_DIR`` (the whole-slide images on the server) and
-``GLOM_VIEWER_AUTH`` (``user:password[,user:password]`` turns the login on).
+crops cut from slides are kept), ``GLOM_SLIDES_DIR`` (the whole-slide images on the server),
+``GLOM_VIEWER_MAX_UPLOADS`` (distinct uploaded crops kept) and ``GLOM_VIEWER_AUTH``.
+
+Login: the store's accounts (``glom user add``) once any exists, or ``GLOM_VIEWER_AUTH``
+(``user:password[,user:password]``). Without a login the viewer binds loopback only, and "I
+disagree" writes nothing unless ``--single-user`` names the local user.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 
 from annotation_db.db import StoreError, open_store
 from annotation_db.store import get_dataset, list_datasets
+from annotation_db.users import authenticate, has_accounts, is_loopback, local_user_name
 from core.checkpoint import CheckpointError
 from core.data import DataError
 from core.annotations import AnnotationFormatError
@@ -64,7 +69,10 @@ STORE_REF_PREFIX = "store:"
 MAX_SLIDE_GLOMERULI = 1000  # per slide (decoded crops stay in memory: ~0.5 MB each at 0.5 µm/px)
 MAX_ANNOTATION_BYTES = 50 * 1024 * 1024
 ANNOTATION_TYPES = [".geojson", ".json", ".xml", ".csv", ".tsv"]
-SLIDE_CROP = CropSettings(mpp=0.5, pad_px=16)  # as the labeling app's Slides page cuts them
+SLIDE_CROP = CropSettings(mpp=0.5, pad_px=16)
+# Uploaded crops are kept by content hash (one file per distinct crop) so their predictions feed
+# the labeling app's queues; past this many the viewer still predicts but keeps no new upload.
+DEFAULT_MAX_UPLOADS = 10_000  # as the labeling app's Slides page cuts them
 # One slide request at a time per slide file: two clinicians opening the same slide at once would
 # otherwise race to register the same crops (the second waits, then reuses the first one's crops).
 _SLIDE_LOCKS: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -80,6 +88,8 @@ class Settings:
     data_root: Path
     db_url: str | None
     slides_dir: Path | None
+    max_uploads: int = DEFAULT_MAX_UPLOADS  # distinct uploaded crops kept (0: none)
+    single_user: bool = False  # loopback without a login: disagreements are the local user's
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -87,7 +97,9 @@ class Settings:
         slides = default_slides_dir()
         return cls(Path(os.environ.get("GLOM_RUNS", "runs")), Path(ckpt) if ckpt else None,
                    Path(os.environ.get("GLOM_DATA_ROOT", "data")), os.environ.get("GLOM_DB"),
-                   Path(slides) if slides else None)
+                   Path(slides) if slides else None,
+                   int(os.environ.get("GLOM_VIEWER_MAX_UPLOADS") or DEFAULT_MAX_UPLOADS),
+                   os.environ.get("GLOM_SINGLE_USER", "") not in ("", "0"))
 
 
 def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
@@ -103,7 +115,26 @@ def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
+def _store_login(username: str, password: str) -> bool:
+    """Gradio's login check against the store's accounts (argon2id)."""
+    with _sessionmaker().begin() as s:
+        return authenticate(s, username, password) is not None
+
+
+def viewer_auth():
+    """The login: ``GLOM_VIEWER_AUTH`` pairs when set, else the store's accounts once any exists,
+    else None (no login: allowed on loopback only, and then nothing is written in anyone's name)."""
+    pairs = parse_auth(os.environ.get("GLOM_VIEWER_AUTH"))
+    if pairs is not None:
+        return pairs
+    with _sessionmaker()() as s:
+        return _store_login if has_accounts(s) else None
+
+
 # --- errors in the page, not stack traces ------------------------------------------------------
+
+NOT_KEPT = ("<small>This upload was not kept (the viewer's limit of stored uploads is reached): its prediction "
+            "is not stored for the labeling app.</small>")
 
 _USER_ERRORS = (UploadError, CheckpointError, ExplainError, StoreError, DataError, SlideError, ExtractError,
                 ValueError)
@@ -138,6 +169,8 @@ def _error_title(e: Exception) -> str:
         return "Slide"
     if isinstance(e, AnnotationFormatError):
         return "Annotations"
+    if isinstance(e, SignInRequired):
+        return "Sign in"
     return "Cannot do that"
 
 
@@ -209,13 +242,25 @@ def _versus(value: str | None) -> str | None:
     return None if value in (None, "", NONE) else value
 
 
-def _clinician(name: str | None, request: gr.Request | None) -> str:
-    user = getattr(request, "username", None) if request is not None else None
-    return (user or name or "").strip()
+class SignInRequired(ValueError):
+    """A write that is attributed to a person needs to know who that is."""
 
 
-def _store_image_for(session, ckpt: ViewerCheckpoint, crop: CheckedImage, ref: str | None):
-    """The store row for this crop: the picked store crop (``store:<id>``) or the stored upload."""
+def _signed_in_user(request: gr.Request | None) -> str:
+    """Who is logged in (Gradio's login); in single-user mode the local user. Never a name typed
+    into the page or sent to the API: labels are written only in the name of whoever signed in."""
+    user = (getattr(request, "username", None) or "").strip() if request is not None else ""
+    if user:
+        return user
+    if Settings.from_env().single_user:
+        return local_user_name()
+    raise SignInRequired("sign in to record a disagreement: this viewer runs without a login, so it cannot tell "
+                         "who you are (start it with accounts: `glom user add NAME`, or --single-user on loopback)")
+
+
+def _store_image_for(session, ckpt: ViewerCheckpoint, crop: CheckedImage, ref: str | None, *, keep: bool = False):
+    """The store row for this crop: the picked store crop (``store:<id>``) or the stored upload
+    (None when the upload cap is reached, unless ``keep``: a disagreement always keeps its crop)."""
     if ref and ref.startswith(STORE_REF_PREFIX):
         from annotation_db.models import Image
 
@@ -228,8 +273,9 @@ def _store_image_for(session, ckpt: ViewerCheckpoint, crop: CheckedImage, ref: s
         if missing:
             raise StoreError(f"dataset {image.dataset.name!r} has no classes {sorted(missing)} of this checkpoint")
         return image
-    dataset = ensure_uploads_dataset(session, ckpt.classes, ckpt.display_names, Settings.from_env().data_root)
-    return store_upload(session, dataset, crop)
+    settings = Settings.from_env()
+    dataset = ensure_uploads_dataset(session, ckpt.classes, ckpt.display_names, settings.data_root)
+    return store_upload(session, dataset, crop, None if keep else settings.max_uploads)
 
 
 # --- handlers (one per endpoint) -----------------------------------------------------------------
@@ -279,8 +325,9 @@ def predict(checkpoint: str | None, image: str | None, crop_ref: str | None = ""
     [r] = diagnose(ckpt, [crop.rgb], method=None)
     with _sessionmaker().begin() as s:
         stored = _store_image_for(s, ckpt, crop, crop_ref)
-        record_predictions(s, [(stored, r.probs)], ckpt.id)
-    return _label_value(ckpt, r), _result_markdown(ckpt, r)
+        if stored is not None:
+            record_predictions(s, [(stored, r.probs)], ckpt.id)
+    return _label_value(ckpt, r), _result_markdown(ckpt, r, "" if stored is not None else NOT_KEPT)
 
 
 def _analyse(checkpoint, image, method, target, versus, opacity, crop_ref, record: bool):
@@ -289,7 +336,9 @@ def _analyse(checkpoint, image, method, target, versus, opacity, crop_ref, recor
     [r] = diagnose(ckpt, [crop.rgb], method=method, target_class=_target(target), versus_class=_versus(versus))
     if record:
         with _sessionmaker().begin() as s:
-            record_predictions(s, [(_store_image_for(s, ckpt, crop, crop_ref), r.probs)], ckpt.id)
+            stored = _store_image_for(s, ckpt, crop, crop_ref)
+            if stored is not None:
+                record_predictions(s, [(stored, r.probs)], ckpt.id)
     names = ckpt.display_names
     explained = _target(target) or r.predicted
     what = f"Heatmap: **{CAM_METHODS[method][1]}** for *{names.get(explained, explained)}*"
@@ -350,14 +399,13 @@ def _batch(ckpt: ViewerCheckpoint, crops: list[CheckedImage], slides: list[str |
                 results[i] = CropResult(results[i].probs, results[i].predicted, results[i].margin, r.heat)
     with _sessionmaker().begin() as s:
         if images_in_store is None:
-            dataset = ensure_uploads_dataset(s, ckpt.classes, ckpt.display_names, Settings.from_env().data_root)
-            stored = [store_upload(s, dataset, c) for c in crops]
+            stored = [_store_image_for(s, ckpt, c, None) for c in crops]
         else:
             from annotation_db.models import Image
 
             stored = [s.get(Image, i) for i in images_in_store]
-        record_predictions(s, [(img, r.probs) for img, r in zip(stored, results)], ckpt.id)
-        image_ids = [img.id for img in stored]
+        record_predictions(s, [(img, r.probs) for img, r in zip(stored, results) if img is not None], ckpt.id)
+        image_ids = [img.id if img is not None else "" for img in stored]
     order = sorted(range(len(results)), key=lambda i: (results[i].margin, i))
     names = ckpt.display_names
     annotated = annotated or [None] * len(crops)
@@ -391,7 +439,7 @@ def _batch(ckpt: ViewerCheckpoint, crops: list[CheckedImage], slides: list[str |
               f"(the CSV's `annotated` column beside `predicted`).\n\n") + md
     if show < len(crops):
         md = f"Gallery: the {show} most uncertain of {len(crops)} crops; the CSV and the summary cover all.\n\n" + md
-    refs = [f"{STORE_REF_PREFIX}{image_ids[i]}" for i in order[:show]]
+    refs = [f"{STORE_REF_PREFIX}{image_ids[i]}" if image_ids[i] != "" else "" for i in order[:show]]
     paths = [crops[i].name for i in order[:show]]
     return gallery, str(csv_path), md, table, {"refs": refs, "names": paths, "files": [None] * len(paths)}
 
@@ -534,16 +582,16 @@ def slide_summary(checkpoint: str | None, dataset: str | None, slide: str | None
 
 
 @_clinician_errors
-def disagree(checkpoint: str | None, image: str | None, correct: str | None, clinician: str | None,
-             crop_ref: str | None = "", request: gr.Request = None) -> str:
-    """The clinician's class for this crop, attributed; the crop enters the disagreement queue."""
+def disagree(checkpoint: str | None, image: str | None, correct: str | None, crop_ref: str | None = "",
+             request: gr.Request = None) -> str:
+    """The signed-in clinician's class for this crop; the crop enters the disagreement queue."""
+    who = _signed_in_user(request)
     ckpt, crop = _checkpoint(checkpoint), _image(image)
-    who = _clinician(clinician, request)
     if not correct or correct not in ckpt.classes:
         raise ExplainError(f"pick the right class (one of {', '.join(ckpt.classes)})")
     [r] = diagnose(ckpt, [crop.rgb], method=None)
     with _sessionmaker().begin() as s:
-        image_row = _store_image_for(s, ckpt, crop, crop_ref)
+        image_row = _store_image_for(s, ckpt, crop, crop_ref, keep=True)
         res = record_disagreement(s, image_row, who, correct, r.predicted, r.probs, ckpt.id)
     names = ckpt.display_names
     return (f"✔ Recorded: **{who}** labels this crop *{names.get(correct, correct)}* (model: "
@@ -630,7 +678,6 @@ with gr.Blocks(title="GlomLab · Diagnosis viewer", analytics_enabled=False) as 
                         overlay_out = gr.Image(label="Heatmap", interactive=False, height=280, elem_id="heatmap")
                     with gr.Accordion("I disagree", open=False):
                         correct_radio = gr.Dropdown(label="The right class is", choices=[], allow_custom_value=True)
-                        clinician_tb = gr.Textbox(label="Your name (ignored when logged in)", max_lines=1)
                         disagree_btn = gr.Button("Record my label", variant="stop")
                         disagree_md = gr.Markdown()
         with gr.Tab("Batch", id="batch"):
@@ -685,7 +732,7 @@ with gr.Blocks(title="GlomLab · Diagnosis viewer", analytics_enabled=False) as 
     analyse_btn.click(analyse_in_page, [checkpoint_dd, image_in, method_dd, target_dd, versus_dd, opacity, crop_ref],
                       analysis_outputs, api_visibility="private")
     opacity.release(reblend, [heat_state, opacity], overlay_out, api_visibility="private")
-    disagree_btn.click(disagree, [checkpoint_dd, image_in, correct_radio, clinician_tb, crop_ref], disagree_md,
+    disagree_btn.click(disagree, [checkpoint_dd, image_in, correct_radio, crop_ref], disagree_md,
                        api_name="disagree")
     batch_outputs = [gallery, csv_out, summary_md, summary_table, batch_state]
     batch_btn.click(batch, [checkpoint_dd, files_in, batch_method, opacity], batch_outputs, api_name="batch")
@@ -716,6 +763,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder of whole-slide images to offer (default $GLOM_SLIDES_DIR, else ../shared/data/wsi)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--single-user", action="store_true",
+                        help="loopback only: no login, disagreements attributed to $GLOM_LOCAL_USER (or your login)")
+    parser.add_argument("--max-uploads", type=int, default=None,
+                        help=f"distinct uploaded crops kept in the store (default {DEFAULT_MAX_UPLOADS}; 0: none)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ["GLOM_RUNS"] = args.runs
@@ -726,9 +777,17 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["GLOM_DB"] = args.db
     if args.slides:
         os.environ["GLOM_SLIDES_DIR"] = args.slides
-    auth = parse_auth(os.environ.get("GLOM_VIEWER_AUTH"))
-    if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
-        log.warning("binding %s without a login: set GLOM_VIEWER_AUTH=user:password", args.host)
+    os.environ.pop("GLOM_SINGLE_USER", None)
+    if args.single_user:
+        if not is_loopback(args.host):
+            parser.error(f"--single-user needs a loopback address, not {args.host}")
+        os.environ["GLOM_SINGLE_USER"] = "1"
+    auth = None if args.single_user else viewer_auth()
+    if auth is None and not is_loopback(args.host):
+        parser.error(f"binding {args.host} needs a login: create accounts (`glom user add NAME`) or set "
+                     "GLOM_VIEWER_AUTH=user:password")
+    if args.max_uploads is not None:
+        os.environ["GLOM_VIEWER_MAX_UPLOADS"] = str(args.max_uploads)
     demo.queue(default_concurrency_limit=2).launch(
         server_name=args.host, server_port=args.port, auth=auth, max_file_size=UPLOAD_LIMITS.max_bytes,
         theme=THEME, css=CSS, footer_links=["api"], show_error=False, ssr_mode=False)

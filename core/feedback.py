@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from annotation_db.models import Annotator, Dataset, Image, Label, Slide
@@ -120,9 +120,21 @@ def ensure_uploads_dataset(session: Session, classes: Sequence[str], display_nam
     return dataset
 
 
-def store_upload(session: Session, dataset: Dataset, crop: CheckedImage) -> Image:
-    """Write ``crop`` as ``<sha256><ext>`` under the dataset root (once) and register it."""
+def store_upload(session: Session, dataset: Dataset, crop: CheckedImage, max_uploads: int | None = None) -> Image | None:
+    """Write ``crop`` as ``<sha256><ext>`` under the dataset root (once) and register it.
+
+    Uploads are kept by content, so the same crop is stored once. ``max_uploads`` bounds how
+    many distinct crops the dataset keeps: past it a new crop is not stored (None is returned);
+    one already stored is still found.
+    """
     rel = f"{crop.sha256}{crop.suffix}"
+    existing = session.scalar(select(Image).where(Image.dataset_id == dataset.id, Image.path == rel))
+    if existing is not None:
+        return existing
+    if max_uploads is not None:
+        kept = session.scalar(select(func.count()).select_from(Image).where(Image.dataset_id == dataset.id))
+        if kept >= max_uploads:
+            return None
     path = Path(dataset.root) / rel
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from annotation_db import importer
+from annotation_db import importer, users
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
 from annotation_db.formats import Record, read_csv
 from annotation_db.models import Annotator, Dataset, Image, Label, LabelEvent
@@ -56,8 +56,21 @@ def store_url(tmp_path: Path, bueno_dir: Path) -> str:
     return url
 
 
+E2E_PASSWORD = "correct horse battery"
+E2E_ACCOUNTS = {"alice": "annotator", "bob": "annotator", "carol": "annotator", "dr_import": "admin"}
+
+
+def _accounts(url: str) -> None:
+    engine = create_store_engine(url)
+    with make_sessionmaker(engine)() as s, s.begin():
+        for name, role in E2E_ACCOUNTS.items():
+            users.add_user(s, name, E2E_PASSWORD, role)
+    engine.dispose()
+
+
 @pytest.fixture
 def app_url(store_url: str, tmp_path: Path):
+    _accounts(store_url)
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} not found: `apt-get install chromium` (Debian's build; never `playwright install`)")
     port = _free_port()
@@ -106,6 +119,7 @@ def _wait_change(page, before: int) -> int:
 def _sign_in(page, base: str, name: str) -> None:
     page.goto(base)
     page.get_by_label("Your name").fill(name)
+    page.get_by_label("Password").fill(E2E_PASSWORD)
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_selector(CAPTION, timeout=30_000)
 

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from annotation_db import store
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
 from annotation_db.models import Image, Label, Slide, SlideBox
-from tests.test_label_e2e import CHROMIUM, CHROMIUM_ARGS, app_url  # noqa: F401 - app_url is a fixture
+from tests.test_label_e2e import CHROMIUM, CHROMIUM_ARGS, E2E_PASSWORD, app_url  # noqa: F401 - app_url is a fixture
 
 pytestmark = pytest.mark.browser
 
@@ -45,6 +45,7 @@ def _sign_in(page, base: str, name: str) -> None:
     # test_label_e2e's _sign_in waits for a crop; this dataset starts empty.
     page.goto(base)
     page.get_by_label("Your name").fill(name)
+    page.get_by_label("Password").fill(E2E_PASSWORD)
     page.get_by_role("button", name="Sign in").click()
     page.get_by_text(f"Signed in as {name}").wait_for(timeout=30_000)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from annotation_db.boxes import add_box
 from annotation_db.models import Annotator, Image, Label, Prediction, SlideBox
 from annotation_db.queues import QueueSpec, next_image_ids
 from annotation_db.store import GLOMERULUS_CLASSES, add_image, create_dataset, get_dataset, get_or_create_slide
+from annotation_db.users import add_user
 from core.annotations import Annotation, write_geojson
 from core.demo import DEMO_CLASSES
 from tests.demo_checkpoint import demo_checkpoint, demo_set
@@ -29,6 +29,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 CMU, TCGA = "cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs"
+PASSWORD = "correct horse battery"
 
 pytestmark = pytest.mark.slow  # trains a tiny model and starts the app: ~20 s alone, more on a busy machine
 
@@ -46,6 +47,7 @@ def world(tmp_path_factory, wsi_dir):
     engine = create_store_engine(url)
     upgrade(engine)
     with make_sessionmaker(engine).begin() as s:
+        add_user(s, "dr_lee", PASSWORD, "annotator")  # an account turns the viewer's login on
         ds = create_dataset(s, "demo", GLOMERULUS_CLASSES, root=root / "crops")
         for i, p in enumerate(crops.paths):
             add_image(s, ds, p, slide=get_or_create_slide(s, f"biopsy-{'AB'[i % 2]}"))
@@ -57,7 +59,8 @@ def world(tmp_path_factory, wsi_dir):
     (slides / "broken.svs").write_bytes(data[:300_000] + bytes(600_000) + data[900_000:])
     try:
         with running_viewer(root, runs, url, slides=slides) as (base, proc):
-            client = Client(base, verbose=False, analytics_enabled=False, download_files=str(root / "downloads"))
+            client = Client(base, auth=("dr_lee", PASSWORD), verbose=False, analytics_enabled=False,
+                            download_files=str(root / "downloads"))
             yield {"root": root, "runs": runs, "ckpt": str(runs / "demo" / "best.safetensors"), "crops": crops,
                    "Session": make_sessionmaker(engine), "client": client, "proc": proc, "log": root / "viewer.log"}
     finally:
@@ -75,8 +78,7 @@ def _top(label_out: dict) -> tuple[str, float]:
 
 
 def test_binds_loopback_and_exposes_named_endpoints(world):
-    info = json.loads(urllib.request.urlopen(world["client"].src + "gradio_api/info").read())
-    named = set(info["named_endpoints"])
+    named = set(world["client"].view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/predict", "/cam", "/batch", "/store_batch", "/slide_batch", "/slides", "/disagree", "/slide_summary",
             "/checkpoints"} <= named
     port = world["client"].src.rstrip("/").rsplit(":", 1)[1]
@@ -189,7 +191,7 @@ def test_a_slide_with_its_annotations_is_cut_predicted_and_summarised(world, tmp
         img = s.get(Image, int(first["store_image_id"]))
         path, ref = Path(get_dataset(s, "viewer-slides").root) / img.path, f"store:{img.id}"
     chosen = next(k for k in DEMO_CLASSES if k != first["predicted"])
-    msg = c.predict(world["ckpt"], handle_file(str(path)), chosen, "dr_slide", ref, api_name="/disagree")
+    msg = c.predict(world["ckpt"], handle_file(str(path)), chosen, ref, api_name="/disagree")
     assert "dataset `viewer-slides`" in msg and "disagreement queue" in msg
     # Again: the crops are reused (no new rows), the predictions recorded again.
     _, _, summary2, _, *_ = c.predict(world["ckpt"], CMU, ann, None, "", 0.45, 64, api_name="/slide_batch")
@@ -249,7 +251,7 @@ def test_disagree_puts_the_crop_in_the_disagreement_queue(world):
     probs, _ = c.predict(world["ckpt"], handle_file(str(p)), "", api_name="/predict")
     predicted = probs["label"].rsplit("(", 1)[-1].rstrip(")")
     chosen = next(k for k in DEMO_CLASSES if k != predicted)
-    msg = c.predict(world["ckpt"], handle_file(str(p)), chosen, "dr_lee", "", api_name="/disagree")
+    msg = c.predict(world["ckpt"], handle_file(str(p)), chosen, "", api_name="/disagree")
     assert "Recorded" in msg and "dr_lee" in msg
     with world["Session"]() as s:
         ds = get_dataset(s, "viewer-uploads")
@@ -261,12 +263,10 @@ def test_disagree_puts_the_crop_in_the_disagreement_queue(world):
         me = s.scalar(select(Annotator.id).where(Annotator.name == "dr_lee"))
         queue = next_image_ids(s, QueueSpec("disagreements", ds.id, me), limit=50)
         image_id = s.scalar(select(Image.id).join(Label, Label.image_id == Image.id)
-                            .where(Label.annotator_id == me))
+                            .where(Label.annotator_id == me, Image.dataset_id == ds.id))
         assert image_id in [i for _, i in queue]
     with pytest.raises(AppError, match="nothing to disagree"):
-        c.predict(world["ckpt"], handle_file(str(p)), predicted, "dr_lee", "", api_name="/disagree")
-    with pytest.raises(AppError, match="say who you are"):
-        c.predict(world["ckpt"], handle_file(str(p)), chosen, "  ", "", api_name="/disagree")
+        c.predict(world["ckpt"], handle_file(str(p)), predicted, "", api_name="/disagree")
 
 
 def test_disagree_on_a_store_crop_labels_that_crop(world):
@@ -278,14 +278,14 @@ def test_disagree_on_a_store_crop_labels_that_crop(world):
     probs, _ = c.predict(world["ckpt"], handle_file(str(path)), f"store:{image_id}", api_name="/predict")
     predicted = probs["label"].rsplit("(", 1)[-1].rstrip(")")
     chosen = next(k for k in DEMO_CLASSES if k != predicted)
-    c.predict(world["ckpt"], handle_file(str(path)), chosen, "dr_kim", f"store:{image_id}", api_name="/disagree")
+    c.predict(world["ckpt"], handle_file(str(path)), chosen, f"store:{image_id}", api_name="/disagree")
     with world["Session"]() as s:
         names = set(s.scalars(select(Annotator.name).join(Label, Label.annotator_id == Annotator.id)
                               .where(Label.image_id == image_id)))
-        assert "dr_kim" in names and any(n.startswith("model:") for n in names)
+        assert "dr_lee" in names and any(n.startswith("model:") for n in names)
     other = world["crops"].paths[-1]
     with pytest.raises(AppError, match="not the store crop"):
-        c.predict(world["ckpt"], handle_file(str(other)), chosen, "dr_kim", f"store:{image_id}", api_name="/disagree")
+        c.predict(world["ckpt"], handle_file(str(other)), chosen, f"store:{image_id}", api_name="/disagree")
 
 
 def test_bad_images_get_clear_messages(world, tmp_path):
@@ -351,3 +351,62 @@ def test_login_from_environment_guards_the_api(monkeypatch, tmp_path):
         assert ok.predict(api_name="/checkpoints")["choices"] == []
     finally:
         demo.close()
+
+
+def test_the_store_accounts_guard_the_api(world):
+    with pytest.raises(Exception):
+        Client(world["client"].src, verbose=False, analytics_enabled=False)
+    with pytest.raises(Exception):
+        Client(world["client"].src, auth=("dr_lee", "wrong password"), verbose=False, analytics_enabled=False)
+
+
+def _in_process(monkeypatch, world, store_db: Path, **env) -> None:
+    """Point the viewer's handlers (called in this process) at ``world``'s runs and a fresh store."""
+    monkeypatch.setenv("GLOM_RUNS", str(world["runs"]))
+    monkeypatch.setenv("GLOM_DB", f"sqlite:///{store_db}")
+    monkeypatch.setenv("GLOM_DATA_ROOT", str(store_db.parent / "data"))
+    for name in ("GLOM_VIEWER_CHECKPOINT", "GLOM_SINGLE_USER", "GLOM_VIEWER_MAX_UPLOADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_disagree_without_a_login_writes_nothing_in_anyones_name(world, tmp_path, monkeypatch):
+    import gradio as gr
+
+    from app import viewer
+
+    _in_process(monkeypatch, world, tmp_path / "nologin.db")
+    p = str(world["crops"].paths[2])
+    with pytest.raises(gr.Error, match="sign in to record a disagreement"):
+        viewer.disagree(world["ckpt"], p, DEMO_CLASSES[0], "", None)
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'nologin.db'}")
+    upgrade(engine)
+    with make_sessionmaker(engine)() as s:
+        assert s.scalar(select(func.count()).select_from(Label)) == 0
+        assert s.scalar(select(func.count()).select_from(Annotator)) == 0
+    engine.dispose()
+    # Single-user mode (loopback, asked for): the local user, never a name from the request.
+    monkeypatch.setenv("GLOM_SINGLE_USER", "1")
+    monkeypatch.setenv("GLOM_LOCAL_USER", "dr_local")
+    probs, _ = viewer.predict(world["ckpt"], p, "")
+    predicted = probs and max(probs, key=probs.get).rsplit("(", 1)[-1].rstrip(")")
+    chosen = next(k for k in DEMO_CLASSES if k != predicted)
+    assert "dr_local" in viewer.disagree(world["ckpt"], p, chosen, "", None)
+
+
+def test_stored_uploads_are_bounded(world, tmp_path, monkeypatch):
+    from app import viewer
+
+    _in_process(monkeypatch, world, tmp_path / "cap.db", GLOM_VIEWER_MAX_UPLOADS="2")
+    paths = [str(p) for p in world["crops"].paths[:4]]
+    notes = [viewer.predict(world["ckpt"], p, "")[1] for p in paths + paths]
+    assert ["not kept" in n for n in notes] == [False, False, True, True] * 2
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'cap.db'}")
+    with make_sessionmaker(engine)() as s:
+        ds = get_dataset(s, "viewer-uploads")
+        stored = s.scalars(select(Image.path).where(Image.dataset_id == ds.id)).all()
+        assert len(stored) == 2, "the same crop twice is one file, and no more than the cap"
+        assert s.scalar(select(func.count()).select_from(Prediction)) == 4  # kept crops only, each predicted twice
+    engine.dispose()
+    assert len([f for f in (tmp_path / "data").rglob("*.png")]) == 2

@@ -52,7 +52,8 @@ def viewer(tmp_path_factory, bueno_dir, wsi_dir):
         for i in picked:
             add_image(s, ds, paths[i], slide=get_or_create_slide(s, slides[i]))
     try:
-        with running_viewer(root, root / "runs", url, slides=wsi_dir) as (base, _proc):
+        with running_viewer(root, root / "runs", url, slides=wsi_dir, extra=("--single-user",),
+                            env_extra={"GLOM_LOCAL_USER": "dr_e2e"}) as (base, _proc):
             yield {"url": base, "Session": make_sessionmaker(engine), "paths": paths, "labels": labels}
     finally:
         engine.dispose()
@@ -89,7 +90,6 @@ def test_clinician_uploads_a_real_crop_and_sees_the_heatmap(viewer, bueno_dir):
         page.get_by_text("I disagree").click()
         page.get_by_label("The right class is").click()
         page.get_by_role("option", name=other).click()
-        page.get_by_label("Your name (ignored when logged in)").fill("dr_e2e")
         page.get_by_role("button", name="Record my label").click()
         expect(page.get_by_text("disagreement queue")).to_be_visible(timeout=30_000)
 
