@@ -16,10 +16,14 @@ slide order; ``workers=1`` runs in this process.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -40,6 +44,29 @@ log = logging.getLogger(__name__)
 
 TEMP_MARK = ".tmp"
 
+
+def die_with_parent(parent_pid: int) -> None:
+    """Run in each crop worker: end when the parent process ends, even by ``kill -9``.
+
+    A killed parent cannot shut its pool down; its workers would live on (parent pid 1), holding
+    slide files and the store. Linux delivers SIGKILL to the worker at once (``PR_SET_PDEATHSIG``);
+    elsewhere, and as a second guard, a thread notices the new parent within half a second.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 class ExtractError(Exception):
     """Invalid extraction settings or a run that cannot go on; the message says what to change."""
@@ -502,7 +529,8 @@ class _ExtractRun:
                 if key not in self.report.failed:
                     pending[pool.submit(_crop_chunk, *self.chunk_args(key, jobs))] = key
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method)) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
+                                 initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             submit_more(pool)  # forks the workers before the progress bar starts its thread
             with self.progress_bar(progress) as bar:
                 try:
