@@ -258,3 +258,23 @@ def test_the_launcher_refuses_single_user_mode_beyond_loopback():
     out = subprocess.run([sys.executable, str(REPO / "app" / "serve.py"), "--host", "0.0.0.0", "--single-user"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "loopback" in out.stderr
+
+
+def test_the_slides_page_stays_in_the_slides_folder(app_store, tmp_path, wsi_dir, monkeypatch):
+    Session, _ = app_store
+    monkeypatch.setenv("GLOM_SLIDES_DIR", str(wsi_dir))
+    outside = tmp_path / "private-slides"
+    outside.mkdir()
+    (outside / "patient-x.svs").symlink_to(wsi_dir / "cmu-1-small-region.svs")
+    with Session() as s:
+        me = s.scalar(select(Annotator).where(Annotator.name == "dr_li"))
+    at = AppTest.from_file(str(REPO / "app" / "slides_page.py"), default_timeout=60)
+    at.session_state["annotator_id"], at.session_state["annotator_name"] = me.id, "dr_li"
+    at.session_state["dataset_name"] = "bueno"
+    at.run()
+    assert at.selectbox(key="slides_file").options == ["cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs"]
+    for folder in (str(outside), str(wsi_dir / ".." / ".."), "/"):
+        at.text_input(key="slides_dir").input(folder).run()
+        assert any("refused" in e.value for e in at.error), folder
+        assert not [b for b in at.selectbox if b.key == "slides_file"], f"{folder} was listed"
+        assert not any("patient-x" in str(x.value) for x in (*at.error, *at.info))
