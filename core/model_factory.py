@@ -92,6 +92,11 @@ def create_classifier(cfg: ModelConfig, num_classes: int) -> nn.Module:
             raise PretrainedUnavailableError(
                 f"{cfg.pretrained_file} matches only {n} of {len(body)} tensors of {cfg.name}: "
                 f"is it the right architecture?")
+        if hasattr(model, "reset_classifier") and n < len(own):
+            # As timm does for hub weights: a fresh nn.Linear head (fan-in init). Some families'
+            # own init scales the head by fan-out, i.e. by the class count: with two classes on
+            # ImageNet features that gives logits in the tens and wrecks the first epochs.
+            model.reset_classifier(num_classes)
         log.info("loaded %d of %d tensors of %s from %s", n, len(own), cfg.name, path)
     return model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from core.config import AugmentConfig
@@ -71,3 +72,39 @@ def test_same_class_mix_keeps_label_and_class(tmp_path):
         assert label == 0 and x.max() <= 100  # only mixed with the other class-0 image
         x, label = ds[2]
         assert label == 1 and (x == 255).all()  # the only class-1 image mixes with itself
+
+
+def test_lab_round_trip_and_randstain_moves_stain_statistics_towards_the_template(bueno_dir):
+    import numpy as np
+    from PIL import Image
+
+    from core.config import AugmentConfig
+    from core.transforms import RandStainNA, build_train_transform, lab_statistics, lab_to_rgb, rgb_to_lab
+
+    paths = sorted((bueno_dir / "globally_sclerotic").glob("*.png"))[:8]
+    imgs = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 255 for p in paths]
+    x = imgs[0]
+    assert torch.allclose(lab_to_rgb(rgb_to_lab(x)), x, atol=2e-3)
+    # skimage agrees on the colour space
+    from skimage.color import rgb2lab
+
+    ref = torch.from_numpy(rgb2lab(x.permute(1, 2, 0).numpy())).permute(2, 0, 1).float()
+    assert torch.allclose(rgb_to_lab(x), ref, atol=0.05)
+    # A template far from the image: the re-stained image's LAB means land on the drawn target.
+    target = {"mean": [40.0, 30.0, -20.0, 10.0, 8.0, 5.0], "std": [0.0] * 6}
+    out = RandStainNA(target, p=1.0)(x)
+    lab = rgb_to_lab(out).flatten(1)
+    assert out.shape == x.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+    assert abs(float(lab[0].mean()) - 40) < 3 and abs(float(lab[1].mean()) - 30) < 3
+    stats = lab_statistics(imgs)
+    assert len(stats["mean"]) == 6 and all(s > 0 for s in stats["std"])
+    aug = AugmentConfig(randstain=1.0, grayscale=0.5, blur=0.5, jpeg=0.5, hed_jitter=0.05)
+    t = build_train_transform({"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.5] * 3,
+                               "scaling": "imagenet", "interpolation": "bilinear"}, aug, stats)
+    rgb = (x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    outs = torch.stack([t(rgb) for _ in range(6)])
+    assert outs.shape == (6, 3, 64, 64) and torch.isfinite(outs).all()
+    assert outs.std(0).mean() > 0.01  # random: no two views alike
+    with pytest.raises(Exception, match="LAB statistics"):
+        build_train_transform({"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.5] * 3,
+                               "scaling": "imagenet"}, aug, None)
