@@ -119,7 +119,7 @@ def _wait_change(page, before: int) -> int:
 def _sign_in(page, base: str, name: str) -> None:
     page.goto(base)
     page.get_by_label("Your name").fill(name)
-    page.get_by_label("Password").fill(E2E_PASSWORD)
+    page.get_by_label("Password", exact=True).fill(E2E_PASSWORD)
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_selector(CAPTION, timeout=30_000)
 
@@ -175,9 +175,11 @@ def test_two_clinicians_label_by_keyboard_and_nothing_is_lost(app_url, store_url
         alice.keyboard.press("2")
         _wait_change(alice, now)
 
-        # A reload (new browser session) keeps the user signed in and everything stored.
+        # A reload is a new browser session: it asks for the password again (no URL signs anyone
+        # in), and everything stored is still there.
         alice.reload()
-        alice.wait_for_selector(CAPTION, timeout=30_000)
+        alice.get_by_role("button", name="Sign in").wait_for(timeout=30_000)
+        _sign_in(alice, app_url, "alice")
         alice.get_by_text("5 / 789").wait_for(timeout=15_000)
         shot = tmp_path / "label_app.png"
         alice.wait_for_timeout(300)
