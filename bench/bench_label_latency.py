@@ -141,7 +141,7 @@ def empty_pg(url: str) -> None:
 
 def start_app(url: str, port: int, log: Path, extra: list[str] = ()) -> subprocess.Popen:
     """``streamlit run app/label.py`` from the repository (so .streamlit/config.toml applies)."""
-    env = dict(os.environ, GLOM_DB=url)
+    env = dict(os.environ, GLOM_DB=url, GLOM_TEST_URL_SIGNIN="1")  # ?annotator= signs the bench in (loopback)
     proc = subprocess.Popen(
         [str(REPO / ".venv" / "bin" / "streamlit"), "run", str(REPO / "app" / "label.py"),
          "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true", *extra],
