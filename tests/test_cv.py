@@ -294,3 +294,20 @@ def test_compare_runs_every_architecture_through_the_same_folds(bueno_dir, tmp_p
     assert tests[0] == tests[1]
     md = (out_dir / "comparison.md").read_text()
     assert "CPU ms/crop" in md and md.count("[") >= 8
+
+
+def test_the_viewer_loads_and_explains_the_ensemble_like_any_checkpoint(tiny_cv, bueno_dir):
+    from PIL import Image
+
+    from core.diagnosis import diagnose, find_checkpoints, load_viewer_checkpoint
+
+    _, res = tiny_cv
+    assert res.ensemble in find_checkpoints(res.out_dir)
+    ckpt = load_viewer_checkpoint(res.ensemble, res.out_dir)
+    rgbs = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((bueno_dir / "globally_sclerotic").glob("*.png"))[:3]]
+    with_cam = diagnose(ckpt, rgbs, method="gradcam")
+    plain = diagnose(ckpt, rgbs, method=None)
+    assert [r.heat.shape for r in with_cam] == [(32, 32)] * 3
+    # TTA checkpoint: the probabilities shown with a heatmap are the 8-view ones, as without.
+    for a, b in zip(with_cam, plain):
+        assert a.probs == pytest.approx(b.probs, abs=1e-5)
