@@ -47,8 +47,14 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return {"ece": float(ece), "bins": bins, "n_bins": n_bins}
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 200) -> float:
-    """Temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (Guo et al. 2017)."""
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 200, prior: float = 10.0) -> float:
+    """Temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (Guo et al. 2017).
+
+    ``prior`` adds ``prior / n · (log T)²``: a weak pull towards T = 1 worth about ``prior`` crops, so
+    that a validation part of a few dozen crops, nearly all right, cannot sharpen the model
+    (T ≪ 1) on noise. That sharpening is what made calibration worse on a new site (issue 12).
+    With hundreds of crops the data decide; ``prior=0`` is the plain fit.
+    """
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if len(y) == 0:
@@ -58,7 +64,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 200)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y) + prior / len(y) * log_t ** 2
         loss.backward()
         return loss
 

@@ -311,3 +311,17 @@ def test_the_viewer_loads_and_explains_the_ensemble_like_any_checkpoint(tiny_cv,
     # TTA checkpoint: the probabilities shown with a heatmap are the 8-view ones, as without.
     for a, b in zip(with_cam, plain):
         assert a.probs == pytest.approx(b.probs, abs=1e-5)
+
+
+def test_temperature_fit_does_not_sharpen_on_a_small_confident_validation_part():
+    from core.metrics import fit_temperature
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 25)
+    z = np.where(np.eye(2)[y] > 0, 2.0, -2.0)  # 25 crops, all right, moderately confident
+    assert fit_temperature(z, y, prior=0) < 0.3  # the plain fit sharpens hard on 25 crops
+    assert fit_temperature(z, y) > 0.5
+    # With many crops, including mistakes, the data decide, prior or not.
+    y = rng.integers(0, 2, 2000)
+    z = rng.normal(0, 1, (2000, 2)) + 3 * np.eye(2)[y]
+    assert fit_temperature(z, y) == pytest.approx(fit_temperature(z, y, prior=0), rel=0.25)
