@@ -26,6 +26,7 @@ from annotation_db.store import (
     ClassSpec,
     ImageFileError,
     ImageLimits,
+    ImageMeta,
     InvalidLabelError,
     create_dataset,
     get_or_create_annotator,
@@ -149,6 +150,7 @@ def import_records(
     progress: bool = False,
     confine_to: Path | None = None,
     keep_last: bool = False,
+    metas: dict[str, ImageMeta] | None = None,
 ) -> ImportReport:
     """Register every record's image (reading its bytes once) and write its label.
 
@@ -156,7 +158,9 @@ def import_records(
     stain of the slides the records name. ``confine_to``: refuse image files that resolve
     (symbolic links followed) outside this folder, without saying more about them. Two records
     giving one image different labels by the same annotator are refused, naming both, unless
-    ``keep_last`` (the later one wins; the report lists the lines it overrode). Raises
+    ``keep_last`` (the later one wins; the report lists the lines it overrode). ``metas``: what
+    :func:`read_image_metas` found before the transaction (by absolute path); images it lacks are
+    read here. Raises
     :class:`FormatError`, :class:`InvalidLabelError` or :class:`ImageFileError` (its subclass
     :class:`ImageTooLargeError` over the image limits) naming the record's file and line.
     """
@@ -211,10 +215,12 @@ def import_records(
                     f"{r.where}: field 'image': {rel} not found under the data root {dataset.root} "
                     "(pass --skip-missing to import the rest and list what is missing)"
                 )
-            try:
-                meta = read_image_meta(path, limits)
-            except ImageFileError as e:
-                raise type(e)(f"{r.where}: field 'image': {e}") from None
+            meta = (metas or {}).get(str(path))
+            if meta is None:
+                try:
+                    meta = read_image_meta(path, limits)
+                except ImageFileError as e:
+                    raise type(e)(f"{r.where}: field 'image': {e}") from None
             slide_id = None
             if r.slide:
                 if r.slide not in slide_ids:
@@ -293,6 +299,38 @@ def import_records(
     bar.close()
     session.flush()
     return report
+
+
+def read_image_metas(
+    root: str | Path, records: Sequence[Record], *, confine_to: Path | None = None, progress: bool = False
+) -> dict[str, ImageMeta]:
+    """Hash and measure every record's image under ``root``, keyed by absolute path, before any
+    write transaction opens: on SQLite the write lock is then held only while rows are written,
+    not while a large import reads its files. Raises as :func:`import_records` would (file, line,
+    field); missing files are left for :func:`import_records` to skip or refuse."""
+    probe = Dataset(name="", root=str(Path(root).expanduser().resolve()))
+    limits = ImageLimits.from_env()
+    out: dict[str, ImageMeta] = {}
+    for r in tqdm(records, desc="check images", unit="img", disable=not progress):
+        try:
+            path = resolve_in_root(probe, normalize_rel_path(probe, r.image))
+        except (ImageFileError, OSError, ValueError) as e:
+            raise ImageFileError(f"{r.where}: field 'image': {e}") from None
+        key = str(path)
+        if key in out:
+            continue
+        if confine_to is not None and not is_within(path, confine_to):
+            raise ImageFileError(f"{r.where}: field 'image': refused: not a file under the data folder")
+        try:
+            if not path.is_file():
+                continue
+        except OSError as e:
+            raise ImageFileError(f"{r.where}: field 'image': cannot use this path ({e.strerror})") from None
+        try:
+            out[key] = read_image_meta(path, limits)
+        except ImageFileError as e:
+            raise type(e)(f"{r.where}: field 'image': {e}") from None
+    return out
 
 
 def _repeated_images(records: Sequence[Record], rels: Sequence[str], keys: Sequence[list[str]], annotator: str,

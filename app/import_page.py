@@ -64,6 +64,9 @@ def _import(fmt: str, path: Path, dataset_name: str, root: Path | None, annotato
         records = [r for r in records if not r.image.startswith("_")]  # e.g. _masks/
     root = root or (path if fmt == "folders" else path.parent)
     confine(root, data_root())  # a new dataset's root, too, stays under the data folder
+    known = dataset_view(store_url(), dataset_name).root if dataset_name in dataset_names(store_url()) else None
+    # Read and hash before the write transaction: other clinicians' clicks do not wait on it.
+    metas = importer.read_image_metas(known if known is not None else root, records, confine_to=data_root())
     with get_sessionmaker()() as s, s.begin():
         if dataset_name in dataset_names(store_url()):
             dataset = store.get_dataset(s, dataset_name)
@@ -75,7 +78,7 @@ def _import(fmt: str, path: Path, dataset_name: str, root: Path | None, annotato
             )
         report = importer.import_records(
             s, dataset, records, annotator=annotator, source=f"import:{fmt}", skip_missing=skip_missing,
-            confine_to=data_root(),
+            confine_to=data_root(), metas=metas,
         )
     dataset_names.clear()
     dataset_view.clear()

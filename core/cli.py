@@ -55,6 +55,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.classes:
         class_names = [c.strip() for c in args.classes.split(",") if c.strip()]
     root = Path(args.root) if args.root else _default_root(args.format, path)
+    # Files are read and hashed before the write transaction: clicks in the app do not wait on them.
+    from sqlalchemy import select
+
+    from annotation_db.models import Dataset
+
+    with _session(args) as session:
+        known_root = session.scalar(select(Dataset.root).where(Dataset.name == args.dataset))
+    metas = importer.read_image_metas(known_root if known_root is not None else root, records, progress=True)
     with _session(args) as session, session.begin():
         dataset = importer.ensure_dataset(
             session, args.dataset, class_names=class_names, root=root, multi_label=args.multi_label
@@ -70,6 +78,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             stain=args.stain,
             progress=True,
             keep_last=args.keep_last,
+            metas=metas,
         )
     print(report.summary())
     for line in report.missing:

@@ -167,7 +167,8 @@ def test_two_clinicians_label_by_keyboard_and_nothing_is_lost(app_url, store_url
         alice.keyboard.press("Backspace")
         now = _wait_change(alice, now)
         assert now == seen["alice"][3]
-        assert "Your label: globally_sclerotic" in alice.inner_text("[data-testid='stMain']")
+        # The caption is a later part of the same page update than the image: wait for it.
+        alice.get_by_text("Your label: globally_sclerotic", exact=False).wait_for(timeout=15_000)
         note = alice.get_by_placeholder("Note (optional)", exact=False)
         note.fill("capsule torn")
         alice.keyboard.press("2")  # typed into the note, not a label
