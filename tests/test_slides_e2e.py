@@ -45,7 +45,7 @@ def _sign_in(page, base: str, name: str) -> None:
     # test_label_e2e's _sign_in waits for a crop; this dataset starts empty.
     page.goto(base)
     page.get_by_label("Your name").fill(name)
-    page.get_by_label("Password").fill(E2E_PASSWORD)
+    page.get_by_label("Password", exact=True).fill(E2E_PASSWORD)
     page.get_by_role("button", name="Sign in").click()
     page.get_by_text(f"Signed in as {name}").wait_for(timeout=30_000)
 
