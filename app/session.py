@@ -45,14 +45,6 @@ def init_state() -> None:
             st.session_state[key] = list(value) if isinstance(value, list) else value
 
 
-def app_settings() -> dict:
-    """The ``[glomlab]`` table of ``.streamlit/secrets.toml``, or {}."""
-    try:
-        return dict(st.secrets.get("glomlab", {}))
-    except (FileNotFoundError, KeyError, AttributeError):
-        return {}
-
-
 def oidc_configured() -> bool:
     try:
         return "auth" in st.secrets
