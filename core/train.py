@@ -32,7 +32,7 @@ from core.checkpoint import CheckpointMeta, save_checkpoint
 from core.config import TrainConfig, load_config
 from core.data import (DataError, ImageDataset, LabeledSet, Sample, Split, assign_centres, balanced_sampler,
                        kfold_grouped, load_labeled_set, read_rgb, shared_data_dir, split_grouped)
-from core.engine import StepContext, make_step_context, predict, train_one_epoch
+from core.engine import StepContext, TrainingDivergedError, make_step_context, predict, train_one_epoch
 from core.evaluate import evaluate_model
 from core.losses import class_weights_from_counts, create_loss
 from core.metrics import classification_metrics, plot_history, softmax
@@ -318,6 +318,10 @@ def _val_metrics(model: nn.Module, loader: DataLoader | None, ctx: StepContext, 
         return {}
     out = predict(model, loader, ctx)
     logits, labels = out["logits"], out["labels"]
+    if not torch.isfinite(logits).all():
+        # The weights blew up in the last steps of the epoch (the training loss was still finite).
+        raise TrainingDivergedError("the model's outputs on the validation images are NaN or infinite: "
+                                    "training diverged; lower the learning rate or turn AMP off")
     m = classification_metrics(softmax(logits.numpy()), labels.numpy(), classes)
     loss = float(loss_fn(logits.to(ctx.device), labels.to(ctx.device)))
     return {"val_loss": loss, "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],

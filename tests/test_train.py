@@ -224,3 +224,20 @@ def test_per_stain_references_travel_to_the_predictor(demo_run, tmp_path):
 
     rgb = read_rgb(refs[0])
     assert not torch.equal(pred.preprocess(rgb, "PAS"), pred.preprocess(rgb, "HE"))
+
+
+def test_a_diverging_run_ends_glom_train_with_one_error_line(tmp_path, capsys):
+    from core.cli_train import register
+
+    generate_demo_images(tmp_path / "images", n_per_class=6, size_px=32, seed=0)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([
+        "train", "--no-progress", "--set", f"output_dir={tmp_path / 'runs'}", "--set", "data.kind=folder",
+        "--set", f"data.path={tmp_path / 'images'}", "--set", "data.split.group_by=none",
+        "--set", "model.name=test_resnet", "--set", "preprocess.input_size=32", "--set", "train.epochs=2",
+        "--set", "train.optimizer=sgd", "--set", "train.lr=1e30", "--set", "train.log_every=1",
+        "--set", "train.loss.class_weights=null"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "lower the learning rate" in err[0]
