@@ -152,7 +152,7 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     if args.tta:
         cfg.evaluate.tta = True
     result = run_cv(cfg, args.scheme, args.folds, args.group_by, progress=not args.no_progress,
-                    ensemble=args.ensemble)
+                    ensemble=args.ensemble, adapt_slides=args.adapt_slides)
     for line in summary_lines(result.report):
         print(line)
     print(f"report: {result.out_dir / 'cv_report.md'}")
@@ -269,6 +269,9 @@ def register(subparsers: argparse._SubParsersAction,
     p.add_argument("--bootstrap", type=int, help="slide resamples for the intervals (default: evaluate.bootstrap)")
     p.add_argument("--tta", action="store_true", help="predict held-out crops with the 8 dihedral views")
     p.add_argument("--ensemble", action="store_true", help="also save the k fold models as one checkpoint")
+    p.add_argument("--adapt-slides", type=int, default=0, metavar="N",
+                   help="also report, separately, each held-out part scored after re-fitting the operating point "
+                        "on N of its slides (labelled sample at a new site)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_guarded(_cmd_cv))
 

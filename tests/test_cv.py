@@ -199,7 +199,7 @@ def test_cli_cv_loco_prints_each_centre_with_intervals(bueno_dir, tmp_path, caps
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args([
-        "cv", "--scheme", "loco", "--bootstrap", "50", "--no-progress",
+        "cv", "--scheme", "loco", "--bootstrap", "50", "--no-progress", "--adapt-slides", "1",
         "--set", "name=loco", "--set", f"output_dir={tmp_path}", "--set", "data.kind=csv",
         "--set", f"data.path={bueno_dir / 'labels.csv'}", "--set", "data.max_images=60",
         "--set", f"data.centre_pattern={PATTERN}", "--set", "model.name=test_resnet",
@@ -209,6 +209,9 @@ def test_cli_cv_loco_prints_each_centre_with_intervals(bueno_dir, tmp_path, caps
     for c in ("SAS", "SESCAM", "VUHSK"):
         assert f"centre centre-{c}: n " in out
     assert "pooled: n 60" in out and "macro f1 " in out and "[" in out
+    assert out.count("re-fitted on 1 labelled slides") == 3  # one per centre, reported apart
+    md = next(tmp_path.glob("loco-loco*/cv_report.md")).read_text()
+    assert "## Operating point re-fitted on 1 labelled slides of the held-out centre" in md
     # leave-one-centre-out without centres: one error line, status 2
     args = parser.parse_args(["cv", "--scheme", "loco", "--set", "data.kind=csv",
                               "--set", f"data.path={bueno_dir / 'labels.csv'}", "--set", "model.name=test_resnet"])
