@@ -85,9 +85,10 @@ def demo_run(tmp_path_factory):
 
 
 def test_tiny_model_learns_demo_classes_quickly(demo_run):
-    result, seconds = demo_run
+    result, _ = demo_run
     test = result.report["splits"]["test"]
-    assert seconds < 60, f"training took {seconds:.0f} CPU seconds"
+    # Speed lives in bench/bench_train_step.py: a CPU-seconds bound here failed whenever another
+    # job shared the two cores, which says nothing about the code.
     assert test["n"] >= 12
     assert test["accuracy"] >= 0.6, test  # chance is 0.25 with 4 balanced classes
 
