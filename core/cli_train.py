@@ -275,7 +275,8 @@ def register(subparsers: argparse._SubParsersAction,
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_guarded(_cmd_cv))
 
-    p = subparsers.add_parser("compare", parents=parents, help="several architectures through the same CV, one table with intervals")
+    p = subparsers.add_parser("compare", parents=parents,
+                              help="several architectures through the same CV, one table with intervals")
     _add_recipe_args(p)
     p.add_argument("--models", nargs="+", required=True, help="timm / custom architecture names")
     p.add_argument("--scheme", choices=("kfold", "loco"), default="kfold")

@@ -231,7 +231,8 @@ def _markdown(report: dict[str, Any], classes: list[str], slide_table: list[dict
     refits = {n: f["refit"] for n, f in report["per_fold"].items() if f.get("refit")}
     if refits:
         n = next(iter(refits.values()))["slides"]
-        lines += ["", f"## Operating point re-fitted on {n} labelled slides of the held-out {'centre' if scheme == 'loco' else 'fold'}",
+        part = "centre" if scheme == "loco" else "fold"
+        lines += ["", f"## Operating point re-fitted on {n} labelled slides of the held-out {part}",
                   "", "Reported apart from the figures above: a class bias fitted on the predictions for the "
                   f"sampled slides, scored on the other slides; mean [2.5–97.5 %] over "
                   f"{next(iter(refits.values()))['draws']} random draws of the sample.", "",

@@ -14,7 +14,7 @@ import torch
 
 from core.config import load_config
 from core.cv import plan_folds, run_cv
-from core.data import DataError, LabeledSet, Sample, assign_centres, load_from_csv
+from core.data import DataError, assign_centres, load_from_csv
 from core.intervals import bootstrap_metrics, format_ci, point_metrics
 
 PATTERN = "^([^_]+)_"
@@ -292,8 +292,8 @@ def test_compare_runs_every_architecture_through_the_same_folds(bueno_dir, tmp_p
     out_dir, rows = compare_cv(cfg, ["test_resnet", "test_efficientnet"], folds=3, progress=False)
     assert [r["model"] for r in rows] == ["test_resnet", "test_efficientnet"]
     assert all(r["cpu_ms"] > 0 and r["params"] > 0 and r["pooled"]["macro_f1"]["lo"] is not None for r in rows)
-    tests = [[json.loads(p.read_text())["test"] for p in sorted((tmp_path / "cmp-compare" / f"cmp-{m}-kfold").glob("*.split.json"))]
-             for m in ("test_resnet", "test_efficientnet")]
+    folders = [tmp_path / "cmp-compare" / f"cmp-{m}-kfold" for m in ("test_resnet", "test_efficientnet")]
+    tests = [[json.loads(p.read_text())["test"] for p in sorted(d.glob("*.split.json"))] for d in folders]
     assert tests[0] == tests[1]
     md = (out_dir / "comparison.md").read_text()
     assert "CPU ms/crop" in md and md.count("[") >= 8
