@@ -65,7 +65,7 @@ def _load_eval_samples(args: argparse.Namespace, meta, data: str | None, kind: s
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from core.adapt import adapt_checkpoint
-    from core.checkpoint import load_checkpoint
+    from core.checkpoint import CheckpointError, load_checkpoint
     from core.data import Split
     from core.engine import make_step_context
     from core.evaluate import evaluate_model
@@ -80,8 +80,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cfg, ls = _load_eval_samples(args, meta, args.data)
     if args.data or args.dataset:
         subsets = {"all": ls.samples}
+    elif meta.ensemble:
+        raise CheckpointError("an ensemble of fold models has seen every crop of its data: evaluate it with --data "
+                              "on crops from elsewhere (its honest figures are the CV's out-of-fold ones)")
     else:
-        split = Split.load(ckpt_dir / (meta.split or {}).get("file", "split.json"))
+        split_file = ckpt_dir / (meta.split or {}).get("file", "split.json")
+        if not split_file.is_file():
+            raise CheckpointError(f"{split_file} is missing: name the images to evaluate with --data")
+        split = Split.load(split_file)
         subsets = {k: v for k, v in split.subsets(ls).items() if k in ("val", "test")}
     adapted = None
     if args.adapt_on:
@@ -100,7 +106,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
              "data": ls.source, "code_revision": meta.code_revision}
     common = dict(temperature=meta.temperature, tta=meta.tta, bootstrap=cfg.evaluate.bootstrap)
     report = evaluate_model(model, meta.classes, meta.preprocess, predictor.stain, subsets, out,
-                            make_step_context(device), tsne=not args.no_tsne, extra=extra,
+                            make_step_context(device), tsne=not args.no_tsne and not meta.ensemble, extra=extra,
                             class_bias=meta.class_bias, **common)
 
     def show(rep: dict, title: str) -> None:

@@ -328,3 +328,24 @@ def test_temperature_fit_does_not_sharpen_on_a_small_confident_validation_part()
     y = rng.integers(0, 2, 2000)
     z = rng.normal(0, 1, (2000, 2)) + 3 * np.eye(2)[y]
     assert fit_temperature(z, y) == pytest.approx(fit_temperature(z, y, prior=0), rel=0.25)
+
+
+def test_glom_evaluate_takes_the_ensemble_on_other_crops_and_refuses_its_own(tiny_cv, bueno_dir, tmp_path, capsys):
+    from core.cli_train import register
+
+    _, res = tiny_cv
+    rows = list(csv.DictReader((bueno_dir / "labels.csv").open()))[5::40]
+    other = tmp_path / "other.csv"
+    with other.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["evaluate", str(res.ensemble), "--data", str(other), "--kind", "csv",
+                              "--root", str(bueno_dir), "--out", str(tmp_path / "ev")])
+    assert args.func(args) == 0  # t-SNE is skipped for an ensemble rather than crashing
+    assert f"all: n {len(rows)}" in capsys.readouterr().out
+    args = parser.parse_args(["evaluate", str(res.ensemble)])
+    assert args.func(args) == 2
+    assert "out-of-fold" in capsys.readouterr().err
