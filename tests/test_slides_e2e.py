@@ -52,9 +52,18 @@ def _sign_in(page, base: str, name: str) -> None:
 
 def _drag(page, x0: float, y0: float, x1: float, y1: float) -> None:
     """A mouse drag on the region view, in fractions of its width and height."""
+    # A widget change just before (a class picked) reruns the page and rebuilds the plot: wait for
+    # the rerun to end, then for a drag area that is on the page and has a box.
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=30_000)
     area = page.locator(".st-key-slides_canvas .nsewdrag").first
-    area.wait_for(timeout=15_000)
-    b = area.bounding_box()
+    b = None
+    for _ in range(50):
+        area.wait_for(timeout=15_000)
+        b = area.bounding_box()
+        if b is not None:
+            break
+        page.wait_for_timeout(100)
+    assert b is not None, "the region view's drag area never settled"
     page.mouse.move(b["x"] + x0 * b["width"], b["y"] + y0 * b["height"])
     page.mouse.down()
     page.mouse.move(b["x"] + x1 * b["width"], b["y"] + y1 * b["height"], steps=12)
