@@ -118,6 +118,13 @@ def predict_samples(checkpoint: str | Path, samples: Sequence[Sample], tta: bool
     return out["logits"].numpy()
 
 
+def _device(pref: str) -> str:
+    """Where to predict held-out crops: the training device (``auto``: CUDA when there is one)."""
+    if pref == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return pref
+
+
 def _fold_report(rows: list[dict[str, Any]], classes: list[str], n_boot: int, seed: int) -> dict[str, Any]:
     probs = np.array([r["probs"] for r in rows])
     labels = np.array([r["label"] for r in rows])
@@ -306,7 +313,8 @@ def run_cv(cfg: TrainConfig, scheme: str = "kfold", folds: int = 5, group_by: st
         result = run_training(run_cfg, progress=progress)
         runs.append(result.run_dir)
         test = [by_path[p] for p in fold.split.test]
-        logits = predict_samples(result.checkpoint, test, tta=cfg.evaluate.tta, batch_size=cfg.evaluate.batch_size)
+        logits = predict_samples(result.checkpoint, test, tta=cfg.evaluate.tta, batch_size=cfg.evaluate.batch_size,
+                                 device=_device(cfg.train.device))
         from core.checkpoint import read_meta
 
         t = read_meta(result.checkpoint).temperature or 1.0
