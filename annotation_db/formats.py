@@ -58,6 +58,7 @@ class Record:
     slide: str | None = None
     uncertain: bool = False
     patient: str | None = None
+    centre: str | None = None  # the hospital / scanner site (CSV ``centre``/``center``/``site`` column)
 
 
 # --- readers -----------------------------------------------------------------------------------
@@ -157,6 +158,7 @@ def read_jsonl(path: str | Path) -> tuple[list[str], list[Record]]:
 _CSV_IMAGE = ("image", "path", "image_name", "file", "filename")
 _CSV_SLIDE = ("slide", "slide_id", "slide_name")
 _CSV_PATIENT = ("patient", "patient_id")
+_CSV_CENTRE = ("centre", "center", "site")
 
 
 class _Utf8Lines:
@@ -243,7 +245,7 @@ def _shown(header: list[str]) -> str:
 
 
 def read_csv(path: str | Path) -> list[Record]:
-    """Read ``image,label[,annotator][,slide][,patient]`` rows (header required)."""
+    """Read ``image,label[,annotator][,slide][,patient][,centre]`` rows (header required)."""
     path = Path(path)
     with _csv_reader(path) as (reader, header):
         image_col = next((c for c in _CSV_IMAGE if c in header), None)
@@ -254,6 +256,7 @@ def read_csv(path: str | Path) -> list[Record]:
             raise FormatError(path, 1, images[1], f"two image columns ({', '.join(images)}); keep one")
         slide_col = next((c for c in _CSV_SLIDE if c in header), None)
         patient_col = next((c for c in _CSV_PATIENT if c in header), None)
+        centre_col = next((c for c in _CSV_CENTRE if c in header), None)
         records = []
         for lineno, row in _csv_rows(path, reader, header):
             image = (row.get(image_col) or "").strip()
@@ -261,7 +264,7 @@ def read_csv(path: str | Path) -> list[Record]:
                 raise FormatError(path, lineno, image_col, "empty image path")
             if problem := image_name_problem(image):
                 raise FormatError(path, lineno, image_col, problem)
-            for col, limit in (("annotator", 200), (slide_col, 300), (patient_col, 200)):
+            for col, limit in (("annotator", 200), (slide_col, 300), (patient_col, 200), (centre_col, 200)):
                 if col and len((row.get(col) or "").strip()) > limit:
                     raise FormatError(path, lineno, col, f"at most {limit} characters")
             raw = (row.get("label") or "").strip()
@@ -274,6 +277,7 @@ def read_csv(path: str | Path) -> list[Record]:
                     annotator=(row.get("annotator") or "").strip() or None,
                     slide=((row.get(slide_col) or "").strip() or None) if slide_col else None,
                     patient=((row.get(patient_col) or "").strip() or None) if patient_col else None,
+                    centre=((row.get(centre_col) or "").strip() or None) if centre_col else None,
                 )
             )
             if records[-1].patient and not records[-1].slide:

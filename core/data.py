@@ -230,34 +230,12 @@ def load_from_csv(path: str | Path, root: str | Path | None = None,
         log.warning("%s has an annotator column; every row is used as its own sample", path)
     keys = list(classes) if classes else sorted({c for r in records for c in r.classes})
     index = {k: i for i, k in enumerate(keys)}
-    centre_of = _csv_centres(path)
     samples = []
     for r in records:
         label = _single_label(r.where, r.classes, index)
         if label is not None:
-            samples.append(Sample(str((base / r.image).resolve()), label, r.slide, r.patient,
-                                  centre=centre_of.get(r.image)))
+            samples.append(Sample(str((base / r.image).resolve()), label, r.slide, r.patient, centre=r.centre))
     return LabeledSet(keys, samples, source=f"csv:{path}")
-
-
-_CSV_CENTRE = ("centre", "center", "site")
-
-
-def _csv_centres(path: Path) -> dict[str, str]:
-    """Image → centre from a ``centre``/``center``/``site`` column, when the CSV has one."""
-    import csv
-
-    from annotation_db.formats import _CSV_IMAGE
-
-    with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip().lower() for h in reader.fieldnames or []]
-        col = next((reader.fieldnames[i] for i, h in enumerate(header) if h in _CSV_CENTRE), None)
-        image_col = next((reader.fieldnames[i] for i, h in enumerate(header) if h in _CSV_IMAGE), None)
-        if col is None or image_col is None:
-            return {}
-        return {(row.get(image_col) or "").strip(): (row.get(col) or "").strip()
-                for row in reader if (row.get(col) or "").strip()}
 
 
 def load_from_jsonl(path: str | Path, root: str | Path | None = None,
