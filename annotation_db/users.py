@@ -105,19 +105,22 @@ def add_user(session: Session, name: str, password: str, role: str = "annotator"
     return annotator
 
 
-def set_password(session: Session, name: str, password: str) -> Annotator:
+def _existing(session: Session, name: str) -> Annotator:
     annotator = _get(session, name)
     if annotator is None:
         raise AccountError(f"no account named {name!r}; create it with `glom user add {name}`")
+    return annotator
+
+
+def set_password(session: Session, name: str, password: str) -> Annotator:
+    annotator = _existing(session, name)
     annotator.password_hash = hash_password(password)
     session.flush()
     return annotator
 
 
 def set_role(session: Session, name: str, role: str) -> Annotator:
-    annotator = _get(session, name)
-    if annotator is None:
-        raise AccountError(f"no account named {name!r}; create it with `glom user add {name}`")
+    annotator = _existing(session, name)
     annotator.role = _check_role(role)
     session.flush()
     return annotator
