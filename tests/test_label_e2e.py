@@ -11,8 +11,6 @@ import json
 import os
 import socket
 import subprocess
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from annotation_db import importer, users
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
 from annotation_db.formats import Record, read_csv
 from annotation_db.models import Annotator, Dataset, Image, Label, LabelEvent
+from tests.servers import wait_until_healthy
 
 pytestmark = pytest.mark.browser
 
@@ -81,15 +80,7 @@ def app_url(store_url: str, tmp_path: Path):
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail(f"streamlit did not start: {(tmp_path / 'streamlit.log').read_text()[-2000:]}")
-                time.sleep(0.3)
+        wait_until_healthy(port, proc, tmp_path / "streamlit.log")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

@@ -8,8 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from streamlit.testing.v1 import AppTest
 from annotation_db import store, users
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
 from annotation_db.models import Annotator, Image
+from tests.servers import wait_until_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app" / "label.py")
@@ -238,15 +237,7 @@ def test_the_launcher_binds_loopback_from_any_working_directory(tmp_path):
     proc = subprocess.Popen([sys.executable, str(REPO / "app" / "serve.py"), "--port", str(port)],
                             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail(f"app did not start: {(tmp_path / 'serve.log').read_text()[-2000:]}")
-                time.sleep(0.3)
+        wait_until_healthy(port, proc, tmp_path / "serve.log", "app")
         assert _listening_on(port) == {"0100007F"}, "bound beyond loopback"  # 127.0.0.1, little-endian hex
     finally:
         proc.terminate()
