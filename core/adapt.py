@@ -87,7 +87,7 @@ def adapt_checkpoint(checkpoint: str | Path, sample: Sequence[Sample], out: str 
               "before": before, "after": after, "ridge": ridge}
     if out is None:
         return None, report
-    from core.checkpoint import _paths
+    from core.checkpoint import _paths, write_meta
 
     src_w, _ = _paths(checkpoint)
     dst_w, dst_j = _paths(out)
@@ -98,9 +98,5 @@ def adapt_checkpoint(checkpoint: str | Path, sample: Sequence[Sample], out: str 
     meta.class_bias = bias.tolist()
     meta.adapted = {"from": str(src_w), "sample": source, "n": len(sample), "counts": dict(counts), "ridge": ridge,
                     "macro_f1_before": before["macro_f1"]["value"], "macro_f1_after": after["macro_f1"]["value"]}
-    import json
-
-    from core.checkpoint import _json_default
-
-    dst_j.write_text(json.dumps(meta.to_dict(), indent=1, ensure_ascii=False, default=_json_default))
+    write_meta(dst_j, meta)
     return dst_w, report

@@ -24,7 +24,7 @@ import models  # noqa: F401  (registers the custom architectures)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "CheckpointMeta", "save_checkpoint", "load_checkpoint", "read_meta",
+__all__ = ["CheckpointError", "CheckpointMeta", "save_checkpoint", "load_checkpoint", "read_meta", "write_meta",
            "code_revision", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
@@ -98,8 +98,15 @@ def save_checkpoint(model: nn.Module, stem: str | Path, meta: CheckpointMeta) ->
     if any(not p.is_contiguous() for p in model.state_dict().values()):
         state_model = _contiguous_copy(model)
     save_model(state_model, str(weights), metadata={"architecture": meta.architecture})
-    sidecar.write_text(json.dumps(meta.to_dict(), indent=1, ensure_ascii=False, default=_json_default))
+    write_meta(sidecar, meta)
     return weights
+
+
+def write_meta(stem: str | Path, meta: CheckpointMeta) -> Path:
+    """Write only the sidecar ``<stem>.json`` (e.g. a copy of the weights with a new operating point)."""
+    _, sidecar = _paths(stem)
+    sidecar.write_text(json.dumps(meta.to_dict(), indent=1, ensure_ascii=False, default=_json_default))
+    return sidecar
 
 
 def _contiguous_copy(model: nn.Module) -> nn.Module:

@@ -34,8 +34,7 @@ import numpy as np
 import torch
 
 from core.config import TrainConfig
-from core.data import (DataError, LabeledSet, Sample, Split, assign_centres, kfold_grouped, load_labeled_set,
-                       split_grouped)
+from core.data import DataError, LabeledSet, Sample, Split, kfold_grouped, split_grouped
 from core.intervals import HEADLINE, bootstrap_metrics, format_ci
 from core.metrics import fit_temperature, plot_confusion_matrix, plot_reliability, plot_roc, softmax
 
@@ -66,15 +65,6 @@ class CVResult:
     ensemble: Path | None = None
     seconds: float = 0.0
     fold_runs: list[Path] = field(default_factory=list)
-
-
-def _labeled_set(cfg: TrainConfig) -> LabeledSet:
-    from core.train import _subsample, resolve_path
-
-    d = cfg.data
-    ls = load_labeled_set(d.kind, resolve_path(d.path), resolve_path(d.root), d.dataset, d.label_source,
-                          d.db_url, d.classes or None)
-    return assign_centres(_subsample(ls, d.max_images, cfg.seed), d.centre_pattern)
 
 
 def plan_folds(ls: LabeledSet, scheme: str = "kfold", folds: int = 5, group_by: str = "slide",
@@ -281,13 +271,13 @@ def run_cv(cfg: TrainConfig, scheme: str = "kfold", folds: int = 5, group_by: st
            progress: bool = True, ensemble: bool = False, adapt_slides: int = 0,
            on_fold: Callable[[str, dict[str, Any]], None] | None = None) -> CVResult:
     """Train one run per fold, predict every held-out crop, and report with intervals."""
-    from core.train import run_training
+    from core.train import load_training_set, run_training
 
     t0 = time.perf_counter()
     group_by = group_by or ("centre" if scheme == "loco" else cfg.data.split.group_by)
     if ensemble and scheme != "kfold":
         raise DataError("--ensemble bundles k-fold models; leave-one-centre-out models each miss a centre")
-    ls = _labeled_set(cfg)
+    ls = load_training_set(cfg)
     plan = plan_folds(ls, scheme, folds, group_by, cfg.data.split.seed)
     out_dir = Path(cfg.output_dir) / f"{cfg.name}-{scheme}"
     k = 2

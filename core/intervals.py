@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from core.metrics import expected_calibration_error
+
 __all__ = ["point_metrics", "bootstrap_metrics", "format_ci", "HEADLINE"]
 
 # The figures every report leads with, in order.
@@ -32,17 +34,6 @@ def _auc(pos: np.ndarray, score: np.ndarray) -> float | None:
 
     ranks = rankdata(score)
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    conf = probs.max(1)
-    correct = probs.argmax(1) == labels
-    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    total = 0.0
-    for b in np.unique(bins):
-        m = bins == b
-        total += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(total)
 
 
 def point_metrics(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, float | None]:
@@ -72,7 +63,7 @@ def point_metrics(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str])
     out["balanced_accuracy"] = float(np.mean(recalls)) if recalls else None
     # Two classes: both one-vs-rest AUCs are the same number; the mean is that number.
     out["macro_auc"] = float(np.mean(aucs)) if aucs else None
-    out["ece"] = _ece(probs, labels) if len(labels) else None
+    out["ece"] = expected_calibration_error(probs, labels)["ece"] if len(labels) else None
     return out
 
 

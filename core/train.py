@@ -43,7 +43,7 @@ from models.freeze import freeze_backbone, set_frozen_norm_eval, unfreeze_all
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunResult", "run_training", "build_optimizer", "build_scheduler", "seed_everything",
+__all__ = ["RunResult", "run_training", "load_training_set", "build_optimizer", "build_scheduler", "seed_everything",
            "resolve_path", "TrainingConfigError", "validate_config"]
 
 
@@ -223,6 +223,14 @@ def _subsample(ls: LabeledSet, n: int, seed: int) -> LabeledSet:
     return LabeledSet(ls.classes, keep, ls.display_names, ls.source)
 
 
+def load_training_set(cfg: TrainConfig) -> LabeledSet:
+    """The labelled crops ``cfg.data`` names: loaded, subsampled (``max_images``), centres assigned."""
+    d = cfg.data
+    ls = load_labeled_set(d.kind, resolve_path(d.path), resolve_path(d.root), d.dataset, d.label_source,
+                          d.db_url, d.classes or None)
+    return assign_centres(_subsample(ls, d.max_images, cfg.seed), d.centre_pattern)
+
+
 def _make_split(cfg: TrainConfig, ls: LabeledSet) -> Split:
     sc = cfg.data.split
     if sc.file:
@@ -344,9 +352,7 @@ def run_training(cfg: TrainConfig, progress: bool = True,
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     d = cfg.data
-    ls = load_labeled_set(d.kind, resolve_path(d.path), resolve_path(d.root), d.dataset, d.label_source,
-                          d.db_url, d.classes or None)
-    ls = assign_centres(_subsample(ls, d.max_images, cfg.seed), d.centre_pattern)
+    ls = load_training_set(cfg)
     split = _make_split(cfg, ls)
     run_dir = _run_dir(cfg, rank)
     if is_main:

@@ -20,6 +20,22 @@ from core.intervals import bootstrap_metrics, format_ci, point_metrics
 PATTERN = "^([^_]+)_"
 
 
+def _glom_train_cli() -> argparse.ArgumentParser:
+    """The ``glom`` training verbs (train, cv, evaluate, adapt, compare, predict) as a parser."""
+    from core.cli_train import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def _write_csv(path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 @pytest.fixture(scope="module")
 def bueno(bueno_dir):
     return assign_centres(load_from_csv(bueno_dir / "labels.csv"), PATTERN)
@@ -34,10 +50,7 @@ def test_centres_come_from_the_slide_id_pattern_or_a_column(bueno, bueno_dir, tm
     # A `centre` column wins over the pattern.
     rows = list(csv.DictReader((bueno_dir / "labels.csv").open()))[:30]
     out = tmp_path / "with_centre.csv"
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[*rows[0], "centre"])
-        w.writeheader()
-        w.writerows({**r, "centre": "H1" if i % 2 else "H2"} for i, r in enumerate(rows))
+    _write_csv(out, [{**r, "centre": "H1" if i % 2 else "H2"} for i, r in enumerate(rows)])
     ls = assign_centres(load_from_csv(out, bueno_dir), PATTERN)
     assert {s.centre for s in ls.samples} == {"H1", "H2"}
 
@@ -194,10 +207,8 @@ def test_tta_is_invariant_to_rotating_the_crop():
 
 
 def test_cli_cv_loco_prints_each_centre_with_intervals(bueno_dir, tmp_path, capsys):
-    from core.cli_train import register
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
+    parser = _glom_train_cli()
     args = parser.parse_args([
         "cv", "--scheme", "loco", "--bootstrap", "50", "--no-progress", "--adapt-slides", "1",
         "--set", "name=loco", "--set", f"output_dir={tmp_path}", "--set", "data.kind=csv",
@@ -233,20 +244,15 @@ def test_class_bias_recovers_a_shifted_operating_point():
 
 def test_adapt_and_evaluate_report_the_refitted_operating_point_separately(tiny_cv, bueno_dir, tmp_path, capsys):
     from core.checkpoint import read_meta
-    from core.cli_train import register
     from core.predict import Predictor
 
     _, res = tiny_cv
     ckpt = res.fold_runs[0] / "best.safetensors"
     rows = list(csv.DictReader((bueno_dir / "labels.csv").open()))
     sample, rest = tmp_path / "sample.csv", tmp_path / "rest.csv"
-    for path, part in ((sample, rows[::20]), (rest, rows[1::20])):
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(part)
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
+    _write_csv(sample, rows[::20])
+    _write_csv(rest, rows[1::20])
+    parser = _glom_train_cli()
     args = parser.parse_args(["adapt", str(ckpt), "--data", str(sample), "--kind", "csv", "--root", str(bueno_dir),
                               "--out", str(tmp_path / "site_b")])
     assert args.func(args) == 0
@@ -331,17 +337,12 @@ def test_temperature_fit_does_not_sharpen_on_a_small_confident_validation_part()
 
 
 def test_glom_evaluate_takes_the_ensemble_on_other_crops_and_refuses_its_own(tiny_cv, bueno_dir, tmp_path, capsys):
-    from core.cli_train import register
 
     _, res = tiny_cv
     rows = list(csv.DictReader((bueno_dir / "labels.csv").open()))[5::40]
     other = tmp_path / "other.csv"
-    with other.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
+    _write_csv(other, rows)
+    parser = _glom_train_cli()
     args = parser.parse_args(["evaluate", str(res.ensemble), "--data", str(other), "--kind", "csv",
                               "--root", str(bueno_dir), "--out", str(tmp_path / "ev")])
     assert args.func(args) == 0  # t-SNE is skipped for an ensemble rather than crashing
