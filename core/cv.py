@@ -4,10 +4,10 @@
     glom cv --recipe R --scheme loco [--adapt-slides 2]                   # leave one centre out
     glom cv --recipe R --folds 5 --group-by patient --ensemble            # + one bundled checkpoint
 
-Every fold is an ordinary training run (``runs/<name>-cv/<fold>/``, its own ``split.json`` with
+Every fold is an ordinary training run (``runs/<name>-<scheme>/<fold>/``, its own ``split.json`` with
 no slide on two sides, a validation part carved by slide from the training side for early
-stopping and temperature). The held-out crops of every fold are predicted once more, with TTA
-when the recipe asks, and kept as out-of-fold predictions (``oof_predictions.csv``). The figures
+stopping and temperature). The run's own evaluation predicts the held-out crops (with TTA when
+the recipe asks); those logits are kept as out-of-fold predictions (``oof_predictions.csv``). The figures
 (macro-F1, balanced accuracy, per-class recall, macro AUC, ECE) are computed on all out-of-fold
 predictions together, each with a 95 % interval from a bootstrap over slides, then per fold (per
 centre for ``loco``); a per-slide error table says where the errors are.
@@ -106,13 +106,6 @@ def predict_samples(checkpoint: str | Path, samples: Sequence[Sample], tta: bool
     out = predict(pred.model, loader, make_step_context(torch.device(device), amp=False),
                   tta=pred.tta if tta is None else tta, desc="held-out")
     return out["logits"].numpy()
-
-
-def _device(pref: str) -> str:
-    """Where to predict held-out crops: the training device (``auto``: CUDA when there is one)."""
-    if pref == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return pref
 
 
 def _fold_report(rows: list[dict[str, Any]], classes: list[str], n_boot: int, seed: int) -> dict[str, Any]:
@@ -303,12 +296,9 @@ def run_cv(cfg: TrainConfig, scheme: str = "kfold", folds: int = 5, group_by: st
         result = run_training(run_cfg, progress=progress)
         runs.append(result.run_dir)
         test = [by_path[p] for p in fold.split.test]
-        logits = predict_samples(result.checkpoint, test, tta=cfg.evaluate.tta, batch_size=cfg.evaluate.batch_size,
-                                 device=_device(cfg.train.device))
-        from core.checkpoint import read_meta
-
-        t = read_meta(result.checkpoint).temperature or 1.0
-        probs = softmax(logits, t)
+        # The run's own evaluation already predicted the held-out crops (with TTA when asked), in split order.
+        logits = result.logits["test"]
+        probs = softmax(logits, result.report.get("temperature") or 1.0)
         rows = []
         for s, z, p in zip(test, logits, probs):
             rows.append({"path": s.path, "slide": s.slide, "centre": s.centre, "fold": fold.name, "label": s.label,

@@ -40,12 +40,14 @@ def evaluate_model(model: nn.Module, classes: Sequence[str], preprocess: dict[st
                    temperature: float | None = None, calibrate: bool = True, tsne: bool = True,
                    batch_size: int = 64, num_workers: int = 0,
                    extra: dict[str, Any] | None = None, seed: int = 0, tta: bool = False,
-                   bootstrap: int = 1000, class_bias: Sequence[float] | None = None) -> dict[str, Any]:
+                   bootstrap: int = 1000, class_bias: Sequence[float] | None = None,
+                   logits_out: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Metrics on every non-empty subset (val, test, ...), temperature fitted on ``val``, plots.
 
     ``tta`` averages the logits of the 8 dihedral views (what a checkpoint with ``tta`` predicts).
     Each subset also gets ``intervals``: the headline figures of the calibrated predictions (with
     ``class_bias`` added when given) with 95 % intervals from ``bootstrap`` resamples of slides.
+    ``logits_out``, when given, receives each subset's raw logits (in ``subsets`` order).
 
     Writes ``report.json``, ``report.md`` and PNGs into ``out_dir``; returns the report.
     """
@@ -58,6 +60,8 @@ def evaluate_model(model: nn.Module, classes: Sequence[str], preprocess: dict[st
             loader = make_eval_loader(samples, preprocess, normalizer, batch_size, num_workers,
                                       ctx.device.type == "cuda")
             outputs[name] = predict(model, loader, ctx, features=tsne, progress=True, desc=name, tta=tta)
+            if logits_out is not None:
+                logits_out[name] = outputs[name]["logits"].numpy()
     if temperature is None and calibrate and "val" in outputs:
         temperature = fit_temperature(outputs["val"]["logits"].numpy(), outputs["val"]["labels"].numpy())
         log.info("temperature fitted on val: %.3f", temperature)

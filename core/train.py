@@ -17,7 +17,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class RunResult:
     report: dict[str, Any]
     history: list[dict[str, Any]]
     seconds: float
+    logits: dict[str, np.ndarray] = field(default_factory=dict)  # raw val/test logits of the best model (rank 0)
 
     def metric(self, split: str, key: str) -> Any:
         return self.report["splits"].get(split, {}).get(key)
@@ -478,6 +479,7 @@ def run_training(cfg: TrainConfig, progress: bool = True,
     log.info("training stopped: %s (best %s %s at epoch %d)", stop_reason, monitor, best_value, best_epoch)
 
     report: dict[str, Any] = {}
+    logits: dict[str, np.ndarray] = {}
     if is_main:
         meta.epoch = best_epoch
         save_checkpoint(model, run_dir / "last", CheckpointMeta(**{**meta.to_dict(), "epoch": epoch}))
@@ -491,7 +493,7 @@ def run_training(cfg: TrainConfig, progress: bool = True,
             best_model, classes, preprocess, normalizer, {"val": subsets["val"], "test": subsets["test"]},
             run_dir, ctx, calibrate=cfg.evaluate.calibrate, tsne=cfg.evaluate.tsne,
             batch_size=cfg.evaluate.batch_size, num_workers=d.num_workers, seed=cfg.seed, tta=cfg.evaluate.tta,
-            bootstrap=cfg.evaluate.bootstrap,
+            bootstrap=cfg.evaluate.bootstrap, logits_out=logits,
             extra={"name": cfg.name, "architecture": cfg.model.name, "checkpoint": "best.safetensors",
                    "data": ls.source, "split_groups": split.groups, "best_epoch": best_epoch,
                    "stop_reason": stop_reason, "code_revision": best_meta.code_revision,
@@ -510,7 +512,7 @@ def run_training(cfg: TrainConfig, progress: bool = True,
     report = _broadcast(report)
     if dist.is_initialized():
         dist.barrier()
-    return RunResult(run_dir, run_dir / "best.safetensors", report, logger.rows, time.perf_counter() - t0)
+    return RunResult(run_dir, run_dir / "best.safetensors", report, logger.rows, time.perf_counter() - t0, logits)
 
 
 def main(argv: list[str] | None = None) -> int:
