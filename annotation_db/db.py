@@ -20,6 +20,8 @@ from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from annotation_db.errors import GlomError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_DB_PATH = Path("data") / "glomlab.db"
@@ -27,7 +29,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-class StoreError(Exception):
+class StoreError(GlomError):
     """Base class of the store's errors: the message says what to do."""
 
 

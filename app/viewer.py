@@ -43,6 +43,7 @@ from core.checkpoint import CheckpointError
 from core.data import DataError
 from core.annotations import AnnotationFormatError
 from core.diagnosis import CropResult, ViewerCheckpoint, diagnose, find_checkpoints, load_viewer_checkpoint
+from core.errors import GlomError
 from core.explain import CAM_METHODS, CLASS_AGNOSTIC, ExplainError, overlay
 from core.extract import CropSettings, ExtractError
 from core.feedback import (
@@ -242,7 +243,7 @@ def _versus(value: str | None) -> str | None:
     return None if value in (None, "", NONE) else value
 
 
-class SignInRequired(ValueError):
+class SignInRequired(GlomError, ValueError):
     """A write that is attributed to a person needs to know who that is."""
 
 

@@ -24,13 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from core.errors import GlomError
+
 log = logging.getLogger(__name__)
 
 Kind = Literal["polygon", "rectangle", "ellipse", "point"]
 FORMATS = ("geojson", "imagescope", "asap", "csv")
 
 
-class AnnotationFormatError(ValueError):
+class AnnotationFormatError(GlomError, ValueError):
     """An annotation file cannot be read; the message names the file and the field."""
 
 

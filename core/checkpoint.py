@@ -21,6 +21,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 import models  # noqa: F401  (registers the custom architectures)
+from core.errors import GlomError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ __all__ = ["CheckpointError", "CheckpointMeta", "save_checkpoint", "load_checkpo
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(GlomError, RuntimeError):
     """A checkpoint is missing, incomplete, or does not match its sidecar."""
 
 

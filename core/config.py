@@ -16,13 +16,15 @@ from typing import Any
 
 import yaml
 
+from core.errors import GlomError
+
 __all__ = ["ConfigError", "TrainConfig", "DataConfig", "SplitConfig", "ModelConfig", "FreezeConfig",
            "PreprocessConfig", "StainConfig", "AugmentConfig", "OptimConfig", "SchedulerConfig",
            "LossConfig", "TwoPhaseConfig", "EvalConfig", "load_config", "apply_overrides",
            "config_from_dict"]
 
 
-class ConfigError(ValueError):
+class ConfigError(GlomError, ValueError):
     """A recipe or override is malformed; the message names the key."""
 
 

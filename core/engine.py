@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from core.errors import GlomError
 from core.transforms import mixup_batch
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 __all__ = ["StepContext", "make_step_context", "train_step", "train_one_epoch", "predict", "TrainingDivergedError"]
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(GlomError, RuntimeError):
     """The loss became NaN or infinite; lower the learning rate or turn AMP off."""
 
 

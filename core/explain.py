@@ -30,13 +30,15 @@ from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from core.errors import GlomError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["CAM_METHODS", "CAM_METHOD_NAMES", "ExplainError", "TargetLayers", "find_target_layers",
            "open_cam", "Cam", "overlay", "mass_inside_box", "ClassDifferenceTarget"]
 
 
-class ExplainError(ValueError):
+class ExplainError(GlomError, ValueError):
     """A CAM method or architecture this module cannot explain, or inputs it cannot use."""
 
 

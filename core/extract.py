@@ -38,6 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from core.annotations import Annotation
+from core.errors import GlomError
 from core.wsi import Box, SlideError, SlideReader, open_slide, slide_name
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def die_with_parent(parent_pid: int) -> None:
 
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
-class ExtractError(Exception):
+class ExtractError(GlomError):
     """Invalid extraction settings or a run that cannot go on; the message says what to change."""
 
 

@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.errors import GlomError
+
 __all__ = ["LossConfigError", "FocalLoss", "SoftTargetCrossEntropy", "create_loss", "class_weights_from_counts"]
 
 
-class LossConfigError(ValueError):
+class LossConfigError(GlomError, ValueError):
     """The loss settings do not fit the data (e.g. wrong number of class weights)."""
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 import models  # noqa: F401  (registers the custom architectures)
 from core.config import ModelConfig
+from core.errors import GlomError
 from models.freeze import FreezeReport, freeze_backbone
 from core.weights import WeightsUnavailableError, resolve_weights_file
 from models.partial_init import copy_matching_tensors
@@ -21,11 +22,11 @@ __all__ = ["PretrainedUnavailableError", "ModelConfigError", "create_classifier"
            "model_kwargs", "load_weights_file"]
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(GlomError, ValueError):
     """Unknown architecture or arguments it does not take."""
 
 
-class PretrainedUnavailableError(RuntimeError):
+class PretrainedUnavailableError(GlomError, RuntimeError):
     """Pretrained weights were asked for and cannot be had (offline, missing file)."""
 
 

@@ -12,11 +12,12 @@ import os
 from pathlib import Path
 
 from annotation_db.paths import is_within
+from core.errors import GlomError
 
 __all__ = ["OutsideRootError", "data_root", "slides_root", "confine", "is_within"]
 
 
-class OutsideRootError(ValueError):
+class OutsideRootError(GlomError, ValueError):
     """A path given by a web user lies outside the folder it must stay in."""
 
 

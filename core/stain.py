@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import GlomError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["StainError", "StainNormalizer", "MacenkoNormalizer", "VahadaneNormalizer", "PerStainNormalizer",
@@ -30,7 +32,7 @@ __all__ = ["StainError", "StainNormalizer", "MacenkoNormalizer", "VahadaneNormal
 I0 = 255.0
 
 
-class StainError(ValueError):
+class StainError(GlomError, ValueError):
     """Stain separation failed (e.g. an image with too little tissue) or the normaliser is unfitted."""
 
 

@@ -33,6 +33,7 @@ from core.config import TrainConfig, load_config
 from core.data import (DataError, ImageDataset, LabeledSet, Sample, Split, assign_centres, balanced_sampler,
                        kfold_grouped, load_labeled_set, read_rgb, shared_data_dir, split_grouped)
 from core.engine import StepContext, TrainingDivergedError, make_step_context, predict, train_one_epoch
+from core.errors import GlomError
 from core.evaluate import evaluate_model
 from core.losses import class_weights_from_counts, create_loss
 from core.metrics import classification_metrics, plot_history, softmax
@@ -47,7 +48,7 @@ __all__ = ["RunResult", "run_training", "load_training_set", "build_optimizer", 
            "resolve_path", "TrainingConfigError", "validate_config"]
 
 
-class TrainingConfigError(ValueError):
+class TrainingConfigError(GlomError, ValueError):
     """A training setting cannot be used as given (optimizer, scheduler, monitor...)."""
 
 

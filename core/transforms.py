@@ -15,6 +15,7 @@ import torchvision.transforms.v2 as T
 from torch import nn
 
 from core.config import AugmentConfig, PreprocessConfig
+from core.errors import GlomError
 
 __all__ = ["resolve_preprocess", "build_train_transform", "build_eval_transform", "RandomRot90",
            "HEDJitter", "RandStainNA", "lab_statistics", "rgb_to_lab", "lab_to_rgb", "dihedral_views",
@@ -29,7 +30,7 @@ _RGB_FROM_HED = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 
 
-class TransformError(ValueError):
+class TransformError(GlomError, ValueError):
     """Preprocessing settings that cannot work (unknown scaling, bad sizes)."""
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from core.errors import GlomError
+
 __all__ = ["UploadError", "UploadLimits", "CheckedImage", "sniff_image_type", "check_upload",
            "check_upload_bytes", "ALLOWED_TYPES"]
 
@@ -31,7 +33,7 @@ ALLOWED_TYPES = tuple(_PIL_FORMATS)
 SUFFIX = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "bmp": ".bmp", "webp": ".webp"}
 
 
-class UploadError(ValueError):
+class UploadError(GlomError, ValueError):
     """An upload that is not an acceptable image; the message says why, in the clinician's terms."""
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from core.errors import GlomError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["WeightsUnavailableError", "PYPI_PREFIX", "resolve_weights_file", "lite_state_dict",
@@ -39,7 +41,7 @@ PYPI_PREFIX = "pypi:"
 _LITE = re.compile(r"^efficientnet[-_]lite([0-2])$")
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(GlomError, RuntimeError):
     """Local weights were named and cannot be had (wheel not installed, file missing, mapping off)."""
 
 

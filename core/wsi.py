@@ -56,6 +56,8 @@ from types import MappingProxyType
 import numpy as np
 from PIL import Image
 
+from core.errors import GlomError
+
 log = logging.getLogger(__name__)
 
 Box = tuple[int, int, int, int]  # level-0 (x, y, w, h)
@@ -65,7 +67,7 @@ MPP_TOLERANCE = 0.01
 OPENSLIDE_FORMATS = "svs, ndpi, mrxs, scn, vms, vmu, bif, svslide, generic tiled TIFF"
 
 
-class SlideError(Exception):
+class SlideError(GlomError):
     """Base class of whole-slide errors; the message names the file and what to do."""
 
 

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from timm.models import group_parameters
 from torch import nn
 
+from annotation_db.errors import GlomError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["FreezeError", "FreezeReport", "freeze_backbone", "unfreeze_all", "set_frozen_norm_eval"]
 
 
-class FreezeError(ValueError):
+class FreezeError(GlomError, ValueError):
     """The freezing request cannot be applied to this model."""
 
 
