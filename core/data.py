@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, WeightedRandomSampler
 
+from core.errors import GlomError
 from core.stain import PerStainNormalizer
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 
-class DataError(ValueError):
+class DataError(GlomError, ValueError):
     """The labeled data cannot be read or split as asked; the message says what to fix."""
 
 
