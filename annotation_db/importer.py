@@ -17,19 +17,17 @@ from sqlalchemy.orm import Session
 from tqdm.auto import tqdm
 
 from annotation_db import formats
-from annotation_db.db import StoreError
+from annotation_db.classes import ClassKeys, schema_for
 from annotation_db.formats import FormatError, Record
 from annotation_db.paths import is_within
 from annotation_db.models import Dataset, Image, Label
 from annotation_db.store import (
-    GLOMERULUS_CLASSES,
-    ClassSpec,
     ImageFileError,
     ImageLimits,
     ImageMeta,
     InvalidLabelError,
-    create_dataset,
     get_or_create_annotator,
+    get_or_create_dataset,
     get_or_create_slide,
     normalize_rel_path,
     read_image_meta,
@@ -74,18 +72,6 @@ class ImportReport:
         return f"{self.dataset}: " + ", ".join(parts)
 
 
-def schema_for(class_names: Sequence[str]) -> list[ClassSpec]:
-    """Class schema for a new dataset from the names a file uses.
-
-    The default glomerulus classes are recognised by display name or key (keeping the file's
-    order); anything else becomes a class whose key and display name are the name itself.
-    """
-    known = {c.display_name: c for c in GLOMERULUS_CLASSES} | {c.key: c for c in GLOMERULUS_CLASSES}
-    if all(n in known for n in class_names):
-        return [ClassSpec(known[n].key, known[n].display_name, None) for n in class_names]
-    return [ClassSpec(n, n) for n in class_names]
-
-
 def class_names_of(records: Iterable[Record]) -> list[str]:
     """Distinct class names used by records, sorted (for folder, CSV and Label Studio files)."""
     return sorted({c for r in records for c in (r.classes or [])})
@@ -99,36 +85,13 @@ def ensure_dataset(
     root: str | Path,
     multi_label: bool = False,
 ) -> Dataset:
-    """The dataset ``name``; created from ``class_names`` and ``root`` when it does not exist."""
-    from annotation_db.store import DatasetNotFoundError, get_dataset
-
-    try:
-        return get_dataset(session, name)
-    except DatasetNotFoundError:
-        if not class_names:
-            raise StoreError(
-                f"Dataset {name!r} does not exist and the file names no classes; pass --classes."
-            ) from None
-        return create_dataset(session, name, schema_for(class_names), multi_label=multi_label, root=root)
+    """The dataset ``name``; created from the file's ``class_names`` (:func:`schema_for`) and
+    ``root`` when it does not exist."""
+    return get_or_create_dataset(session, name, schema_for(class_names), root=root, multi_label=multi_label)
 
 
-def _class_key_map(dataset: Dataset) -> dict[str, str]:
-    """Name -> key, accepting keys and display names."""
-    out = {c.display_name: c.key for c in dataset.classes}
-    out.update({c.key: c.key for c in dataset.classes})
-    return out
-
-
-def _keys_for(record: Record, dataset: Dataset, name_to_key: dict[str, str]) -> list[str]:
-    keys = []
-    for name in record.classes or []:
-        key = name_to_key.get(name)
-        if key is None:
-            raise InvalidLabelError(
-                f"{record.where}: field 'label': unknown class {name!r} for dataset {dataset.name!r} "
-                f"(its classes: {', '.join(c.display_name if c.display_name == c.key else f'{c.key} ({c.display_name})' for c in dataset.classes)})"
-            )
-        keys.append(key)
+def _keys_for(record: Record, dataset: Dataset, class_keys: ClassKeys) -> list[str]:
+    keys = [class_keys.key(name, where=f"{record.where}: field 'label'") for name in record.classes or []]
     if len(set(keys)) > 1 and not dataset.multi_label:
         raise InvalidLabelError(
             f"{record.where}: field 'label': {len(keys)} classes {keys} for single-label dataset {dataset.name!r}"
@@ -167,7 +130,7 @@ def import_records(
     report = ImportReport(dataset=dataset.name, records=len(records))
     limits = ImageLimits.from_env()
     _record_patients(session, records, stain)
-    name_to_key = _class_key_map(dataset)
+    class_keys = ClassKeys.of(dataset)
     annotator_ids: dict[str, int] = {}
     slide_ids: dict[str, int] = {}
     image_table = Image.__table__
@@ -181,7 +144,7 @@ def import_records(
             all_rels.append(normalize_rel_path(dataset, r.image))
         except (ImageFileError, OSError, ValueError) as e:
             raise ImageFileError(f"{r.where}: field 'image': {e}") from None
-    all_keys = [_keys_for(r, dataset, name_to_key) for r in records]
+    all_keys = [_keys_for(r, dataset, class_keys) for r in records]
     report.overridden = _repeated_images(records, all_rels, all_keys, annotator, keep_last)
     bar = tqdm(total=len(records), desc=f"import {dataset.name}", unit="img", disable=not progress)
     for start in range(0, len(records), BATCH_SIZE):

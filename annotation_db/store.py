@@ -5,6 +5,7 @@ the transaction (``with Session() as s, s.begin(): ...``), so a batch of calls i
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 import warnings
@@ -35,6 +36,8 @@ from annotation_db.models import (
     Stain,
     utcnow,
 )
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -185,6 +188,38 @@ def get_dataset(session: Session, name: str) -> Dataset:
             f"No dataset named {name!r} in the store (known: {', '.join(known) or 'none'}); "
             "create one with `glom import ... --dataset NAME` or `glom demo`."
         )
+    return dataset
+
+
+def get_or_create_dataset(
+    session: Session,
+    name: str,
+    classes: Sequence[ClassSpec | str],
+    *,
+    root: str | Path,
+    multi_label: bool = False,
+    description: str = "",
+    same_classes: bool = False,
+) -> Dataset:
+    """The dataset ``name``; created with ``classes``, ``root`` and ``description`` when missing.
+
+    ``same_classes``: an existing dataset must have exactly these class keys, in this order (the
+    viewer's datasets follow a checkpoint's schema); otherwise its own schema is kept and callers
+    check their labels against it. Raises :class:`DatasetNotFoundError` when the dataset is
+    missing and no classes are given to create it.
+    """
+    keys = [c.key if isinstance(c, ClassSpec) else c for c in classes]
+    try:
+        dataset = get_dataset(session, name)
+    except DatasetNotFoundError:
+        if not keys:
+            raise DatasetNotFoundError(
+                f"Dataset {name!r} does not exist and no classes are known to create it; name them (--classes)."
+            ) from None
+        log.info("creating dataset %r (root %s) with classes %s", name, root, keys)
+        return create_dataset(session, name, classes, multi_label=multi_label, root=root, description=description)
+    if same_classes and dataset.class_keys != keys:
+        raise InvalidLabelError(f"dataset {name!r} has classes {dataset.class_keys}, not {keys}")
     return dataset
 
 
@@ -412,28 +447,35 @@ def set_labels_bulk(
     rows: Sequence[tuple[int, int, list[str], bool, str]],
     *,
     source: str,
+    suggested: str | None = None,
+    suggested_by: str | None = None,
 ) -> None:
     """Write (image_id, annotator_id, classes, uncertain, note) rows: current label + history.
 
-    Classes must already be validated. One statement per table, so cost per label is flat.
+    ``suggested`` / ``suggested_by``: the model's class shown while these labels were given, and
+    the checkpoint id that made it (None: no suggestion was shown). Classes must already be
+    validated. One statement per table, so cost per label is flat.
     """
     if not rows:
         return
     now = utcnow()
+    shown = dict(suggested=suggested, suggested_by=suggested_by)
     label_rows = [
-        dict(image_id=i, annotator_id=a, classes=c, uncertain=u, note=n, updated_at=now) for i, a, c, u, n in rows
+        dict(image_id=i, annotator_id=a, classes=c, uncertain=u, note=n, updated_at=now, **shown)
+        for i, a, c, u, n in rows
     ]
     _upsert(
         session,
         Label.__table__,
         label_rows,
         ["image_id", "annotator_id"],
-        ["classes", "uncertain", "note", "updated_at"],
+        ["classes", "uncertain", "note", "updated_at", "suggested", "suggested_by"],
     )
     session.execute(
         LabelEvent.__table__.insert(),
         [
-            dict(image_id=i, annotator_id=a, action="set", classes=c, uncertain=u, note=n, source=source, at=now)
+            dict(image_id=i, annotator_id=a, action="set", classes=c, uncertain=u, note=n, source=source, at=now,
+                 **shown)
             for i, a, c, u, n in rows
         ],
     )
@@ -448,15 +490,19 @@ def set_label(
     uncertain: bool = False,
     note: str = "",
     source: str = "app",
+    suggested: str | None = None,
+    suggested_by: str | None = None,
 ) -> Label:
-    """Set ``annotator``'s current label of ``image`` and append it to the history."""
+    """Set ``annotator``'s current label of ``image`` and append it to the history; ``suggested``
+    is the model's class on screen when it was given (``suggested_by``: its checkpoint id)."""
     dataset = image.dataset
     keys = validate_classes(dataset, classes, where=image.path)
     if not keys and not uncertain:
         raise InvalidLabelError(f"{image.path}: a label needs a class (or the uncertain flag)")
     if isinstance(annotator, str):
         annotator = get_or_create_annotator(session, annotator)
-    set_labels_bulk(session, [(image.id, annotator.id, keys, uncertain, note)], source=source)
+    set_labels_bulk(session, [(image.id, annotator.id, keys, uncertain, note)], source=source,
+                    suggested=suggested, suggested_by=suggested_by)
     session.expire_all()
     return session.scalar(select(Label).where(Label.image_id == image.id, Label.annotator_id == annotator.id))
 

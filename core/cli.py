@@ -183,12 +183,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     written = generate_demo_images(out, args.n_per_class, size_px=args.size, seed=args.seed)
     records = [Record(p.relative_to(out).as_posix(), None if args.unlabeled else [k], where=str(p)) for p, k in written]
     with _session(args) as session, session.begin():
-        try:
-            dataset = store.get_dataset(session, args.dataset)
-        except store.DatasetNotFoundError:
-            dataset = store.create_dataset(
-                session, args.dataset, store.GLOMERULUS_CLASSES, root=out, description=SYNTHETIC_NOTE
-            )
+        dataset = store.get_or_create_dataset(
+            session, args.dataset, store.GLOMERULUS_CLASSES, root=out, description=SYNTHETIC_NOTE
+        )
         report = importer.import_records(
             session, dataset, records, annotator="demo-generator", source="demo", progress=False
         )
