@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Stable constraint names so Alembic migrations work the same on SQLite and PostgreSQL.
@@ -64,6 +65,15 @@ class Dataset(Base):
     root: Mapped[str] = mapped_column(Text, default="")
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The model the viewer opens first and suggestions come from (migration 0007): the checkpoint
+    # file, and the id its Prediction rows carry.
+    active_checkpoint: Mapped[str | None] = mapped_column(Text)
+    active_checkpoint_id: Mapped[str | None] = mapped_column(String(200))
+    # Suggestions while labeling: "off", "after" (the clinician's own first label) or "before".
+    suggestions: Mapped[str] = mapped_column(String(16), default="off", server_default="off")
+    # The blind slice, a fixed share of images that never shows a suggestion (annotation_db.suggestions).
+    blind_share: Mapped[float] = mapped_column(Float, default=0.1, server_default="0.1")
+    blind_seed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     classes: Mapped[list[ClassDef]] = relationship(
         back_populates="dataset", order_by="ClassDef.position", cascade="all, delete-orphan"
@@ -168,6 +178,9 @@ class Label(Base):
     uncertain: Mapped[bool] = mapped_column(Boolean, default=False)
     note: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The model's class shown when this label was given (NULL: no suggestion shown), and by which checkpoint.
+    suggested: Mapped[str | None] = mapped_column(String(200))
+    suggested_by: Mapped[str | None] = mapped_column(String(200))
 
     image: Mapped[Image] = relationship()
     annotator: Mapped[Annotator] = relationship()
@@ -188,6 +201,8 @@ class LabelEvent(Base):
     note: Mapped[str] = mapped_column(Text, default="")
     source: Mapped[str] = mapped_column(String(64), default="")  # "app", "import:jsonl", ...
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    suggested: Mapped[str | None] = mapped_column(String(200))
+    suggested_by: Mapped[str | None] = mapped_column(String(200))
 
 
 class Adjudication(Base):
@@ -252,7 +267,91 @@ class SlideBox(Base):
         return (self.x0, self.y0, self.box_w, self.box_h)
 
 
+JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+
+
+class Job(Base):
+    """A training job (Models page, ``glom jobs``): train a recipe on a dataset's labels, then
+    predict the whole dataset. Run by ``core.jobs`` in a process of its own; ``pid`` and ``host``
+    say where, so a job whose process is gone is found out (annotation_db.jobs)."""
+
+    __tablename__ = "job"
+    __table_args__ = (Index("ix_job_status_id", "status", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    recipe: Mapped[str] = mapped_column(Text)
+    overrides: Mapped[list[str]] = mapped_column(JSON, default=list)  # "key=value" recipe overrides
+    label_source: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # JOB_STATUSES
+    stage: Mapped[str] = mapped_column(String(32), default="", server_default="")  # training | predicting
+    device: Mapped[str] = mapped_column(String(32), default="", server_default="")
+    host: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    pid: Mapped[int | None] = mapped_column(Integer)
+    runs_dir: Mapped[str] = mapped_column(Text)  # the job's folders live under <runs_dir>/jobs
+    log_path: Mapped[str] = mapped_column(Text, default="", server_default="")
+    run_dir: Mapped[str] = mapped_column(Text, default="", server_default="")
+    checkpoint: Mapped[str] = mapped_column(Text, default="", server_default="")
+    checkpoint_id: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    error: Mapped[str] = mapped_column(Text, default="", server_default="")  # the one `error:` line
+    metrics: Mapped[dict | None] = mapped_column(JSON)  # validation / test figures of the best epoch
+    data_summary: Mapped[dict | None] = mapped_column(JSON)  # what the model saw: images per split and class
+    predictions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+
+    dataset: Mapped[Dataset] = relationship()
+
+
 # Labeling-app queues (migration 0003): keyset pages of a dataset's images in id order, and an
 # annotator's most recent label events (the "previous" button after a reload).
 Index("ix_image_dataset_id", Image.dataset_id, Image.id)
 Index("ix_label_event_annotator_id", LabelEvent.annotator_id, LabelEvent.id)
+
+
+class ImportBatch(Base):
+    """An import in flight (annotation_db.staging). Its rows wait in ``import_staged_image`` and
+    ``import_staged_label``, which no reader looks at, until one short transaction publishes them;
+    ``owner_host``, ``owner_pid`` and ``heartbeat_at`` tell a running import from one whose
+    process died, whose leftovers the next import deletes."""
+
+    __tablename__ = "import_batch"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(200))  # the target's name (it may not exist yet)
+    source: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="staging")  # staging | published | discarding
+    owner_host: Mapped[str] = mapped_column(String(200))
+    owner_pid: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ImportStagedImage(Base):
+    """An image an import will register (a path not in the store when the import checked it)."""
+
+    __tablename__ = "import_staged_image"
+
+    batch_id: Mapped[int] = mapped_column(ForeignKey("import_batch.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)  # order in the file
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    slide: Mapped[str | None] = mapped_column(String(300))  # slide name
+
+
+class ImportStagedLabel(Base):
+    """A label an import will set: (image path, annotator name) -> classes."""
+
+    __tablename__ = "import_staged_label"
+
+    batch_id: Mapped[int] = mapped_column(ForeignKey("import_batch.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    annotator: Mapped[str] = mapped_column(String(200))
+    classes: Mapped[list[str]] = mapped_column(JSON)
+    uncertain: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -2,6 +2,9 @@
 
 Store verbs live here; training, extraction and the rest register their sub-commands from their
 own modules (``register(subparsers, parents)``), listed in ``COMMAND_MODULES``.
+
+Sub-commands raise the library's named errors; ``main`` turns any ``GlomError`` into one
+``error: ...`` line on stderr and exit status 2. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import sys
 from pathlib import Path
 
 from annotation_db.db import StoreError
+from core.errors import GlomError
 
 log = logging.getLogger("glom")
 
 # Modules that add their own sub-commands: each has register(subparsers, parents).
-COMMAND_MODULES = ("core.cli_train", "core.cli_extract", "core.cli_users")
+COMMAND_MODULES = ("core.cli_train", "core.cli_extract", "core.cli_users", "core.cli_jobs")
 
 
 def _session(args: argparse.Namespace):
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except StoreError as e:
+    except GlomError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
