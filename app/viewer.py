@@ -40,7 +40,7 @@ from annotation_db.db import StoreError, open_store
 from annotation_db.store import get_dataset, list_datasets
 from annotation_db.users import authenticate, has_accounts, is_loopback, local_user_name
 from core.checkpoint import CheckpointError
-from core.data import DataError
+from core.labeled_sets import DataError
 from core.annotations import AnnotationFormatError
 from core.diagnosis import CropResult, ViewerCheckpoint, diagnose, find_checkpoints, load_viewer_checkpoint
 from core.errors import GlomError

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.config import load_config  # noqa: E402
-from core.data import load_from_csv, shared_data_dir  # noqa: E402
+from core.labeled_sets import load_from_csv, shared_data_dir  # noqa: E402
 
 
 def bench_tta(ckpt: Path, paths: list[str], rounds: int) -> dict:

@@ -1,6 +1,6 @@
 """The training data loader's own throughput: decoded real crops → augmented batches, no model.
 
-Measures images/s of ``core.data.ImageDataset`` + the training transform through a DataLoader,
+Measures images/s of ``core.torch_data.ImageDataset`` + the training transform through a DataLoader,
 for several worker counts, from PNG files (cold, decoding every image) and from the in-memory
 cache of decoded crops (``data.cache: true``). Compare with the GPU's training images/s from
 ``bench_train_step.py``: the loader must deliver more than the GPU consumes.
@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.config import AugmentConfig  # noqa: E402
-from core.data import ImageDataset, load_labeled_set, shared_data_dir  # noqa: E402
+from core.labeled_sets import load_labeled_set, shared_data_dir  # noqa: E402
 from core.stain import create_stain_normalizer  # noqa: E402
+from core.torch_data import ImageDataset  # noqa: E402
 from core.transforms import IMAGENET_MEAN, IMAGENET_STD, build_train_transform  # noqa: E402
 
 SEED_AUG = AugmentConfig(rotate90=True, hflip=0.5, vflip=0.5, crop_scale=0.8, color_jitter=0.1,
@@ -36,7 +37,7 @@ def measure(samples, size: int, workers: int, batch: int, cached: bool, pin: boo
            "scaling": "imagenet", "interpolation": "bilinear"}
     norm = None
     if stain != "none":
-        from core.data import read_rgb
+        from core.torch_data import read_rgb
 
         norm = create_stain_normalizer(stain).fit(read_rgb(samples[0].path))
     ds = ImageDataset(samples, build_train_transform(pre, SEED_AUG), norm, cache=cached)

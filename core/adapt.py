@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.data import DataError, Sample
+from core.labeled_sets import DataError, Sample
 
 log = logging.getLogger(__name__)
 

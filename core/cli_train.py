@@ -51,7 +51,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _load_eval_samples(args: argparse.Namespace, meta, data: str | None, kind: str | None = None):
     """The labelled crops ``--data`` (or ``--dataset``) names, in the checkpoint's class order."""
     from core.config import config_from_dict
-    from core.data import assign_centres, load_labeled_set
+    from core.labeled_sets import assign_centres, load_labeled_set
     from core.train import resolve_path
 
     cfg = config_from_dict(meta.config or {})
@@ -66,7 +66,7 @@ def _load_eval_samples(args: argparse.Namespace, meta, data: str | None, kind: s
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from core.adapt import adapt_checkpoint
     from core.checkpoint import CheckpointError, load_checkpoint
-    from core.data import Split
+    from core.splits import Split
     from core.engine import make_step_context
     from core.evaluate import evaluate_model
     from core.intervals import HEADLINE, format_ci
@@ -205,7 +205,7 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
     def run(args: argparse.Namespace) -> int:
         from core.checkpoint import CheckpointError
         from core.config import ConfigError
-        from core.data import DataError
+        from core.labeled_sets import DataError
         from core.losses import LossConfigError
         from core.model_factory import ModelConfigError, PretrainedUnavailableError
         from core.stain import StainError

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from core.config import TrainConfig
-from core.data import DataError, LabeledSet, Sample, Split, kfold_grouped, split_grouped
+from core.labeled_sets import DataError, LabeledSet, Sample
+from core.splits import Split, kfold_grouped, split_grouped
 from core.intervals import HEADLINE, bootstrap_metrics, format_ci
 from core.metrics import fit_temperature, plot_confusion_matrix, plot_reliability, plot_roc, softmax
 

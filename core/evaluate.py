@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from core.data import ImageDataset, Sample
+from core.labeled_sets import Sample
+from core.torch_data import ImageDataset
 from core.engine import StepContext, predict
 from core.metrics import (classification_metrics, expected_calibration_error, fit_temperature,
                           plot_confusion_matrix, plot_reliability, plot_roc, plot_tsne, softmax,

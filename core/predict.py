@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from core.checkpoint import CheckpointMeta, load_checkpoint
-from core.data import read_rgb
+from core.torch_data import read_rgb
 from core.stain import PerStainNormalizer, StainNormalizer, create_stain_normalizer
 from core.transforms import build_eval_transform, tta_logits
 

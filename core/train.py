@@ -30,15 +30,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from core.checkpoint import CheckpointMeta, save_checkpoint
 from core.config import TrainConfig, load_config
-from core.data import (DataError, ImageDataset, LabeledSet, Sample, Split, assign_centres, balanced_sampler,
-                       kfold_grouped, load_labeled_set, read_rgb, shared_data_dir, split_grouped)
 from core.engine import StepContext, TrainingDivergedError, make_step_context, predict, train_one_epoch
 from core.errors import GlomError
 from core.evaluate import evaluate_model
+from core.labeled_sets import DataError, LabeledSet, Sample, assign_centres, load_labeled_set, shared_data_dir
 from core.losses import class_weights_from_counts, create_loss
 from core.metrics import classification_metrics, plot_history, softmax
 from core.model_factory import apply_freeze, create_classifier, model_kwargs
+from core.splits import Split, kfold_grouped, split_grouped
 from core.stain import PerStainNormalizer, create_stain_normalizer, pick_reference
+from core.torch_data import ImageDataset, balanced_sampler, read_rgb
 from core.transforms import build_eval_transform, build_train_transform, lab_statistics, resolve_preprocess
 from models.freeze import freeze_backbone, set_frozen_norm_eval, unfreeze_all
 

@@ -21,7 +21,7 @@ import timm
 import torch
 
 from core.checkpoint import CheckpointMeta, save_checkpoint
-from core.data import read_rgb
+from core.torch_data import read_rgb
 from core.demo import DEMO_CLASSES, generate_demo_images
 
 ARCH = "test_resnet"

@@ -14,7 +14,7 @@ import torch
 
 from core.config import load_config
 from core.cv import plan_folds, run_cv
-from core.data import DataError, assign_centres, load_from_csv
+from core.labeled_sets import DataError, assign_centres, load_from_csv
 from core.intervals import bootstrap_metrics, format_ci, point_metrics
 
 PATTERN = "^([^_]+)_"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.data import (DataError, LabeledSet, Sample, Split, kfold_grouped, load_labeled_set,
-                       shared_data_dir, split_grouped)
+from core.labeled_sets import DataError, LabeledSet, Sample, load_labeled_set, shared_data_dir
+from core.splits import Split, kfold_grouped, split_grouped
 
 BUENO = shared_data_dir() / "glomeruli-bueno"
 needs_bueno = pytest.mark.skipif(not (BUENO / "labels.csv").is_file(), reason="shared real crops not present")

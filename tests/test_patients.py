@@ -15,7 +15,8 @@ from annotation_db.formats import export_csv, read_csv
 from annotation_db.models import Label, Slide
 from annotation_db.store import InvalidLabelError
 from core.cli import main as glom
-from core.data import load_from_csv, load_from_store, split_grouped
+from core.labeled_sets import load_from_csv, load_from_store
+from core.splits import split_grouped
 
 
 def _bueno_rows(bueno_dir: Path) -> list[dict]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.data import shared_data_dir
+from core.labeled_sets import shared_data_dir
 from core.stain import StainError, create_stain_normalizer, tissue_mask
 
 BUENO = shared_data_dir() / "glomeruli-bueno"

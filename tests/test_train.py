@@ -221,7 +221,7 @@ def test_per_stain_references_travel_to_the_predictor(demo_run, tmp_path):
     assert side["stain"]["method"] == "per_stain" and set(side["stain"]["stains"]) == {"PAS", "HE"}
     pred = Predictor.from_checkpoint(run.checkpoint)
     assert isinstance(pred.stain, PerStainNormalizer)
-    from core.data import read_rgb
+    from core.torch_data import read_rgb
 
     rgb = read_rgb(refs[0])
     assert not torch.equal(pred.preprocess(rgb, "PAS"), pred.preprocess(rgb, "HE"))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from core.config import AugmentConfig
-from core.data import ImageDataset, Sample
+from core.labeled_sets import Sample
+from core.torch_data import ImageDataset
 from core.transforms import HEDJitter, RandomRot90, build_eval_transform, build_train_transform, mixup_batch
 
 PRE = {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "scaling": "imagenet",
