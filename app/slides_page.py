@@ -27,17 +27,15 @@ from app.session import current_dataset, who
 from app.store_cache import DatasetView, get_sessionmaker
 from core.roots import OutsideRootError, confine, slides_root
 from core.extract import CropSettings, ExtractError, clip_box, crop_boxes_into_dataset
+from core.slide_view import ViewRender, render_view, thumbnail_png
 from core.wsi import (
     OPENSLIDE_FORMATS,
     SlideError,
     SlideReader,
-    ViewRender,
     default_slides_dir,
     list_slide_files,
     open_slide,
-    render_view,
     slide_name,
-    thumbnail_png,
 )
 
 VIEW_PX = (800, 600)

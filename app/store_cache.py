@@ -115,7 +115,8 @@ def _mimetype(data: bytes) -> str:
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def _slide_thumbnail(slide_path: str) -> tuple[bytes, tuple[int, int]]:
-    from core.wsi import open_slide, to_png
+    from core.slide_view import to_png
+    from core.wsi import open_slide
 
     with open_slide(slide_path) as slide:
         return to_png(slide.thumbnail_image(THUMB_MAX_PX)), slide.dimensions

@@ -1,6 +1,7 @@
 """``glom train | cv | evaluate | adapt | compare | predict``: argument parsing over core.train and friends.
 
-``register(subparsers)`` adds the subcommands to the ``glom`` parser (core/cli.py).
+``register(subparsers)`` adds the subcommands to the ``glom`` parser (core/cli.py), whose ``main``
+turns the library's named errors (``GlomError``) into one ``error:`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -199,34 +200,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn the library's named errors into one ``error:`` line and exit status 2."""
-
-    def run(args: argparse.Namespace) -> int:
-        from core.checkpoint import CheckpointError
-        from core.config import ConfigError
-        from core.labeled_sets import DataError
-        from core.losses import LossConfigError
-        from core.model_factory import ModelConfigError, PretrainedUnavailableError
-        from core.stain import StainError
-        from annotation_db.db import StoreError
-        from core.engine import TrainingDivergedError
-        from core.train import TrainingConfigError
-        from core.transforms import TransformError
-        from models.freeze import FreezeError
-
-        try:
-            return func(args)
-        except (CheckpointError, ConfigError, DataError, LossConfigError, ModelConfigError,
-                PretrainedUnavailableError, StainError, TrainingConfigError, FreezeError, StoreError,
-                TrainingDivergedError, TransformError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    run.__name__ = func.__name__
-    return run
-
-
 def register(subparsers: argparse._SubParsersAction,
              parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     """Add ``train``, ``evaluate``, ``compare`` and ``predict`` to the ``glom`` command."""
@@ -234,7 +207,7 @@ def register(subparsers: argparse._SubParsersAction,
     p = subparsers.add_parser("train", parents=parents, help="train a classifier from a recipe")
     _add_recipe_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    p.set_defaults(func=_guarded(_cmd_train))
+    p.set_defaults(func=_cmd_train)
 
     p = subparsers.add_parser("evaluate", parents=parents, help="metrics, calibration and plots for a checkpoint")
     p.add_argument("checkpoint", help="path to best.safetensors (its .json sidecar beside it)")
@@ -250,7 +223,7 @@ def register(subparsers: argparse._SubParsersAction,
     p.add_argument("--adapt-kind", help="csv | jsonl | folder for --adapt-on (default: as --kind)")
     p.add_argument("--no-tsne", action="store_true")
     p.add_argument("--device", default="auto")
-    p.set_defaults(func=_guarded(_cmd_evaluate))
+    p.set_defaults(func=_cmd_evaluate)
 
     p = subparsers.add_parser("adapt", parents=parents,
                               help="re-fit a checkpoint's operating point (class bias) on a labelled sample from a new site")
@@ -262,7 +235,7 @@ def register(subparsers: argparse._SubParsersAction,
     p.add_argument("--root", help="where the sample's image paths resolve (default: beside the file)")
     p.add_argument("--ridge", type=float, default=0.01, help="pull of the bias towards 0 (default 0.01)")
     p.add_argument("--out", help="stem of the adapted checkpoint (weights copied, sidecar with class_bias)")
-    p.set_defaults(func=_guarded(_cmd_adapt))
+    p.set_defaults(func=_cmd_adapt)
 
     p = subparsers.add_parser("cv", parents=parents,
                               help="grouped k-fold or leave-one-centre-out cross-validation, figures with 95 % CIs")
@@ -279,7 +252,7 @@ def register(subparsers: argparse._SubParsersAction,
                    help="also report, separately, each held-out part scored after re-fitting the operating point "
                         "on N of its slides (labelled sample at a new site)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_guarded(_cmd_cv))
+    p.set_defaults(func=_cmd_cv)
 
     p = subparsers.add_parser("compare", parents=parents,
                               help="several architectures through the same CV, one table with intervals")
@@ -291,7 +264,7 @@ def register(subparsers: argparse._SubParsersAction,
     p.add_argument("--single-split", action="store_true",
                    help="one shared train/val/test split instead of CV (quick, but no interval)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_guarded(_cmd_compare))
+    p.set_defaults(func=_cmd_compare)
 
     p = subparsers.add_parser("predict", parents=parents, help="class probabilities for image files or folders")
     p.add_argument("checkpoint")
@@ -299,4 +272,4 @@ def register(subparsers: argparse._SubParsersAction,
     p.add_argument("--out", help="write JSON lines here instead of stdout")
     p.add_argument("--uncalibrated", action="store_true", help="ignore the fitted temperature")
     p.add_argument("--device", default="cpu")
-    p.set_defaults(func=_guarded(_cmd_predict))
+    p.set_defaults(func=_cmd_predict)

@@ -14,38 +14,20 @@ Reading::
     open_slide("no-mpp.svs", mpp=0.25)               # the user supplies µm/px
     NumpySlideReader(rgb, mpp=0.5, downsamples=(1, 2, 4))     # same interface, for tests
 
-API for the "Slides" page of the labeling app (plain functions; no Streamlit in core/):
+Slide files: :data:`SLIDE_SUFFIXES` is the one list of slide formats (:data:`OPENSLIDE_FORMATS`
+is the same list as text for messages); ``is_slide_file``, ``list_slide_files``,
+``default_slides_dir``; ``slide_name(path)`` is the name a slide is registered under
+(``annotation_db.store.get_or_create_slide(session, slide_name(path), path=str(path),
+stain=..., mpp=slide.mpp)``). Apps keep one reader per slide in ``@st.cache_resource``
+(``open_slide(path, fallback_mpp=...)``; OpenSlide is thread-safe).
 
-* The slide row: ``annotation_db.store.get_or_create_slide(session, slide_name(path),
-  path=str(path), stain=..., mpp=slide.mpp)``. Keep one reader per slide in
-  ``@st.cache_resource`` (``open_slide(path, fallback_mpp=...)``; OpenSlide is thread-safe).
-* Viewing: ``thumbnail_png(slide, max_size_px)`` for the navigation map, and
-  ``render_view(slide, center_xy, downsample, view_size_px)`` -> :class:`ViewRender`: PNG
-  bytes of a region view plus the level-0 ``box`` it shows. ``view_box_to_level0(x, y, w, h)``
-  turns a rectangle drawn on the view (view pixels) into a level-0 box; ``view_to_level0`` /
-  ``level0_to_view`` map points (clicks, drawing existing boxes). For a Deep Zoom viewer
-  (OpenSeadragon), ``DeepZoomTiles(slide)`` gives ``dzi_xml()`` and
-  ``tile_png(dz_level, col, row)`` / ``tile_jpeg(...)``.
-* Storing drawn boxes (``annotation_db.boxes``, caller owns the transaction):
-  ``add_box(session, slide_row, (x, y, w, h), created_by=name, label=key_or_None)``,
-  ``list_boxes(session, slide_row, uncropped_only=False)``, ``delete_box(session, box_id)``,
-  ``export_boxes_geojson(session, slide_row)`` -> QuPath GeoJSON dict (``json.dumps`` it for
-  a download button).
-* Cropping them into the dataset at once: ``core.extract.crop_boxes_into_dataset(session,
-  dataset_name, slide_path, list_boxes(session, slide_row, uncropped_only=True),
-  annotator=name, settings=CropSettings(mpp=0.5, pad_px=16), stain="PAS")`` writes crops
-  under ``<dataset root>/wsi/<slide>/``, registers them (slide, stain, level-0 box), labels
-  them where the box has a label, sets each ``SlideBox.image_id``, and returns an
-  :class:`core.extract.ExtractReport` (``written``, ``clipped``, ``refused`` with reasons to
-  show). It raises :class:`SlideError` for an unreadable slide and ``ExtractError`` for a label
-  that is not a class of the dataset; roll back the transaction then.
+Showing a slide (PNG views, Deep Zoom tiles) is :mod:`core.slide_view`; cutting annotated
+boxes into a dataset is :mod:`core.extract` and :mod:`core.slide_crops`.
 """
-
 from __future__ import annotations
 
-import io
-import os
 import logging
+import os
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -64,7 +46,9 @@ Box = tuple[int, int, int, int]  # level-0 (x, y, w, h)
 
 # A pyramid level is used as-is (no resampling) when its µm/px is this close to the target.
 MPP_TOLERANCE = 0.01
-OPENSLIDE_FORMATS = "svs, ndpi, mrxs, scn, vms, vmu, bif, svslide, generic tiled TIFF"
+# The file suffixes OpenSlide reads (``.tif``/``.tiff`` when tiled and pyramidal); the one list.
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff")
+OPENSLIDE_FORMATS = ", ".join(suffix[1:] for suffix in SLIDE_SUFFIXES)  # for messages
 
 
 class SlideError(GlomError):
@@ -210,7 +194,7 @@ class SlideReader(ABC):
     def read_box_image(self, box: Box, *, level: int | None = None, mpp: float | None = None) -> Image.Image:
         """The level-0 ``box`` as an RGB PIL image at ``level`` or ``mpp`` (see :meth:`read_box`)."""
         plan = self.plan_box(box, level=level, mpp=mpp)
-        return self._read_plan(box[:2], plan)
+        return self.read_plan(box[:2], plan)
 
     def read_box(self, box: Box, *, level: int | None = None, mpp: float | None = None) -> np.ndarray:
         """HWC uint8 RGB of the level-0 ``box`` (x, y, w, h) at ``level`` (default 0) or ``mpp``."""
@@ -236,16 +220,17 @@ class SlideReader(ABC):
             raise RegionError("give a level or an mpp, not both")
         if mpp is None:
             level = self._check_level(level or 0)
-            return np.asarray(self._read_plan(location, ReadPlan(level, (w, h), (w, h))))
+            return np.asarray(self.read_plan(location, ReadPlan(level, (w, h), (w, h))))
         level = self.best_level_for_mpp(mpp)
         factor = mpp / self.level_mpp(level)  # output px -> level px
         if abs(factor - 1) <= MPP_TOLERANCE:
             plan = ReadPlan(level, (w, h), (w, h))
         else:
             plan = ReadPlan(level, (max(1, round(w * factor)), max(1, round(h * factor))), (w, h))
-        return np.asarray(self._read_plan(location, plan))
+        return np.asarray(self.read_plan(location, plan))
 
-    def _read_plan(self, location: tuple[int, int], plan: ReadPlan) -> Image.Image:
+    def read_plan(self, location: tuple[int, int], plan: ReadPlan) -> Image.Image:
+        """RGB PIL image read as ``plan`` says, top-left at level-0 ``location`` (see :meth:`plan_box`)."""
         rgba = self._read_level((int(location[0]), int(location[1])), plan.level, plan.level_size)
         rgb = _flatten_rgba(rgba, self.background_rgb)
         if plan.resample:
@@ -425,9 +410,6 @@ def slide_name(path: str | Path) -> str:
     return Path(path).stem
 
 
-SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff"})
-
-
 def is_slide_file(path: str | Path) -> bool:
     """Whether ``path`` is a file OpenSlide recognises (suffix and header check, nothing decoded)."""
     import openslide
@@ -461,130 +443,3 @@ def open_slide(path: str | Path, mpp: float | None = None, *, fallback_mpp: floa
     Raises :class:`SlideOpenError` naming the file when it is missing, unreadable or truncated.
     """
     return OpenSlideReader(path, mpp=mpp, fallback_mpp=fallback_mpp)
-
-
-# --- viewing (the "Slides" page) ---------------------------------------------------------------
-
-
-def to_png(img: Image.Image | np.ndarray, *, compress_level: int = 1) -> bytes:
-    if isinstance(img, np.ndarray):
-        img = Image.fromarray(img)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
-
-
-def thumbnail_png(slide: SlideReader, max_size_px: int = 1024) -> bytes:
-    """PNG bytes of the whole slide, longer side at most ``max_size_px`` (navigation map)."""
-    return to_png(slide.thumbnail_image(max_size_px))
-
-
-@dataclass(frozen=True)
-class ViewRender:
-    """A rendered view: PNG bytes, the level-0 box it shows and level-0 px per view px."""
-
-    png: bytes
-    box: Box
-    downsample: float
-    size_px: tuple[int, int]
-
-    def view_to_level0(self, x_px: float, y_px: float) -> tuple[int, int]:
-        """Level-0 (x, y) of a point in the view (e.g. a mouse position)."""
-        return (round(self.box[0] + x_px * self.downsample), round(self.box[1] + y_px * self.downsample))
-
-    def level0_to_view(self, x: float, y: float) -> tuple[float, float]:
-        return ((x - self.box[0]) / self.downsample, (y - self.box[1]) / self.downsample)
-
-    def view_box_to_level0(self, x_px: float, y_px: float, w_px: float, h_px: float) -> Box:
-        """A rectangle drawn on the view (view pixels) as a level-0 box (x, y, w, h)."""
-        x0, y0 = self.view_to_level0(x_px, y_px)
-        x1, y1 = self.view_to_level0(x_px + w_px, y_px + h_px)
-        return (x0, y0, x1 - x0, y1 - y0)
-
-
-def render_view(
-    slide: SlideReader,
-    center_xy: tuple[float, float],
-    downsample: float,
-    view_size_px: tuple[int, int] = (1024, 768),
-) -> ViewRender:
-    """A region view of ``view_size_px`` centred on level-0 ``center_xy`` at ``downsample``
-    (level-0 px per view px; 1 = full resolution). The centre is clamped to the slide."""
-    if downsample <= 0:
-        raise RegionError(f"downsample must be positive, got {downsample}")
-    vw, vh = view_size_px
-    w0, h0 = slide.dimensions
-    span_w, span_h = vw * downsample, vh * downsample
-    cx = min(max(center_xy[0], span_w / 2), max(w0 - span_w / 2, span_w / 2))
-    cy = min(max(center_xy[1], span_h / 2), max(h0 - span_h / 2, span_h / 2))
-    x0, y0 = round(cx - span_w / 2), round(cy - span_h / 2)
-    level = 0
-    for lv, ds in enumerate(slide.level_downsamples):
-        if ds <= downsample * (1 + MPP_TOLERANCE):
-            level = lv
-    ds = slide.level_downsamples[level]
-    level_size = (max(1, round(span_w / ds)), max(1, round(span_h / ds)))
-    img = slide._read_plan((x0, y0), ReadPlan(level, level_size, (vw, vh)))
-    return ViewRender(to_png(img), (x0, y0, round(span_w), round(span_h)), float(downsample), (vw, vh))
-
-
-class _AbstractSlideAdapter:
-    """Presents a SlideReader as an ``openslide.AbstractSlide`` for DeepZoomGenerator."""
-
-    def __init__(self, reader: SlideReader) -> None:
-        self._reader = reader
-
-    level_count = property(lambda self: self._reader.level_count)
-    level_dimensions = property(lambda self: self._reader.level_dimensions)
-    level_downsamples = property(lambda self: self._reader.level_downsamples)
-    dimensions = property(lambda self: self._reader.dimensions)
-    properties = property(lambda self: self._reader.properties)
-
-    def get_best_level_for_downsample(self, downsample: float) -> int:
-        best = 0
-        for lv, ds in enumerate(self._reader.level_downsamples):
-            if ds <= downsample:
-                best = lv
-        return best
-
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
-        return self._reader._read_level(location, level, size)
-
-
-class DeepZoomTiles:
-    """Deep Zoom tiles of a slide (``openslide.deepzoom.DeepZoomGenerator``) as PNG/JPEG bytes."""
-
-    def __init__(self, slide: SlideReader, *, tile_size: int = 254, overlap: int = 1, limit_bounds: bool = True) -> None:
-        from openslide.deepzoom import DeepZoomGenerator
-
-        osr = slide.openslide if isinstance(slide, OpenSlideReader) else _AbstractSlideAdapter(slide)
-        self.slide = slide
-        self.generator = DeepZoomGenerator(osr, tile_size=tile_size, overlap=overlap, limit_bounds=limit_bounds)
-
-    @property
-    def level_count(self) -> int:
-        return self.generator.level_count
-
-    def dzi_xml(self, fmt: str = "png") -> str:
-        return self.generator.get_dzi(fmt)
-
-    def tile_image(self, dz_level: int, col: int, row: int) -> Image.Image:
-        if not 0 <= dz_level < self.generator.level_count:
-            raise RegionError(f"Deep Zoom level {dz_level} does not exist (0..{self.generator.level_count - 1})")
-        cols, rows = self.generator.level_tiles[dz_level]
-        if not (0 <= col < cols and 0 <= row < rows):
-            raise RegionError(f"Deep Zoom tile ({col}, {row}) outside level {dz_level} ({cols}x{rows} tiles)")
-        import openslide
-
-        try:
-            return self.generator.get_tile(dz_level, (col, row))
-        except openslide.OpenSlideError as e:
-            raise SlideReadError(f"{self.slide.path or self.slide.name}: cannot decode tile: {e}") from None
-
-    def tile_png(self, dz_level: int, col: int, row: int) -> bytes:
-        return to_png(self.tile_image(dz_level, col, row))
-
-    def tile_jpeg(self, dz_level: int, col: int, row: int, quality: int = 85) -> bytes:
-        buf = io.BytesIO()
-        self.tile_image(dz_level, col, row).save(buf, format="JPEG", quality=quality)
-        return buf.getvalue()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.cli import main as glom
 from core.config import load_config
 from core.cv import plan_folds, run_cv
 from core.labeled_sets import DataError, assign_centres, load_from_csv
@@ -224,9 +225,8 @@ def test_cli_cv_loco_prints_each_centre_with_intervals(bueno_dir, tmp_path, caps
     md = next(tmp_path.glob("loco-loco*/cv_report.md")).read_text()
     assert "## Operating point re-fitted on 1 labelled slides of the held-out centre" in md
     # leave-one-centre-out without centres: one error line, status 2
-    args = parser.parse_args(["cv", "--scheme", "loco", "--set", "data.kind=csv",
-                              "--set", f"data.path={bueno_dir / 'labels.csv'}", "--set", "model.name=test_resnet"])
-    assert args.func(args) == 2
+    assert glom(["cv", "--scheme", "loco", "--set", "data.kind=csv",
+                 "--set", f"data.path={bueno_dir / 'labels.csv'}", "--set", "model.name=test_resnet"]) == 2
     assert "centre_pattern" in capsys.readouterr().err
 
 
@@ -273,9 +273,8 @@ def test_adapt_and_evaluate_report_the_refitted_operating_point_separately(tiny_
     assert "as trained:" in out and "operating point re-fitted on" in out
     assert out.count("macro f1 ") == 2 and "slides)" in out
     assert (tmp_path / "eval" / "adapted" / "report.md").is_file()
-    args = parser.parse_args(["adapt", str(ckpt), "--data", str(sample), "--kind", "csv", "--root", str(bueno_dir),
-                              "--out", str(ckpt)])
-    assert args.func(args) == 2  # never overwrites the trained checkpoint
+    assert glom(["adapt", str(ckpt), "--data", str(sample), "--kind", "csv", "--root", str(bueno_dir),
+                 "--out", str(ckpt)]) == 2  # never overwrites the trained checkpoint
 
 
 def test_auto_class_weights_balance_only_skewed_classes():
@@ -347,6 +346,5 @@ def test_glom_evaluate_takes_the_ensemble_on_other_crops_and_refuses_its_own(tin
                               "--root", str(bueno_dir), "--out", str(tmp_path / "ev")])
     assert args.func(args) == 0  # t-SNE is skipped for an ensemble rather than crashing
     assert f"all: n {len(rows)}" in capsys.readouterr().out
-    args = parser.parse_args(["evaluate", str(res.ensemble)])
-    assert args.func(args) == 2
+    assert glom(["evaluate", str(res.ensemble)]) == 2
     assert "out-of-fold" in capsys.readouterr().err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -18,6 +17,7 @@ from annotation_db.boxes import add_box, export_boxes_geojson, list_boxes
 from annotation_db.models import Image as ImageRow
 from annotation_db.models import LabelEvent, Slide
 from core import cli_extract
+from core.cli import main as glom
 from core.annotations import Annotation, AnnotationFormatError, annotations_from_geojson, write_geojson
 from core.extract import (
     CropSettings,
@@ -368,10 +368,8 @@ def test_crop_boxes_into_dataset_raises_for_an_unreadable_slide(tmp_path: Path, 
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    cli_extract.register(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """``glom ARGV`` in this process: the exit status, named errors turned into one ``error:`` line."""
+    return glom(argv)
 
 
 def test_cli_extract(tmp_path: Path, tiff: Path, wsi_dir: Path, capsys: pytest.CaptureFixture) -> None:

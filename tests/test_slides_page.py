@@ -15,8 +15,8 @@ from annotation_db import store
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
 from annotation_db.models import Annotator, Image, Slide, SlideBox
 from app.slides_page import fit_zoom, selection_to_boxes, zoom_step
-from core.wsi import list_slide_files
-from core.wsi import NumpySlideReader, render_view
+from core.slide_view import render_view
+from core.wsi import NumpySlideReader, list_slide_files
 
 PAGE = str(Path(__file__).resolve().parents[1] / "app" / "slides_page.py")
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 
 import pytest
 import timm
 import torch
 
+from core.cli import main as glom
 from core.config import ConfigError, load_config
 from core.demo import generate_demo_images
 from core.model_factory import PretrainedUnavailableError, create_classifier
@@ -127,8 +130,10 @@ def test_cli_evaluate_and_predict_reproduce_the_run(demo_run, capsys):
     assert args.func(args) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == 3 and all(abs(sum(r["probs"].values()) - 1) < 1e-5 for r in rows)
-    args = parser.parse_args(["train", "--set", "train.optimizer=lion"])
-    assert args.func(args) == 2  # named errors become one line, exit status 2
+    capsys.readouterr()
+    assert glom(["train", "--set", "train.optimizer=lion"]) == 2  # named errors: one line, status 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "lion" in err[0]
 
 
 def test_compare_trains_each_model_on_the_same_split(demo_run, tmp_path):
@@ -227,18 +232,19 @@ def test_per_stain_references_travel_to_the_predictor(demo_run, tmp_path):
     assert not torch.equal(pred.preprocess(rgb, "PAS"), pred.preprocess(rgb, "HE"))
 
 
-def test_a_diverging_run_ends_glom_train_with_one_error_line(tmp_path, capsys):
-    from core.cli_train import register
-
-    generate_demo_images(tmp_path / "images", n_per_class=6, size_px=32, seed=0)
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([
-        "train", "--no-progress", "--set", f"output_dir={tmp_path / 'runs'}", "--set", "data.kind=folder",
-        "--set", f"data.path={tmp_path / 'images'}", "--set", "data.split.group_by=none",
-        "--set", "model.name=test_resnet", "--set", "preprocess.input_size=32", "--set", "train.epochs=2",
-        "--set", "train.optimizer=sgd", "--set", "train.lr=1e30", "--set", "train.log_every=1",
-        "--set", "train.loss.class_weights=null"])
-    assert args.func(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "lower the learning rate" in err[0]
+def test_a_diverging_run_ends_glom_train_with_one_error_line(tmp_path, bueno_dir):
+    # The real command in its own process, on 16 real crops: an absurd learning rate makes the
+    # outputs infinite at once. The user gets one ``error:`` line and status 2, not a traceback.
+    proc = subprocess.run(
+        [sys.executable, "-m", "core.cli", "train", "--no-progress",
+         "--set", f"output_dir={tmp_path / 'runs'}", "--set", "data.kind=csv",
+         "--set", f"data.path={bueno_dir / 'labels.csv'}", "--set", "data.max_images=16",
+         "--set", "data.split.group_by=none", "--set", "model.name=test_resnet",
+         "--set", "preprocess.input_size=32", "--set", "train.epochs=2", "--set", "train.optimizer=sgd",
+         "--set", "train.lr=1e30", "--set", "train.log_every=1", "--set", "train.loss.class_weights=null"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "lower the learning rate" in errors[0], proc.stderr[-2000:]
+    assert not list((tmp_path / "runs").rglob("best.safetensors"))  # no checkpoint of a diverged run
