@@ -1,12 +1,11 @@
-"""Boxes drawn on slides in the labeling app: store, list, delete, export as QuPath GeoJSON.
+"""Boxes drawn on slides in the labeling app: store, list, delete.
 
 Every function takes a session; the caller owns the transaction. Boxes are level-0 pixels
-``(x, y, w, h)``. Cropping them into a dataset is ``core.extract.crop_boxes_into_dataset``.
+``(x, y, w, h)``. Exporting them as QuPath GeoJSON and cropping them into a dataset is
+:mod:`core.slide_crops` (``export_boxes_geojson``, ``crop_into_dataset``).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -60,17 +59,3 @@ def delete_box(session: Session, box_id: int) -> bool:
     session.delete(row)
     session.flush()
     return True
-
-
-def boxes_to_geojson(boxes: Iterable[SlideBox]) -> dict:
-    """QuPath GeoJSON FeatureCollection of ``boxes`` (rectangles; label -> classification)."""
-    from core.annotations import Annotation, to_geojson
-
-    return to_geojson(
-        Annotation.rectangle(b.x0, b.y0, b.box_w, b.box_h, b.label, source=f"slide_box:{b.id}") for b in boxes
-    )
-
-
-def export_boxes_geojson(session: Session, slide: Slide) -> dict:
-    """All boxes drawn on ``slide`` as a QuPath GeoJSON FeatureCollection."""
-    return boxes_to_geojson(list_boxes(session, slide))

@@ -6,12 +6,15 @@ The region view is a Plotly image with box-select as its drag mode: a drag is a 
 the ``on_select`` callback turns into a level-0 box (``ViewRender.view_box_to_level0``) and stores
 with ``annotation_db.boxes.add_box``. The chart's key changes after each stored box, so the next
 drag starts from a fresh selection and the stored box shows as a rectangle drawn by the page.
+Cropping and the GeoJSON export are :mod:`core.slide_crops` (``crop_into_dataset``, shared with the
+diagnosis viewer, at its ``SLIDE_CROP_SETTINGS``).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +24,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from annotation_db import boxes as box_store
 from annotation_db import store
-from annotation_db.db import StoreError
 from annotation_db.models import Slide, SlideBox, Stain
 from app.session import current_dataset, who
 from app.store_cache import DatasetView, get_sessionmaker
+from core.errors import GlomError
 from core.roots import OutsideRootError, confine, slides_root
-from core.extract import CropSettings, ExtractError, clip_box, crop_boxes_into_dataset
+from core.extract import clip_box
+from core.slide_crops import SLIDE_CROP_SETTINGS, crop_into_dataset, export_boxes_geojson
 from core.slide_view import ViewRender, render_view, thumbnail_png
 from core.wsi import (
     OPENSLIDE_FORMATS,
-    SlideError,
     SlideReader,
     default_slides_dir,
     list_slide_files,
@@ -42,10 +45,11 @@ VIEW_PX = (800, 600)
 THUMB_PX = 280
 ZOOMS = (1, 2, 4, 8, 16, 32, 64, 128)  # level-0 px per view px
 MIN_BOX_VIEW_PX = 6  # a smaller drag is a slip of the mouse, not a glomerulus
-CROP_SETTINGS = CropSettings(mpp=0.5, pad_px=16)
 SHOWN_BOXES = 200
 NEW = "#00c8ff"  # drawn, not cropped yet
 CROPPED = "#3ddc84"
+
+log = logging.getLogger(__name__)
 
 
 def fit_zoom(dimensions: tuple[int, int], view_px: tuple[int, int] = VIEW_PX) -> int:
@@ -208,7 +212,7 @@ def on_draw(key: str, view: ViewRender, slide_id: int, dimensions: tuple[int, in
             row = s.get(Slide, slide_id)
             for box in new:
                 box_store.add_box(s, row, box, created_by=me.name, label=st.session_state.get("slides_label"))
-    except (StoreError, SQLAlchemyError) as e:
+    except (GlomError, SQLAlchemyError) as e:
         _flash("error", f"Box not saved — {e}")
         return
     st.session_state.slides_draws += 1  # a fresh chart: the next drag is a new selection
@@ -218,7 +222,7 @@ def on_delete(box_id: int) -> None:
     try:
         with get_sessionmaker()() as s, s.begin():
             box_store.delete_box(s, box_id)
-    except (StoreError, SQLAlchemyError) as e:
+    except (GlomError, SQLAlchemyError) as e:
         _flash("error", f"Box #{box_id} not deleted — {e}")
         return
     st.session_state.slides_draws += 1
@@ -231,11 +235,15 @@ def on_crop(path: str, slide_id: int, dataset_name: str, mpp: float | None, slid
             row = s.get(Slide, slide_id)
             store.get_or_create_slide(s, row.name, mpp=mpp, stain=st.session_state.get("slides_stain"))
             todo = box_store.list_boxes(s, row, uncropped_only=True)
-            report = crop_boxes_into_dataset(
-                s, dataset_name, path, todo, annotator=me.name, settings=CROP_SETTINGS,
+            report = crop_into_dataset(
+                s, dataset_name, path, todo, annotator=me.name, settings=SLIDE_CROP_SETTINGS,
                 mpp=None if slide_has_mpp else mpp, stain=st.session_state.get("slides_stain"),
-            )
-    except (SlideError, ExtractError, StoreError, SQLAlchemyError) as e:
+            ).report
+    except GlomError as e:
+        _flash("error", f"Nothing cropped — {e}")
+        return
+    except SQLAlchemyError as e:  # the store is busy or down: say so, keep the trace in the log
+        log.exception("cropping the boxes of %s failed", path)
         _flash("error", f"Nothing cropped — {e}")
         return
     written = report.written + report.skipped_existing
@@ -381,7 +389,7 @@ def boxes_panel(path: Path, slide: SlideReader, slide_id: int, rows: list[SlideB
               icon=":material/content_cut:", disabled=todo == 0 or mpp is None, on_click=on_crop,
               args=(str(path), slide_id, dataset.name, mpp, slide.mpp is not None))
     with get_sessionmaker()() as s:
-        geojson = box_store.export_boxes_geojson(s, s.get(Slide, slide_id))
+        geojson = export_boxes_geojson(s, s.get(Slide, slide_id))
     c2.download_button("QuPath GeoJSON", json.dumps(geojson, indent=1), file_name=f"{slide_name(path)}.geojson",
                        mime="application/geo+json", key="slides_geojson", icon=":material/download:", on_click="ignore",
                        disabled=not rows)
@@ -410,7 +418,7 @@ def page() -> None:
         return
     try:
         slide = _reader(str(path))
-    except SlideError as e:
+    except GlomError as e:
         st.error(str(e))
         return
     dims = slide.dimensions
@@ -420,7 +428,7 @@ def page() -> None:
     options_panel(slide, dataset)
     try:
         view = _view(str(path), center, ds)
-    except SlideError as e:
+    except GlomError as e:
         st.error(str(e))
         return
     slide_id = _slide_id(path, slide)

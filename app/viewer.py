@@ -4,11 +4,14 @@
 
 ``demo`` is built at import (tests import it); nothing is loaded until a request needs it.
 Named API endpoints (``gradio_client``): ``/checkpoints``, ``/predict``, ``/cam``, ``/batch``,
-``/store_batch``, ``/slide_batch``, ``/slides``, ``/disagree``, ``/slide_summary``. Settings come
-from the environment, which the command line fills in: ``GLOM_RUNS`` (runs folder),
-``GLOM_VIEWER_CHECKPOINT``, ``GLOM_DB`` (the store), ``GLOM_DATA_ROOT`` (where uploaded crops and
-crops cut from slides are kept), ``GLOM_SLIDES_DIR`` (the whole-slide images on the server),
-``GLOM_VIEWER_MAX_UPLOADS`` (distinct uploaded crops kept) and ``GLOM_VIEWER_AUTH``.
+``/store_batch``, ``/slide_batch``, ``/slides``, ``/disagree``, ``/slide_summary``. This file is the
+layout and thin handlers; the work (inference, store writes, the CSV, cutting slides) is
+:mod:`core.diagnosis`. ``main`` passes the command line to the handlers as a :class:`Settings`
+(:func:`configure`); a process that only imports ``demo`` reads them from the environment:
+``GLOM_RUNS`` (runs folder), ``GLOM_VIEWER_CHECKPOINT``, ``GLOM_DB`` (the store), ``GLOM_DATA_ROOT``
+(where uploaded crops and crops cut from slides are kept), ``GLOM_SLIDES_DIR`` (the whole-slide
+images on the server), ``GLOM_VIEWER_MAX_UPLOADS`` (distinct uploaded crops kept),
+``GLOM_SINGLE_USER`` and ``GLOM_VIEWER_AUTH``.
 
 Login: the store's accounts (``glom user add``) once any exists, or ``GLOM_VIEWER_AUTH``
 (``user:password[,user:password]``). Without a login the viewer binds loopback only, and "I
@@ -18,15 +21,12 @@ disagree" writes nothing unless ``--single-user`` names the local user.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import sys
 import tempfile
-import threading
-from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
 
@@ -39,25 +39,33 @@ import numpy as np
 from annotation_db.db import StoreError, open_store
 from annotation_db.store import get_dataset, list_datasets
 from annotation_db.users import authenticate, has_accounts, is_loopback, local_user_name
-from core.checkpoint import CheckpointError
-from core.labeled_sets import DataError
 from core.annotations import AnnotationFormatError
-from core.diagnosis import CropResult, ViewerCheckpoint, diagnose, find_checkpoints, load_viewer_checkpoint
+from core.checkpoint import CheckpointError
+from core.diagnosis import (
+    BatchCrop,
+    BatchDiagnosis,
+    CropResult,
+    UploadsPolicy,
+    ViewerCheckpoint,
+    diagnose,
+    diagnose_batch,
+    diagnose_slide,
+    find_checkpoints,
+    load_viewer_checkpoint,
+)
 from core.errors import GlomError
 from core.explain import CAM_METHODS, CLASS_AGNOSTIC, ExplainError, overlay
-from core.extract import CropSettings, ExtractError
-from core.feedback import (
-    crop_slide_for_viewer,
+from core.extract import ExtractError
+from core.slide_summary import DECISION_SUPPORT_NOTE, SlideSummary
+from core.uploads import CheckedImage, UploadError, UploadLimits, check_upload
+from core.viewer_store import (
     dataset_crops,
     dataset_slides,
     ensure_uploads_dataset,
     record_disagreement,
     record_predictions,
-    slide_annotations,
     store_upload,
 )
-from core.slide_summary import DECISION_SUPPORT_NOTE, SlideSummary, summarize_by_slide
-from core.uploads import CheckedImage, UploadError, UploadLimits, check_upload
 from core.wsi import SlideError, default_slides_dir, is_slide_file, list_slide_files, open_slide
 
 log = logging.getLogger("glomlab.viewer")
@@ -67,16 +75,11 @@ NONE = "__none__"  # "versus" choice: no contrast
 MAX_BATCH = 200
 UPLOAD_LIMITS = UploadLimits()
 STORE_REF_PREFIX = "store:"
-MAX_SLIDE_GLOMERULI = 1000  # per slide (decoded crops stay in memory: ~0.5 MB each at 0.5 µm/px)
 MAX_ANNOTATION_BYTES = 50 * 1024 * 1024
 ANNOTATION_TYPES = [".geojson", ".json", ".xml", ".csv", ".tsv"]
-SLIDE_CROP = CropSettings(mpp=0.5, pad_px=16)
 # Uploaded crops are kept by content hash (one file per distinct crop) so their predictions feed
 # the labeling app's queues; past this many the viewer still predicts but keeps no new upload.
-DEFAULT_MAX_UPLOADS = 10_000  # as the labeling app's Slides page cuts them
-# One slide request at a time per slide file: two clinicians opening the same slide at once would
-# otherwise race to register the same crops (the second waits, then reuses the first one's crops).
-_SLIDE_LOCKS: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+DEFAULT_MAX_UPLOADS = 10_000
 
 
 # --- settings ----------------------------------------------------------------------------------
@@ -84,6 +87,8 @@ _SLIDE_LOCKS: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
 @dataclass(frozen=True)
 class Settings:
+    """What the viewer serves and where it writes; ``main`` builds it from the command line."""
+
     runs_dir: Path
     checkpoint: Path | None
     data_root: Path
@@ -91,16 +96,31 @@ class Settings:
     slides_dir: Path | None
     max_uploads: int = DEFAULT_MAX_UPLOADS  # distinct uploaded crops kept (0: none)
     single_user: bool = False  # loopback without a login: disagreements are the local user's
+    auth: str | None = None  # user:password[,user:password]; None: the store's accounts, if any
 
     @classmethod
     def from_env(cls) -> Settings:
+        """The environment's settings: what a process that imports ``demo`` (tests) serves."""
         ckpt = os.environ.get("GLOM_VIEWER_CHECKPOINT")
         slides = default_slides_dir()
         return cls(Path(os.environ.get("GLOM_RUNS", "runs")), Path(ckpt) if ckpt else None,
                    Path(os.environ.get("GLOM_DATA_ROOT", "data")), os.environ.get("GLOM_DB"),
                    Path(slides) if slides else None,
                    int(os.environ.get("GLOM_VIEWER_MAX_UPLOADS") or DEFAULT_MAX_UPLOADS),
-                   os.environ.get("GLOM_SINGLE_USER", "") not in ("", "0"))
+                   os.environ.get("GLOM_SINGLE_USER", "") not in ("", "0"), os.environ.get("GLOM_VIEWER_AUTH"))
+
+
+_configured: Settings | None = None
+
+
+def configure(settings: Settings | None) -> None:
+    """Serve every request of this process with ``settings`` (``main`` does); None: the environment's."""
+    global _configured
+    _configured = settings
+
+
+def current_settings() -> Settings:
+    return _configured if _configured is not None else Settings.from_env()
 
 
 def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
@@ -122,10 +142,10 @@ def _store_login(username: str, password: str) -> bool:
         return authenticate(s, username, password) is not None
 
 
-def viewer_auth():
-    """The login: ``GLOM_VIEWER_AUTH`` pairs when set, else the store's accounts once any exists,
+def viewer_auth(settings: Settings):
+    """The login: ``settings.auth`` pairs when set, else the store's accounts once any exists,
     else None (no login: allowed on loopback only, and then nothing is written in anyone's name)."""
-    pairs = parse_auth(os.environ.get("GLOM_VIEWER_AUTH"))
+    pairs = parse_auth(settings.auth)
     if pairs is not None:
         return pairs
     with _sessionmaker()() as s:
@@ -137,12 +157,9 @@ def viewer_auth():
 NOT_KEPT = ("<small>This upload was not kept (the viewer's limit of stored uploads is reached): its prediction "
             "is not stored for the labeling app.</small>")
 
-_USER_ERRORS = (UploadError, CheckpointError, ExplainError, StoreError, DataError, SlideError, ExtractError,
-                ValueError)
-
-
 def _clinician_errors(fn: Callable) -> Callable:
-    """Show known failures as a message in the page; log unexpected ones with their trace."""
+    """Show named errors (:class:`GlomError`) as a message in the page; log any other exception,
+    a bug, with its trace and say only that something unexpected happened."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -150,7 +167,7 @@ def _clinician_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except _USER_ERRORS as e:
+        except GlomError as e:
             raise gr.Error(str(e), title=_error_title(e)) from None
         except Exception as e:  # noqa: BLE001 - the page must say something; the log keeps the trace
             log.exception("viewer request failed")
@@ -179,12 +196,12 @@ def _error_title(e: Exception) -> str:
 
 
 def _sessionmaker():
-    return open_store(Settings.from_env().db_url)
+    return open_store(current_settings().db_url)
 
 
 def _checkpoint(value: str | None) -> ViewerCheckpoint:
     """The checkpoint the dropdown names; only files under the runs folder or the --checkpoint one."""
-    settings = Settings.from_env()
+    settings = current_settings()
     if not value:
         if settings.checkpoint is None:
             raise CheckpointError("choose a checkpoint first (none found under "
@@ -253,7 +270,7 @@ def _signed_in_user(request: gr.Request | None) -> str:
     user = (getattr(request, "username", None) or "").strip() if request is not None else ""
     if user:
         return user
-    if Settings.from_env().single_user:
+    if current_settings().single_user:
         return local_user_name()
     raise SignInRequired("sign in to record a disagreement: this viewer runs without a login, so it cannot tell "
                          "who you are (start it with accounts: `glom user add NAME`, or --single-user on loopback)")
@@ -274,7 +291,7 @@ def _store_image_for(session, ckpt: ViewerCheckpoint, crop: CheckedImage, ref: s
         if missing:
             raise StoreError(f"dataset {image.dataset.name!r} has no classes {sorted(missing)} of this checkpoint")
         return image
-    settings = Settings.from_env()
+    settings = current_settings()
     dataset = ensure_uploads_dataset(session, ckpt.classes, ckpt.display_names, settings.data_root)
     return store_upload(session, dataset, crop, None if keep else settings.max_uploads)
 
@@ -285,7 +302,7 @@ def _store_image_for(session, ckpt: ViewerCheckpoint, crop: CheckedImage, ref: s
 @_clinician_errors
 def list_checkpoints() -> gr.Dropdown:
     """Checkpoints under the runs folder (and the one given on the command line), newest first."""
-    settings = Settings.from_env()
+    settings = current_settings()
     paths = find_checkpoints(settings.runs_dir)
     choices = []
     for p in paths:
@@ -382,67 +399,34 @@ def _display_rgb(rgb: np.ndarray, max_side_px: int = 512) -> np.ndarray:
     return np.asarray(PILImage.fromarray(rgb).resize((round(w * scale), round(h * scale)), PILImage.BILINEAR))
 
 
-def _batch(ckpt: ViewerCheckpoint, crops: list[CheckedImage], slides: list[str | None], method: str | None,
-           opacity: float, images_in_store: list | None, *, annotated: list[str | None] | None = None,
-           show: int | None = None):
-    """Predict every crop (stored with its predictions); the gallery shows the ``show`` most
-    uncertain (all by default) with heatmaps; CSV and summary cover every crop."""
-    method = method or None
-    rgbs = [c.rgb for c in crops]
-    show = len(crops) if show is None else max(0, min(int(show), len(crops)))
-    if show == len(crops):
-        results = diagnose(ckpt, rgbs, method=method)
-    else:  # probabilities for all, heatmaps only for the crops the gallery shows
-        results = diagnose(ckpt, rgbs, method=None)
-        if method is not None and show:
-            shown = sorted(range(len(results)), key=lambda i: (results[i].margin, i))[:show]
-            for i, r in zip(shown, diagnose(ckpt, [rgbs[i] for i in shown], method=method)):
-                results[i] = CropResult(results[i].probs, results[i].predicted, results[i].margin, r.heat)
-    with _sessionmaker().begin() as s:
-        if images_in_store is None:
-            stored = [_store_image_for(s, ckpt, c, None) for c in crops]
-        else:
-            from annotation_db.models import Image
+def _uploads_policy() -> UploadsPolicy:
+    settings = current_settings()
+    return UploadsPolicy(settings.data_root, settings.max_uploads)
 
-            stored = [s.get(Image, i) for i in images_in_store]
-        record_predictions(s, [(img, r.probs) for img, r in zip(stored, results) if img is not None], ckpt.id)
-        image_ids = [img.id if img is not None else "" for img in stored]
-    order = sorted(range(len(results)), key=lambda i: (results[i].margin, i))
+
+def _batch_outputs(ckpt: ViewerCheckpoint, out: BatchDiagnosis, opacity: float, notes: str = ""):
+    """Gallery (most uncertain first, heatmaps blended), CSV, summary and the gallery's state:
+    for each shown crop its own file and store reference, so a click opens that very crop."""
     names = ckpt.display_names
-    annotated = annotated or [None] * len(crops)
-    gallery, rows = [], []
-    for rank, i in enumerate(order, 1):
-        r, c = results[i], crops[i]
-        if rank <= show:
-            pic = _display_rgb(c.rgb, 256)
-            pic = overlay(pic, r.heat, float(opacity)) if r.heat is not None else pic
-            note = "" if annotated[i] is None else f" · annotated {names.get(annotated[i], annotated[i])}"
-            gallery.append((pic, f"#{rank} {names.get(r.predicted, r.predicted)} {100 * r.probs[r.predicted]:.0f}% "
-                                 f"(margin {r.margin:.2f}){note} · {c.name}"))
-        rows.append([rank, c.name, slides[i] or "", annotated[i] or "", r.predicted, round(r.probs[r.predicted], 4),
-                     round(r.margin, 4), *[round(r.probs[k], 4) for k in ckpt.classes], image_ids[i], c.sha256,
-                     ckpt.id])
-    header = ["uncertainty_rank", "name", "slide", "annotated", "predicted", "p_predicted", "margin",
-              *[f"p_{k}" for k in ckpt.classes], "store_image_id", "sha256", "checkpoint"]
-    out_dir = Path(tempfile.mkdtemp(prefix="glom-viewer-"))
-    csv_path = out_dir / "predictions.csv"
-    with csv_path.open("w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
-    summaries = summarize_by_slide([(slides[i], results[i].predicted) for i in range(len(results))], ckpt.classes,
-                                   no_slide="uploaded crops")
-    md, table = _summary_outputs(ckpt, summaries)
-    if any(a is not None for a in annotated):
-        pairs = [(a, r.predicted) for a, r in zip(annotated, results) if a is not None]
-        agree = sum(a == p for a, p in pairs)
-        md = (f"Annotated classes: the model agrees on **{agree} of {len(pairs)}** annotated glomeruli "
+    gallery = []
+    for d in out.shown:
+        r, c = d.result, d.crop
+        pic = _display_rgb(c.image.rgb, 256)
+        pic = overlay(pic, r.heat, float(opacity)) if r.heat is not None else pic
+        note = "" if c.annotated is None else f" · annotated {names.get(c.annotated, c.annotated)}"
+        gallery.append((pic, f"#{d.rank} {names.get(r.predicted, r.predicted)} {100 * r.probs[r.predicted]:.0f}% "
+                             f"(margin {r.margin:.2f}){note} · {c.image.name}"))
+    md, table = _summary_outputs(ckpt, out.summaries)
+    if out.agreement is not None:
+        agree, n = out.agreement
+        md = (f"Annotated classes: the model agrees on **{agree} of {n}** annotated glomeruli "
               f"(the CSV's `annotated` column beside `predicted`).\n\n") + md
-    if show < len(crops):
-        md = f"Gallery: the {show} most uncertain of {len(crops)} crops; the CSV and the summary cover all.\n\n" + md
-    refs = [f"{STORE_REF_PREFIX}{image_ids[i]}" if image_ids[i] != "" else "" for i in order[:show]]
-    paths = [crops[i].name for i in order[:show]]
-    return gallery, str(csv_path), md, table, {"refs": refs, "names": paths, "files": [None] * len(paths)}
+    if out.n_shown < len(out.crops):
+        md = (f"Gallery: the {out.n_shown} most uncertain of {len(out.crops)} crops; the CSV and the summary cover "
+              "all.\n\n") + md
+    state = {"refs": [f"{STORE_REF_PREFIX}{d.image_id}" if d.image_id is not None else "" for d in out.shown],
+             "names": [d.crop.image.name for d in out.shown], "files": [str(d.crop.file) for d in out.shown]}
+    return gallery, str(out.csv_path), (notes + "\n\n" + md) if notes else md, table, state
 
 
 @_clinician_errors
@@ -454,10 +438,9 @@ def batch(checkpoint: str | None, files: list[str] | None, method: str | None = 
         raise UploadError("add one or more crops first")
     if len(files) > MAX_BATCH:
         raise UploadError(f"{len(files)} files: at most {MAX_BATCH} crops per batch")
-    crops = [check_upload(f, UPLOAD_LIMITS) for f in files]
-    out = _batch(ckpt, crops, [None] * len(crops), method, opacity, None)
-    out[4]["files"] = [files[[c.name for c in crops].index(n)] for n in out[4]["names"]]
-    return out
+    crops = [BatchCrop(check_upload(f, UPLOAD_LIMITS), Path(f)) for f in files]
+    out = diagnose_batch(ckpt, crops, _sessionmaker(), uploads=_uploads_policy(), method=method)
+    return _batch_outputs(ckpt, out, opacity)
 
 
 @_clinician_errors
@@ -476,16 +459,14 @@ def store_batch(checkpoint: str | None, dataset: str | None, slide: str | None =
         items = dataset_crops(s, dataset, slide or None, limit=int(limit))
     if not items:
         raise StoreError(f"no crops in {dataset!r}" + (f" for slide {slide!r}" if slide else ""))
-    crops = [check_upload(it.path, UPLOAD_LIMITS) for it in items]
-    out = _batch(ckpt, crops, [it.slide for it in items], method, opacity, [it.image_id for it in items])
-    by_name = {c.name: str(it.path) for c, it in zip(crops, items)}
-    out[4]["files"] = [by_name[n] for n in out[4]["names"]]
-    return out
+    crops = [BatchCrop(check_upload(it.path, UPLOAD_LIMITS), it.path, it.slide, it.image_id) for it in items]
+    out = diagnose_batch(ckpt, crops, _sessionmaker(), uploads=None, method=method)
+    return _batch_outputs(ckpt, out, opacity)
 
 
 def _slide_file(name: str | None) -> Path:
     """A slide of the server's slides folder, by file name (nothing outside that folder)."""
-    folder = Settings.from_env().slides_dir
+    folder = current_settings().slides_dir
     if folder is None or not folder.is_dir():
         raise SlideError("no slides folder on the server: start the viewer with --slides DIR (or set GLOM_SLIDES_DIR)")
     if not name:
@@ -525,23 +506,11 @@ def slide_batch(checkpoint: str | None, slide: str | None, annotations: str | No
         if wsi.mpp is None:
             raise SlideError(f"{path.name} records no µm/px: enter it under 'Slide µm/px' (about 0.25 for a 40× "
                              "scan, 0.5 for 20×) so its glomeruli are cut at 0.5 µm/px like the training crops")
-    with _SLIDE_LOCKS[str(path)], _sessionmaker().begin() as s:
-        anns, origin = slide_annotations(s, path, ann_file)
-        if len(anns) > MAX_SLIDE_GLOMERULI:
-            raise ExtractError(f"{len(anns)} annotations on {path.name}: at most {MAX_SLIDE_GLOMERULI} per slide here; "
-                               "use `glom extract` and `glom predict` for larger runs")
-        progress(0.0, desc=f"Cutting {len(anns)} glomeruli from {path.name}…")
-        cut = crop_slide_for_viewer(s, path, anns, ckpt.classes, ckpt.display_names, Settings.from_env().data_root,
-                                    settings=SLIDE_CROP, mpp=mpp)
-    # Checked like uploads; the file bytes are not needed again (the crops are in the store).
-    crops = [replace(check_upload(c.path, UPLOAD_LIMITS), data=b"") for c in cut.crops]
-    progress(0.5, desc=f"Predicting {len(crops)} glomeruli…")
-    out = _batch(ckpt, crops, [c.slide for c in cut.crops], method, opacity, [c.image_id for c in cut.crops],
-                 annotated=[c.annotated for c in cut.crops], show=int(limit or 64))
-    by_name = {c.name: str(sc.path) for c, sc in zip(crops, cut.crops)}
-    out[4]["files"] = [by_name[n] for n in out[4]["names"]]
-    rep = cut.report
-    notes = [f"**{path.name}**: {len(cut.crops)} glomeruli from {cut.n_annotations} annotations ({origin}); "
+    done = diagnose_slide(ckpt, path, ann_file, _sessionmaker(), data_root=current_settings().data_root, mpp=mpp,
+                          method=method, show=int(limit or 64), limits=UPLOAD_LIMITS,
+                          on_progress=lambda fraction, message: progress(fraction, desc=message))
+    cut, rep = done.cut, done.cut.report
+    notes = [f"**{path.name}**: {len(cut.crops)} glomeruli from {cut.n_annotations} annotations ({done.origin}); "
              f"{rep.written} crops cut now, {rep.skipped_existing} reused."]
     for kind, problems in (("clipped at the slide edge", rep.clipped), ("refused", rep.refused)):
         if problems:
@@ -550,12 +519,12 @@ def slide_batch(checkpoint: str | None, slide: str | None, annotations: str | No
     if cut.ignored_labels:
         notes.append("Annotation classes that are not classes of this checkpoint (shown as unannotated): "
                      + ", ".join(f"{k} ×{n}" for k, n in sorted(cut.ignored_labels.items())))
-    return out[0], out[1], "\n\n".join(notes) + "\n\n" + out[2], out[3], out[4]
+    return _batch_outputs(ckpt, done.batch, opacity, "\n\n".join(notes))
 
 
 def list_wsi() -> gr.Dropdown:
     """Whole-slide images in the server's slides folder."""
-    folder = Settings.from_env().slides_dir
+    folder = current_settings().slides_dir
     names = list_slide_files(folder) if folder is not None else []
     return gr.Dropdown(choices=names, value=names[0] if names else None)
 
@@ -770,25 +739,21 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"distinct uploaded crops kept in the store (default {DEFAULT_MAX_UPLOADS}; 0: none)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ["GLOM_RUNS"] = args.runs
-    os.environ["GLOM_DATA_ROOT"] = args.data_root
-    if args.checkpoint:
-        os.environ["GLOM_VIEWER_CHECKPOINT"] = args.checkpoint
-    if args.db:
-        os.environ["GLOM_DB"] = args.db
-    if args.slides:
-        os.environ["GLOM_SLIDES_DIR"] = args.slides
-    os.environ.pop("GLOM_SINGLE_USER", None)
-    if args.single_user:
-        if not is_loopback(args.host):
-            parser.error(f"--single-user needs a loopback address, not {args.host}")
-        os.environ["GLOM_SINGLE_USER"] = "1"
-    auth = None if args.single_user else viewer_auth()
+    if args.single_user and not is_loopback(args.host):
+        parser.error(f"--single-user needs a loopback address, not {args.host}")
+    slides = args.slides or default_slides_dir()
+    settings = Settings(
+        runs_dir=Path(args.runs), checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        data_root=Path(args.data_root), db_url=args.db or os.environ.get("GLOM_DB"),
+        slides_dir=Path(slides) if slides else None,
+        max_uploads=args.max_uploads if args.max_uploads is not None
+        else int(os.environ.get("GLOM_VIEWER_MAX_UPLOADS") or DEFAULT_MAX_UPLOADS),
+        single_user=args.single_user, auth=os.environ.get("GLOM_VIEWER_AUTH"))
+    configure(settings)
+    auth = None if args.single_user else viewer_auth(settings)
     if auth is None and not is_loopback(args.host):
         parser.error(f"binding {args.host} needs a login: create accounts (`glom user add NAME`) or set "
                      "GLOM_VIEWER_AUTH=user:password")
-    if args.max_uploads is not None:
-        os.environ["GLOM_VIEWER_MAX_UPLOADS"] = str(args.max_uploads)
     demo.queue(default_concurrency_limit=2).launch(
         server_name=args.host, server_port=args.port, auth=auth, max_file_size=UPLOAD_LIMITS.max_bytes,
         theme=THEME, css=CSS, footer_links=["api"], show_error=False, ssr_mode=False)

@@ -11,18 +11,14 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
+from annotation_db.classes import ClassKeys
 from annotation_db.db import StoreError
 from core.annotations import AnnotationFormatError, annotations_for_slide, read_annotations
-from core.extract import (
-    CropSettings,
-    ExtractError,
-    SlideTask,
-    StoreRegistrar,
-    extract_crops,
-    prepare_dataset,
-)
+from core.extract import CropSettings, ExtractError, SlideTask, extract_crops
+from core.slide_crops import StoreRegistrar, prepare_dataset, with_class_keys
 from core.wsi import SlideError
 
 log = logging.getLogger(__name__)
@@ -146,11 +142,14 @@ def run_extract(args: argparse.Namespace) -> int:
             from annotation_db.db import open_store
 
             Session = open_store(getattr(args, "db", None))  # noqa: N806
-            labels = [a.label for t in tasks for a in t.annotations if a.label]
             classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
             args.out.mkdir(parents=True, exist_ok=True)
             with Session() as s, s.begin():
-                prepare_dataset(s, args.dataset, args.out, labels, classes=classes)
+                dataset = prepare_dataset(s, args.dataset, args.out, [a for t in tasks for a in t.annotations],
+                                          classes=classes)
+                class_keys = ClassKeys.of(dataset)
+            # Classes named by key or display name, in any case, are stored as keys.
+            tasks = [replace(t, annotations=with_class_keys(t.annotations, class_keys)[0]) for t in tasks]
             register = StoreRegistrar(Session, args.dataset, annotator=args.annotator, stain=args.stain)
         else:
             log.warning("no --dataset: crops are written but not registered in the store")

@@ -1,9 +1,9 @@
 """What the diagnosis viewer writes to the annotation store: crops, predictions, disagreements.
 
-- Slides with their annotations are cut into crops by the whole-slide code
-  (:mod:`core.extract`) into a ``viewer-slides`` dataset of the checkpoint's schema, each crop
-  registered with its slide and level-0 box. The annotations' classes are shown beside the
-  predictions, never stored as labels (importing labels is ``glom extract``'s job).
+- Slides with their annotations are cut into a ``viewer-slides`` dataset of the checkpoint's
+  schema (:func:`core.slide_crops.crop_into_dataset`, each crop registered with its slide and
+  level-0 box). The annotations' classes are shown beside the predictions, never stored as
+  labels (importing labels is ``glom extract``'s job).
 - Uploaded crops are kept content-addressed (``<sha256>.<ext>``) under the root of a
   ``viewer-uploads`` dataset that has the checkpoint's class schema, and registered there.
 - Every prediction the viewer shows for a crop in the store becomes a ``Prediction`` row, so the
@@ -20,9 +20,8 @@ Functions take a session; the caller owns the transaction.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -33,33 +32,34 @@ from annotation_db.store import (
     GLOMERULUS_CLASSES,
     MODEL_ANNOTATOR_PREFIX,
     ClassSpec,
-    DatasetNotFoundError,
     InvalidLabelError,
     add_image,
     add_prediction,
-    create_dataset,
     get_dataset,
+    get_or_create_dataset,
     image_abspath,
     set_label,
 )
-from annotation_db.boxes import list_boxes
-from core.annotations import Annotation, AnnotationFormatError, annotations_for_slide, read_annotations
-from core.extract import (
-    CropSettings,
-    ExtractError,
-    ExtractReport,
-    SlideTask,
-    extract_crops,
-    register_crops,
-    slide_box_annotation,
-)
-from core.wsi import SlideError, slide_name
+from core.annotations import Annotation
+from core.extract import CropSettings, ExtractError
+from core.slide_crops import SLIDE_CROP_SETTINGS, SlideCrops, crop_into_dataset
 from core.uploads import CheckedImage
 
-__all__ = ["UPLOADS_DATASET", "SLIDES_DATASET", "DisagreementResult", "StoredCrop", "SlideCrop", "SlideCrops",
-           "uploads_dataset_name", "ensure_uploads_dataset", "store_upload", "record_predictions",
-           "record_disagreement", "dataset_crops", "dataset_slides", "model_annotator", "slide_annotations",
-           "crop_slide_for_viewer"]
+__all__ = [
+    "SLIDES_DATASET",
+    "UPLOADS_DATASET",
+    "crop_slide_for_viewer",
+    "DisagreementResult",
+    "StoredCrop",
+    "dataset_crops",
+    "dataset_slides",
+    "ensure_uploads_dataset",
+    "model_annotator",
+    "record_disagreement",
+    "record_predictions",
+    "store_upload",
+    "uploads_dataset_name",
+]
 
 UPLOADS_DATASET = "viewer-uploads"
 SLIDES_DATASET = "viewer-slides"
@@ -108,15 +108,10 @@ def ensure_uploads_dataset(session: Session, classes: Sequence[str], display_nam
                            data_root: str | Path, base: str = UPLOADS_DATASET) -> Dataset:
     """The viewer's dataset ``base`` for this class schema (created on first use, root under ``data_root``)."""
     name = uploads_dataset_name(classes, base)
-    try:
-        dataset = get_dataset(session, name)
-    except DatasetNotFoundError:
-        specs = [ClassSpec(k, display_names.get(k, k)) for k in classes]
-        root = (Path(data_root) / name).resolve()
-        root.mkdir(parents=True, exist_ok=True)
-        return create_dataset(session, name, specs, root=root, description=_DATASET_DESCRIPTIONS.get(base, ""))
-    if dataset.class_keys != list(classes):
-        raise InvalidLabelError(f"dataset {name!r} has classes {dataset.class_keys}, the checkpoint {list(classes)}")
+    specs = [ClassSpec(k, display_names.get(k, k)) for k in classes]
+    dataset = get_or_create_dataset(session, name, specs, root=(Path(data_root) / name).resolve(),
+                                    description=_DATASET_DESCRIPTIONS.get(base, ""), same_classes=True)
+    Path(dataset.root).mkdir(parents=True, exist_ok=True)
     return dataset
 
 
@@ -201,88 +196,23 @@ def dataset_slides(session: Session, dataset_name: str) -> list[str]:
 # --- whole slides ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SlideCrop:
-    """One glomerulus cut from a slide for the viewer."""
-
-    image_id: int
-    path: Path  # absolute
-    slide: str
-    box: tuple[int, int, int, int]  # level-0 (x, y, w, h) of the crop
-    annotated: str | None  # the class the annotation carried, when it named one
-    source: str  # where in the annotations it came from
-
-
-@dataclass
-class SlideCrops:
-    crops: list[SlideCrop]
-    report: ExtractReport
-    n_annotations: int
-    ignored_labels: dict[str, int]  # annotation classes that are not checkpoint classes -> count
-
-
-def slide_annotations(session: Session, slide_path: str | Path, annotation_file: str | Path | None) -> tuple[list[Annotation], str]:
-    """The annotations of one slide and where they came from: those of ``annotation_file``
-    (QuPath GeoJSON, ImageScope/ASAP XML, CSV) that belong to the slide, else the boxes drawn on
-    it in the labeling app's Slides page. Raises :class:`AnnotationFormatError` saying what is
-    missing or wrong."""
-    slide_path = Path(slide_path)
-    if annotation_file:
-        every = read_annotations(annotation_file)
-        mine = annotations_for_slide(every, slide_path)
-        if every and not mine:
-            named = sorted({a.slide for a in every if a.slide})
-            raise AnnotationFormatError(
-                f"{Path(annotation_file).name}: none of its {len(every)} annotations is for slide {slide_path.name} "
-                f"(they name {', '.join(named[:5])}{' …' if len(named) > 5 else ''})")
-        if not mine:
-            raise AnnotationFormatError(f"{Path(annotation_file).name}: no annotations in the file")
-        return mine, Path(annotation_file).name
-    slide = session.scalar(select(Slide).where(Slide.name == slide_name(slide_path)))
-    boxes = list_boxes(session, slide) if slide is not None else []
-    if not boxes:
-        raise AnnotationFormatError(
-            f"slide {slide_path.name} has no annotations: upload its annotation file (QuPath GeoJSON, Aperio "
-            "ImageScope or ASAP XML, CSV of boxes) or draw boxes on it in the labeling app's Slides page")
-    return [slide_box_annotation(b) for b in boxes], f"{len(boxes)} boxes drawn in the labeling app"
-
-
 def crop_slide_for_viewer(session: Session, slide_path: str | Path, annotations: Sequence[Annotation],
                           classes: Sequence[str], display_names: dict[str, str], data_root: str | Path, *,
-                          settings: CropSettings, mpp: float | None = None, progress: bool = False) -> SlideCrops:
+                          settings: CropSettings = SLIDE_CROP_SETTINGS, mpp: float | None = None) -> SlideCrops:
     """Cut one crop per annotation of ``slide_path`` into the ``viewer-slides`` dataset of this
-    class schema and register each with its slide and level-0 box (idempotent: crops already cut
-    with the same settings are reused). ``mpp``: µm/px for a slide that records none. An
-    annotation's class (key or display name, any case) is returned as ``annotated``.
+    class schema (:func:`core.slide_crops.crop_into_dataset`; idempotent). An annotation's class
+    that names a checkpoint class (key or display name, any case) is each crop's ``label``,
+    shown beside the prediction and never stored; other classes are counted in
+    ``ignored_labels``. ``mpp``: µm/px for a slide that records none.
 
     Raises :class:`core.wsi.SlideError` when the slide cannot be read (no crop stays, nothing is
     registered) and :class:`core.extract.ExtractError` when no annotation can be cropped.
     """
     dataset = ensure_uploads_dataset(session, classes, display_names, data_root, base=SLIDES_DATASET)
-    # QuPath classes are often the display names ("新月体形成", "Crescent"): match keys and display
-    # names, ignoring case; anything else is counted and shown as unannotated.
-    lookup = {}
-    for k in classes:
-        for name in (k, display_names.get(k, k)):
-            lookup.setdefault(name.strip().casefold(), k)
-    mapped = [replace(a, label=lookup.get(a.label.strip().casefold()) if a.label else None) for a in annotations]
-    ignored = Counter(a.label for a, m in zip(annotations, mapped) if a.label and m.label is None)
-    out: list[SlideCrop] = []
-
-    def register(info, jobs) -> int:  # noqa: ANN001
-        # The annotation classes are shown, not stored as labels: the viewer is not an importer.
-        images, n_new = register_crops(session, dataset, info, [replace(j, label=None) for j in jobs],
-                                       annotator="viewer", source="viewer:slide")
-        for job, image in zip(jobs, images, strict=True):
-            out.append(SlideCrop(image.id, Path(job.path), info.name, tuple(job.box), job.label, ",".join(job.sources)))
-        return n_new
-
-    report = extract_crops([SlideTask(Path(slide_path), mapped, mpp)], Path(dataset.root) / "wsi", settings,
-                           workers=1, register=register, progress=progress)
-    if report.failed:
-        raise SlideError("; ".join(report.failed.values()))
-    if not out:
-        reasons = "; ".join(str(p) for p in report.refused[:3])
+    cut = crop_into_dataset(session, dataset, slide_path, annotations, annotator=None, settings=settings, mpp=mpp,
+                            source="viewer:slide", unknown_classes="ignore")
+    if not cut.crops:
+        reasons = "; ".join(str(p) for p in cut.report.refused[:3])
         raise ExtractError(f"none of the {len(annotations)} annotations of {Path(slide_path).name} could be cropped"
                            + (f": {reasons}" if reasons else ""))
-    return SlideCrops(out, report, len(annotations), dict(ignored))
+    return cut

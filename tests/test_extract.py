@@ -13,22 +13,15 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from annotation_db import store
-from annotation_db.boxes import add_box, export_boxes_geojson, list_boxes
+from annotation_db.boxes import add_box, list_boxes
+from annotation_db.classes import UnknownClassError
 from annotation_db.models import Image as ImageRow
 from annotation_db.models import LabelEvent, Slide
 from core import cli_extract
 from core.cli import main as glom
 from core.annotations import Annotation, AnnotationFormatError, annotations_from_geojson, write_geojson
-from core.extract import (
-    CropSettings,
-    ExtractError,
-    SlideTask,
-    StoreRegistrar,
-    crop_boxes_into_dataset,
-    extract_crops,
-    plan_slide,
-    prepare_dataset,
-)
+from core.extract import CropSettings, ExtractError, SlideTask, extract_crops, plan_slide
+from core.slide_crops import StoreRegistrar, crop_into_dataset, export_boxes_geojson, prepare_dataset
 from core.wsi import NumpySlideReader, SlideError, SlideReader, open_slide
 from tests.test_wsi import synthetic_rgb, write_pyramid_tiff
 
@@ -176,10 +169,10 @@ def test_crash_mid_run_leaves_no_partial_files_or_rows(
     tmp_path: Path, tiff: Path, SqliteSession, monkeypatch: pytest.MonkeyPatch  # noqa: N803
 ) -> None:
     out = tmp_path / "crops"
-    with SqliteSession() as s, s.begin():
-        prepare_dataset(s, "glom", out, ["normal"])
-    register = StoreRegistrar(SqliteSession, "glom", annotator="tester")
     anns = boxes((10, 10, 50, 50), (100, 100, 60, 40), (300, 200, 30, 30), label="normal")
+    with SqliteSession() as s, s.begin():
+        prepare_dataset(s, "glom", out, anns)
+    register = StoreRegistrar(SqliteSession, "glom", annotator="tester")
     real_save = Image.Image.save
     calls = []
 
@@ -294,7 +287,7 @@ def test_crops_are_registered_with_slide_box_and_label(tmp_path: Path, wsi_dir: 
     out = tmp_path / "crops"
     anns = boxes((100, 200, 90, 80), label="crescent") + boxes((900, 900, 70, 60))
     with Session() as s, s.begin():
-        prepare_dataset(s, "glom", out, ["crescent"], classes=["normal", "crescent"])
+        prepare_dataset(s, "glom", out, anns, classes=["normal", "crescent"])
     register = StoreRegistrar(Session, "glom", annotator="dr-a", stain="PAS")
     for _ in range(2):  # the second run must add nothing
         extract_crops([SlideTask(wsi_dir / CMU, anns)], out, CropSettings(mpp=0.499), register=register, progress=False)
@@ -315,8 +308,9 @@ def test_crops_are_registered_with_slide_box_and_label(tmp_path: Path, wsi_dir: 
 def test_unknown_labels_are_refused_before_cropping(tmp_path: Path, SqliteSession) -> None:  # noqa: N803
     with SqliteSession() as s, s.begin():
         prepare_dataset(s, "glom", tmp_path, [], classes=["normal"])
-    with SqliteSession() as s, pytest.raises(ExtractError, match=r"labels \['Glomerulus'\] .* not classes of dataset 'glom'"):
-        prepare_dataset(s, "glom", tmp_path, ["normal", "Glomerulus"])
+    anns = boxes((0, 0, 10, 10), label="NORMAL") + boxes((20, 20, 10, 10), label="Glomerulus")
+    with SqliteSession() as s, pytest.raises(UnknownClassError, match=r"test#0: unknown class 'Glomerulus' for dataset 'glom'"):
+        prepare_dataset(s, "glom", tmp_path, anns)
     with SqliteSession() as s, pytest.raises(ExtractError, match="outside the root"):
         prepare_dataset(s, "glom", tmp_path.parent / "elsewhere", [])
 
@@ -340,9 +334,10 @@ def test_drawn_boxes_round_trip_through_geojson_and_crop_into_dataset(
 
     with Session() as s, s.begin():
         slide = s.scalar(select(Slide))
-        report = crop_boxes_into_dataset(
-            s, "glom", tiff, list_boxes(s, slide, uncropped_only=True), annotator="dr-a", stain="HE"
-        )
+        report = crop_into_dataset(
+            s, "glom", tiff, list_boxes(s, slide, uncropped_only=True), annotator="dr-a", stain="HE",
+            settings=CropSettings(),
+        ).report
         assert report.written == 2 and [p.source for p in report.clipped] == ["slide_box:2"]
         drawn = list_boxes(s, slide)
         assert all(b.image_id for b in drawn) and not list_boxes(s, slide, uncropped_only=True)
@@ -354,13 +349,13 @@ def test_drawn_boxes_round_trip_through_geojson_and_crop_into_dataset(
         assert [i.classes for i in queue] == [["crescent"]]
 
 
-def test_crop_boxes_into_dataset_raises_for_an_unreadable_slide(tmp_path: Path, SqliteSession) -> None:  # noqa: N803
+def test_crop_into_dataset_raises_for_an_unreadable_slide(tmp_path: Path, SqliteSession) -> None:  # noqa: N803
     bad = tmp_path / "bad.svs"
     bad.write_bytes(b"II*\x00garbage")
     with SqliteSession() as s, s.begin():
         store.create_dataset(s, "glom", ["normal"], root=tmp_path / "ds")
         with pytest.raises(SlideError, match=r"bad\.svs"):
-            crop_boxes_into_dataset(s, "glom", bad, [(0, 0, 10, 10)], annotator="dr-a")
+            crop_into_dataset(s, "glom", bad, [(0, 0, 10, 10)], annotator="dr-a")
         assert s.scalar(select(func.count()).select_from(ImageRow)) == 0
 
 

@@ -17,13 +17,15 @@ from annotation_db.models import Image as ImageRow
 from annotation_db.models import Label, Slide, SlideBox
 from core.annotations import Annotation, AnnotationFormatError, write_geojson
 from core.extract import CropSettings, ExtractError
-from core.feedback import SLIDES_DATASET, crop_slide_for_viewer, slide_annotations
+from core.slide_crops import SLIDE_CROP_SETTINGS, slide_annotations
+from core.viewer_store import SLIDES_DATASET, crop_slide_for_viewer
 from core.wsi import SlideError
 
 CMU = "cmu-1-small-region.svs"
 CLASSES = [c.key for c in store.GLOMERULUS_CLASSES]
 NAMES = {c.key: c.display_name for c in store.GLOMERULUS_CLASSES}
 SETTINGS = CropSettings(mpp=0.5, pad_px=16)
+assert SETTINGS == SLIDE_CROP_SETTINGS  # the apps' crops; the expected boxes below are worked out for it
 
 
 def _geojson(path: Path, boxes: list[tuple[int, int, int, int, str | None]]) -> Path:
@@ -42,7 +44,7 @@ def test_a_slide_with_its_annotation_file_becomes_stored_crops(tmp_path: Path, w
         assert origin == "cmu.geojson" and cut.n_annotations == 4
         assert (cut.report.written, cut.report.skipped_existing) == ((4, 0) if run == 0 else (0, 4))
         # keys and display names match in any case; "Glomerulus" is not a class
-        assert [c.annotated for c in cut.crops] == ["crescent", None, "crescent", "normal"]
+        assert [c.label for c in cut.crops] == ["crescent", None, "crescent", "normal"]
         assert cut.ignored_labels == {"Glomerulus": 1}
         assert [p.source for p in cut.report.clipped] == [f"{ann}#2"]
     with Session() as s:
@@ -76,7 +78,7 @@ def test_without_a_file_the_boxes_drawn_in_the_labeling_app_are_used(tmp_path: P
         anns, origin = slide_annotations(s, slide, None)
         assert origin == "2 boxes drawn in the labeling app"
         cut = crop_slide_for_viewer(s, slide, anns, CLASSES, NAMES, tmp_path / "data", settings=SETTINGS)
-        assert [c.annotated for c in cut.crops] == ["normal", None]
+        assert [c.label for c in cut.crops] == ["normal", None]
         assert [c.source for c in cut.crops] == ["slide_box:1", "slide_box:2"]
     with Session() as s:  # the drawn boxes still count as not cropped in the labeling app
         assert s.scalars(select(SlideBox.image_id)).all() == [None, None]
