@@ -90,7 +90,7 @@ def _on_queue_change() -> None:
 
 
 def _demo_dir() -> Path:
-    """Where `glom demo` writes its images: beside an SQLite store, else ``data/demo``."""
+    """Where the demo images go: beside an SQLite store, else ``data/demo``."""
     from sqlalchemy.engine import make_url
 
     url = make_url(store_url())
@@ -100,9 +100,9 @@ def _demo_dir() -> Path:
 
 
 def _create_demo() -> None:
-    from core.cli import main as glom
+    from core.demo import seed_demo_dataset
 
-    glom(["--db", store_url(), "demo", "--if-empty", "--out", str(_demo_dir())])
+    seed_demo_dataset(get_sessionmaker(), _demo_dir(), if_empty=True)
     dataset_names.clear()
     st.session_state.dataset_name = "demo"
 

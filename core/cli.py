@@ -174,26 +174,16 @@ def cmd_patients(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from annotation_db import importer, store
-    from annotation_db.formats import Record
-    from core.demo import SYNTHETIC_NOTE, generate_demo_images
+    from annotation_db.db import open_store
+    from core.demo import seed_demo_dataset
 
-    if args.if_empty:
-        with _session(args) as session, session.begin():
-            if store.list_datasets(session):
-                print("the store already holds datasets; no demo images added")
-                return 0
     out = Path(args.out).resolve()
-    written = generate_demo_images(out, args.n_per_class, size_px=args.size, seed=args.seed)
-    records = [Record(p.relative_to(out).as_posix(), None if args.unlabeled else [k], where=str(p)) for p, k in written]
-    with _session(args) as session, session.begin():
-        dataset = store.get_or_create_dataset(
-            session, args.dataset, store.GLOMERULUS_CLASSES, root=out, description=SYNTHETIC_NOTE
-        )
-        report = importer.import_records(
-            session, dataset, records, annotator="demo-generator", source="demo", progress=False
-        )
-    print(f"{len(written)} synthetic images in {out}; {report.summary()}")
+    report = seed_demo_dataset(open_store(args.db), out, dataset=args.dataset, n_per_class=args.n_per_class,
+                               size_px=args.size, seed=args.seed, labeled=not args.unlabeled, if_empty=args.if_empty)
+    if report is None:
+        print("the store already holds datasets; no demo images added")
+    else:
+        print(f"{report.records} synthetic images in {out}; {report.summary()}")
     return 0
 
 
