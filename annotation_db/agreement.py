@@ -161,3 +161,175 @@ def agreement_report(
         confusion=confusion.tolist(),
         disagreements=disagreements,
     )
+
+
+# --- suggestions and automation bias ------------------------------------------------------------
+
+
+@dataclass
+class SliceFigures:
+    """Agreement on one slice of the images (``blind``: never shown a suggestion; ``rest``)."""
+
+    labels: int = 0  # people's single-class labels
+    with_model: int = 0  # ... of images the reference model predicted
+    agree_model: int = 0  # ... that equal its class
+    items: int = 0  # images with at least two people's labels
+    pairs: int = 0  # annotator pairs on those images
+    agree_pairs: int = 0
+    kappa: float = math.nan  # Fleiss' kappa of people on those images
+
+    @property
+    def model_agreement(self) -> float:
+        return self.agree_model / self.with_model if self.with_model else math.nan
+
+    @property
+    def pair_agreement(self) -> float:
+        return self.agree_pairs / self.pairs if self.pairs else math.nan
+
+
+@dataclass
+class BiasFigures:
+    """On adjudicated images where the model was wrong: followed when shown vs chosen unprompted."""
+
+    shown_wrong: int = 0  # labels given while a wrong suggestion was on screen
+    followed_wrong: int = 0  # ... that took the wrong class
+    blind_wrong: int = 0  # labels on blind images the model gets wrong (no suggestion shown)
+    chose_unprompted: int = 0  # ... that chose the model's wrong class anyway
+
+    @property
+    def followed_rate(self) -> float:
+        return self.followed_wrong / self.shown_wrong if self.shown_wrong else math.nan
+
+    @property
+    def unprompted_rate(self) -> float:
+        return self.chose_unprompted / self.blind_wrong if self.blind_wrong else math.nan
+
+
+@dataclass
+class SuggestionReport:
+    dataset: str
+    checkpoint_id: str | None  # the model agreement is measured against
+    blind_share: float
+    slices: dict[str, SliceFigures]  # "blind", "rest"
+    per_annotator: dict[str, dict[str, SliceFigures]]  # annotator -> slice -> figures (labels, model)
+    bias: dict[str, BiasFigures]  # annotator -> figures; "all" for everyone
+
+    def to_dict(self) -> dict:
+        def clean(x: float) -> float | None:
+            return None if math.isnan(x) else round(x, 6)
+
+        def sl(f: SliceFigures) -> dict:
+            return {**f.__dict__, "kappa": clean(f.kappa), "model_agreement": clean(f.model_agreement),
+                    "pair_agreement": clean(f.pair_agreement)}
+
+        return {
+            "dataset": self.dataset, "checkpoint_id": self.checkpoint_id, "blind_share": self.blind_share,
+            "slices": {k: sl(v) for k, v in self.slices.items()},
+            "per_annotator": {a: {k: sl(v) for k, v in s.items()} for a, s in self.per_annotator.items()},
+            "bias": {a: {**b.__dict__, "followed_rate": clean(b.followed_rate),
+                         "unprompted_rate": clean(b.unprompted_rate)} for a, b in self.bias.items()},
+        }
+
+
+def suggestion_report(session: Session, dataset: Dataset, checkpoint_id: str | None = None) -> SuggestionReport:
+    """People's labels on the blind slice vs the rest: agreement with the model (``checkpoint_id``,
+    default the dataset's suggestion model), between clinicians, and, on adjudicated images the
+    model gets wrong, how often each clinician took the wrong class when it was suggested vs
+    chose it with no suggestion (blind slice). Single-class labels only; multi-label and
+    uncertain-only labels are left out."""
+    from sqlalchemy import select
+
+    from annotation_db.models import Adjudication, Annotator, Image, Label, Prediction
+    from annotation_db.store import MODEL_ANNOTATOR_PREFIX
+    from annotation_db.suggestions import is_blind, suggestion_checkpoint
+
+    ckpt = checkpoint_id or suggestion_checkpoint(session, dataset)
+    model: dict[int, str] = {}
+    if ckpt:
+        rows = session.execute(
+            select(Prediction.image_id, Prediction.predicted)
+            .join(Image, Image.id == Prediction.image_id)
+            .where(Image.dataset_id == dataset.id, Prediction.checkpoint_id == ckpt)
+            .order_by(Prediction.id)
+        )
+        model = dict(rows.all())  # the latest prediction per image wins
+    final = dict(session.execute(
+        select(Adjudication.image_id, Adjudication.classes)
+        .join(Image, Image.id == Adjudication.image_id)
+        .where(Image.dataset_id == dataset.id)
+    ).all())
+    labels = session.execute(
+        select(Label.image_id, Annotator.name, Label.classes, Label.suggested)
+        .join(Annotator, Annotator.id == Label.annotator_id)
+        .join(Image, Image.id == Label.image_id)
+        .where(Image.dataset_id == dataset.id, Annotator.name.not_like(f"{MODEL_ANNOTATOR_PREFIX}%"))
+        .order_by(Label.image_id, Annotator.name)
+    ).all()
+
+    slices = {"blind": SliceFigures(), "rest": SliceFigures()}
+    per_annotator: dict[str, dict[str, SliceFigures]] = {}
+    bias: dict[str, BiasFigures] = {"all": BiasFigures()}
+    by_image: dict[int, list[str]] = {}
+    blind_of: dict[int, bool] = {}
+    for image_id, name, classes, suggested in labels:
+        if len(classes or []) != 1:
+            continue
+        chosen = classes[0]
+        blind = blind_of.setdefault(image_id, is_blind(image_id, dataset.blind_seed, dataset.blind_share))
+        which = "blind" if blind else "rest"
+        by_image.setdefault(image_id, []).append(chosen)
+        mine = per_annotator.setdefault(name, {"blind": SliceFigures(), "rest": SliceFigures()})[which]
+        for f in (slices[which], mine):
+            f.labels += 1
+            if image_id in model:
+                f.with_model += 1
+                f.agree_model += chosen == model[image_id]
+        truth = final.get(image_id)
+        if not truth:
+            continue
+        b = bias.setdefault(name, BiasFigures())
+        for f in (b, bias["all"]):
+            if suggested is not None and suggested not in truth:
+                f.shown_wrong += 1
+                f.followed_wrong += chosen == suggested
+            elif blind and image_id in model and model[image_id] not in truth:
+                f.blind_wrong += 1
+                f.chose_unprompted += chosen == model[image_id]
+
+    keys = dataset.class_keys
+    index = {k: j for j, k in enumerate(keys)}
+    for which, f in slices.items():
+        items = [v for i, v in by_image.items() if len(v) >= 2 and blind_of[i] == (which == "blind")]
+        f.items = len(items)
+        counts = np.zeros((len(items), len(keys)))
+        for r, v in enumerate(items):
+            for c in v:
+                counts[r, index[c]] += 1
+            for x in range(len(v)):
+                for y in range(x + 1, len(v)):
+                    f.pairs += 1
+                    f.agree_pairs += v[x] == v[y]
+        f.kappa = fleiss_kappa(counts) if items else math.nan
+    return SuggestionReport(dataset.name, ckpt, float(dataset.blind_share), slices, per_annotator, bias)
+
+
+def suggestion_report_lines(report: SuggestionReport) -> list[str]:
+    """The report as text (``glom agreement``)."""
+    def pct(x: float) -> str:
+        return "n/a" if x != x else f"{100 * x:.1f} %"
+
+    lines = [f"suggestions: model {report.checkpoint_id or '(none)'}; blind slice {pct(report.blind_share)} of images "
+             "(never shown a suggestion) vs the rest"]
+    for which, f in report.slices.items():
+        lines.append(f"  {which:5s}: {f.labels} labels, agree with the model {pct(f.model_agreement)} "
+                     f"({f.with_model} predicted); between clinicians {pct(f.pair_agreement)} of {f.pairs} pairs "
+                     f"on {f.items} images, kappa {'n/a' if f.kappa != f.kappa else f'{f.kappa:.3f}'}")
+    for name, s in sorted(report.per_annotator.items()):
+        lines.append(f"  {name}: agree with the model, blind {pct(s['blind'].model_agreement)} "
+                     f"({s['blind'].with_model}) vs rest {pct(s['rest'].model_agreement)} ({s['rest'].with_model})")
+    lines.append("automation bias (adjudicated images the model gets wrong): followed a wrong suggestion vs "
+                 "chose that class unprompted (blind slice)")
+    for name, b in sorted(report.bias.items(), key=lambda kv: (kv[0] != "all", kv[0])):
+        lines.append(f"  {name}: followed {b.followed_wrong}/{b.shown_wrong} ({pct(b.followed_rate)}) vs "
+                     f"unprompted {b.chose_unprompted}/{b.blind_wrong} ({pct(b.unprompted_rate)})")
+    return lines

@@ -6,7 +6,10 @@ sign in. Roles and what each may do:
 
 - ``annotator``: label, see their own queues, export.
 - ``adjudicator``: as annotator, plus the disagreement queue and final labels.
-- ``admin``: everything, including imports, cutting crops from server slides and accounts.
+- ``admin``: everything, including imports, cutting crops from server slides, accounts, and
+  training jobs, a dataset's active model and its suggestion settings (``train``): a job uses the
+  server's CPU or GPU for minutes to hours, and the active model changes what every clinician is
+  shown while labeling.
 
 Functions take a session; the caller owns the transaction.
 """
@@ -34,7 +37,7 @@ ROLES = ("annotator", "adjudicator", "admin")
 PERMISSIONS: dict[str, frozenset[str]] = {
     "annotator": frozenset({"label", "export"}),
     "adjudicator": frozenset({"label", "export", "adjudicate"}),
-    "admin": frozenset({"label", "export", "adjudicate", "import", "slides", "users"}),
+    "admin": frozenset({"label", "export", "adjudicate", "import", "slides", "users", "train"}),
 }
 MIN_PASSWORD_CHARS = 8
 MAX_PASSWORD_CHARS = 1024  # argon2 hashes anything; a cap keeps a sign-in request cheap

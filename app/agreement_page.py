@@ -9,10 +9,10 @@ import streamlit as st
 from sqlalchemy.exc import SQLAlchemyError
 
 from annotation_db import agreement, queues, store
-from annotation_db.db import StoreError
 from annotation_db.models import Annotator, Image
 from app.session import current_dataset, is_adjudicator, who
 from app.store_cache import DatasetView, crop_bytes, get_sessionmaker, store_url
+from core.errors import GlomError
 
 SHOWN_DISAGREEMENTS = 30
 
@@ -22,6 +22,12 @@ def _report(url: str, dataset_name: str, annotators: tuple[str, ...] | None) -> 
     with get_sessionmaker()() as s:
         dataset = store.get_dataset(s, dataset_name)
         return agreement.agreement_report(s, dataset, list(annotators) if annotators else None).to_dict()
+
+
+@st.cache_data(ttl=15, show_spinner="Comparing the blind slice with the rest…")
+def _suggestion_report(url: str, dataset_name: str) -> dict:
+    with get_sessionmaker()() as s:
+        return agreement.suggestion_report(s, store.get_dataset(s, dataset_name)).to_dict()
 
 
 @st.cache_data(ttl=15, show_spinner=False)
@@ -40,7 +46,7 @@ def on_decide(image_id: int) -> None:
     try:
         with get_sessionmaker()() as s, s.begin():
             store.adjudicate(s, s.get(Image, image_id), s.get(Annotator, me.annotator_id), classes)
-    except (StoreError, SQLAlchemyError) as e:
+    except (GlomError, SQLAlchemyError) as e:
         st.session_state.flash.append(("error", f"Final label not saved — {e}"))
         return
     _report.clear()
@@ -68,6 +74,38 @@ def summary_panel(dataset: DatasetView, report: dict) -> None:
         names = [dataset.display(k) for k in report["classes"]]
         st.dataframe({"": names} | {n: [row[j] for row in report["confusion"]] for j, n in enumerate(names)},
                      hide_index=True, width="stretch")
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def suggestions_panel(report: dict) -> None:
+    """Blind slice vs the rest: what suggestions do to agreement, and automation bias per annotator."""
+    st.subheader("Model suggestions: blind slice vs the rest")
+    st.caption(f"Blind slice: {_pct(report['blind_share'])} of the images never show a suggestion. "
+               f"Model: `{report['checkpoint_id'] or 'none yet'}`.")
+    sl = report["slices"]
+    with st.container(key="suggestion_slices"):
+        st.dataframe({
+            "slice": list(sl),
+            "labels": [f["labels"] for f in sl.values()],
+            "agree with the model": [_pct(f["model_agreement"]) for f in sl.values()],
+            "between clinicians": [_pct(f["pair_agreement"]) for f in sl.values()],
+            "pairs": [f["pairs"] for f in sl.values()],
+            "kappa": [_fmt(f["kappa"]) for f in sl.values()],
+        }, hide_index=True, width="stretch")
+    st.markdown("**Automation bias** — on adjudicated images the model gets wrong: how often the clinician "
+                "took the wrong class when it was suggested, vs chose it with no suggestion (blind slice)")
+    bias = report["bias"]
+    with st.container(key="suggestion_bias"):
+        st.dataframe({
+            "annotator": list(bias),
+            "followed a wrong suggestion": [f"{b['followed_wrong']}/{b['shown_wrong']} ({_pct(b['followed_rate'])})"
+                                            for b in bias.values()],
+            "chose it unprompted": [f"{b['chose_unprompted']}/{b['blind_wrong']} ({_pct(b['unprompted_rate'])})"
+                                    for b in bias.values()],
+        }, hide_index=True, width="stretch")
 
 
 def disagreements_panel(dataset: DatasetView, report: dict) -> None:
@@ -109,9 +147,11 @@ def page() -> None:
     chosen = st.multiselect("Annotators", everyone, default=everyone, key="agreement_annotators")
     if len(chosen) < 2:
         st.info("Agreement needs at least two annotators' labels.")
+        suggestions_panel(_suggestion_report(store_url(), dataset.name))
         return
     report = _report(store_url(), dataset.name, tuple(sorted(chosen)))
     summary_panel(dataset, report)
+    suggestions_panel(_suggestion_report(store_url(), dataset.name))
     disagreements_panel(dataset, report)
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import streamlit as st
 
 from annotation_db import formats, store
-from annotation_db.db import StoreError
 from app.session import current_dataset, who
 from app.store_cache import get_sessionmaker
+from core.errors import GlomError
 
 FORMATS = {"jsonl": ("JSONL (original labeling system)", "jsonl", "application/jsonl"),
            "csv": ("CSV", "csv", "text/csv"),
@@ -32,7 +32,7 @@ def on_prepare(dataset_name: str) -> None:
     fmt, source = st.session_state.export_format, st.session_state.export_source
     try:
         data, summary = export_bytes(dataset_name, fmt, source)
-    except StoreError as e:
+    except GlomError as e:
         st.session_state.export = {"error": str(e)}
         return
     st.session_state.export = {"data": data, "summary": summary, "fmt": fmt, "source": source}

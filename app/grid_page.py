@@ -8,10 +8,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from annotation_db import queues, store
-from annotation_db.db import StoreError
 from annotation_db.models import Annotator, Image, Label
 from app.session import current_dataset, queue_spec, who
 from app.store_cache import DatasetView, crop_bytes, get_sessionmaker
+from core.errors import GlomError
 
 GRID_COLUMNS = 4
 GRID_ROWS = 4
@@ -43,7 +43,7 @@ def _write(rows: list[tuple[int, list[str]]]) -> None:
                     store.set_label(s, s.get(Image, image_id), annotator, classes)
                 else:
                     store.clear_label(s, s.get(Image, image_id), annotator)
-    except (StoreError, SQLAlchemyError) as e:
+    except (GlomError, SQLAlchemyError) as e:
         st.session_state.flash.append(("error", f"Not saved — {e}"))
 
 

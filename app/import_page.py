@@ -13,9 +13,9 @@ import streamlit as st
 from sqlalchemy.exc import SQLAlchemyError
 
 from annotation_db import importer, store
-from annotation_db.db import StoreError
 from app.session import who
 from app.store_cache import dataset_names, dataset_view, get_sessionmaker, store_url
+from core.errors import GlomError
 from core.roots import OutsideRootError, confine, data_root
 
 SOURCES = {
@@ -96,7 +96,7 @@ def _run(fmt: str, path: Path, root: Path | None = None) -> None:
     try:
         summary = _import(fmt, path, name, root, st.session_state.get("import_annotator") or "imported",
                           st.session_state.get("import_skip_missing", False))
-    except (OutsideRootError, StoreError, SQLAlchemyError, OSError) as e:
+    except (GlomError, SQLAlchemyError, OSError) as e:
         st.session_state.import_result = ("error", f"Nothing imported: {e}")
         return
     st.session_state.import_result = ("success", summary)

@@ -14,6 +14,7 @@ if __package__ in (None, ""):  # `streamlit run app/label.py` puts app/ on sys.p
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import streamlit as st
+from sqlalchemy.exc import SQLAlchemyError
 
 from annotation_db.queues import QUEUE_KINDS, QUEUE_TITLES, slides_of
 from app import signin_page
@@ -28,6 +29,7 @@ from app.session import (
     who,
 )
 from app.store_cache import dataset_names, get_sessionmaker, store_url
+from core.errors import GlomError
 
 APP_DIR = Path(__file__).resolve().parent
 PAGES = {
@@ -37,6 +39,7 @@ PAGES = {
     ],
     "Review": [
         st.Page(APP_DIR / "agreement_page.py", title="Agreement", icon=":material/groups:", url_path="agreement"),
+        st.Page(APP_DIR / "models_page.py", title="Models", icon=":material/model_training:", url_path="models"),
     ],
     "Data": [
         st.Page(APP_DIR / "import_page.py", title="Import", icon=":material/upload:", url_path="import"),
@@ -53,7 +56,7 @@ STYLE = """<style>
 </style>"""
 
 KEY_HELP = (
-    "**1…N** class · **Enter** save (multi-label) · **U** uncertain · **S** skip · "
+    "**1…N** class · **A** accept the model's suggestion · **Enter** save (multi-label) · **U** uncertain · **S** skip · "
     "**← / Backspace** previous · **→** next · **Z** full resolution · **K** contrast"
 )
 
@@ -102,7 +105,12 @@ def _demo_dir() -> Path:
 def _create_demo() -> None:
     from core.demo import seed_demo_dataset
 
-    seed_demo_dataset(get_sessionmaker(), _demo_dir(), if_empty=True)
+    try:
+        seed_demo_dataset(get_sessionmaker(), _demo_dir(), if_empty=True)
+    except (GlomError, SQLAlchemyError, OSError) as e:
+        st.session_state.demo_error = f"Demo dataset not created — {e}"
+        return
+    st.session_state.demo_error = None
     dataset_names.clear()
     st.session_state.dataset_name = "demo"
 
@@ -119,6 +127,8 @@ def sidebar_panel() -> None:
         if not names:
             st.warning("The store holds no datasets yet.")
             st.button("Create the demo dataset", on_click=_create_demo, type="primary")
+            if st.session_state.get("demo_error"):
+                st.error(st.session_state.demo_error)
             return
         if st.session_state.dataset_name not in names:
             st.session_state.dataset_name = names[0]

@@ -16,14 +16,14 @@ from pathlib import PurePosixPath
 import streamlit as st
 from sqlalchemy.exc import SQLAlchemyError
 
-from annotation_db import queues, store
+from annotation_db import queues, store, suggestions
 from annotation_db.db import StoreError
-from annotation_db.models import Annotator, Image
+from annotation_db.models import Annotator, Dataset, Image
 from app.hotkeys import crop_alt, hotkey_layer
 from app.session import Who, current_dataset, is_adjudicator, queue_spec, who
 from app.store_cache import DatasetView, crop_data_url, get_sessionmaker, slide_thumbnail_with_box
 from app.trail import Trail
-from core.wsi import SlideError
+from core.errors import GlomError
 
 CROP_WIDTH_PX = 560
 
@@ -100,24 +100,44 @@ def _stale(image_id: int) -> bool:
     return trail is None or trail.peek() != image_id
 
 
+def _shown_suggestion(image_id: int) -> suggestions.Suggestion | None:
+    """The model suggestion on screen for this crop (recorded with the label), if any."""
+    shown = st.session_state.get("suggestion_shown")
+    return shown[1] if shown and shown[0] == image_id else None
+
+
 def _save(image_id: int, classes: list[str], uncertain: bool = False) -> None:
     if _stale(image_id):
         return
     me = who()
     note = st.session_state.get(f"note_{image_id}", "") or ""
+    shown = _shown_suggestion(image_id)
     try:
         with get_sessionmaker()() as s, s.begin():
             image = s.get(Image, image_id)
             if image is None:
                 raise StoreError(f"crop #{image_id} is no longer in the store")
             before = queues.label_of(s, image_id, me.annotator_id)
-            store.set_label(s, image, s.get(Annotator, me.annotator_id), classes, uncertain=uncertain, note=note)
-    except (StoreError, SQLAlchemyError) as e:
+            store.set_label(s, image, s.get(Annotator, me.annotator_id), classes, uncertain=uncertain, note=note,
+                            suggested=shown.key if shown else None, suggested_by=shown.checkpoint_id if shown else None)
+    except (GlomError, SQLAlchemyError) as e:
         _flash("error", f"Not saved — {e}. The crop stays here; try again.")
         return
     _count_label(before, classes, uncertain)
     st.session_state.get("pending", {}).pop(image_id, None)
+    if before is None and st.session_state.get("suggest_after") == image_id:
+        # "after" mode: the clinician's own label is saved; the model's now shows on this crop
+        _flash("info", "Your label is saved. The model's suggestion is shown now: **A** takes it, **→** moves on.")
+        return
     st.session_state.trail.forward()
+
+
+def on_accept(image_id: int) -> None:
+    """Take the model's suggestion on screen as this crop's label (key A)."""
+    shown = _shown_suggestion(image_id)
+    if shown is None or _stale(image_id):
+        return
+    _save(image_id, [shown.key])
 
 
 def _adjudicate(image_id: int, classes: list[str]) -> None:
@@ -131,7 +151,7 @@ def _adjudicate(image_id: int, classes: list[str]) -> None:
     try:
         with get_sessionmaker()() as s, s.begin():
             store.adjudicate(s, s.get(Image, image_id), s.get(Annotator, me.annotator_id), classes, note=note)
-    except (StoreError, SQLAlchemyError) as e:
+    except (GlomError, SQLAlchemyError) as e:
         _flash("error", f"Final label not saved — {e}.")
         return
     st.session_state.get("pending", {}).pop(image_id, None)
@@ -240,7 +260,7 @@ def context_panel(info: queues.CropInfo) -> None:
     if info.slide_path:
         try:
             st.image(slide_thumbnail_with_box(info.slide_path, info.box), width=220)
-        except (SlideError, OSError, ValueError, ImportError) as e:  # an unreadable slide must not block labeling
+        except (GlomError, OSError, ValueError, ImportError) as e:  # an unreadable slide must not block labeling
             st.caption(f"Slide thumbnail unavailable: {e}")
 
 
@@ -304,7 +324,36 @@ def actions_panel(
              disabled=trail.at_end)
 
 
-def keyboard_panel(dataset: DatasetView, image_id: int, spec: queues.QueueSpec, adjudicating: bool) -> None:
+def suggestion_panel(dataset: DatasetView, image_id: int, shown: suggestions.Suggestion) -> None:
+    """The model's class and probability, and the key that takes it."""
+    with st.container(key="suggestion", border=True):
+        st.markdown(f"Model suggests **{dataset.display(shown.key)}** · {shown.probability:.0%}")
+        st.button(_with_key("Accept suggestion", "A"), key="accept_suggestion", on_click=on_accept,
+                  args=(image_id,), width="stretch", icon=":material/smart_toy:")
+
+
+def _suggestion(s, dataset: DatasetView, image_id: int, mine: queues.LabelView | None,  # noqa: ANN001
+                adjudicating: bool) -> suggestions.Suggestion | None:
+    """The suggestion to show now (None: off, blind slice, "after" before my label, no prediction),
+    remembered for the save; and in "after" mode, whether the first label should stay on the crop."""
+    st.session_state.suggestion_shown = None
+    st.session_state.suggest_after = None
+    row = s.get(Dataset, dataset.id)
+    if adjudicating or row is None or row.suggestions == "off":
+        return None
+    shown = suggestions.suggestion_to_show(s, row, image_id, labeled_by_me=mine is not None)
+    if shown is not None:
+        st.session_state.suggestion_shown = (image_id, shown)
+    elif row.suggestions == "after" and mine is None and not suggestions.is_blind(image_id, row.blind_seed,
+                                                                                  row.blind_share):
+        ckpt = suggestions.suggestion_checkpoint(s, row)
+        if ckpt and suggestions.prediction_for(s, image_id, ckpt):
+            st.session_state.suggest_after = image_id
+    return shown
+
+
+def keyboard_panel(dataset: DatasetView, image_id: int, spec: queues.QueueSpec, adjudicating: bool,
+                   suggested: bool = False) -> None:
     """Hotkeys, each bound to the crop on screen when pressed (see app/hotkeys.py)."""
     multi = dataset.multi_label
     actions = {
@@ -324,6 +373,8 @@ def keyboard_panel(dataset: DatasetView, image_id: int, spec: queues.QueueSpec, 
         "z": lambda _image_id: on_toggle("zoom"),
         "k": lambda _image_id: on_toggle("contrast"),
     }
+    if suggested:
+        actions["a"] = on_accept
     hotkey_layer(image_id, actions, crop_selector=".st-key-crop img")
 
 
@@ -368,6 +419,8 @@ def labeling_panel() -> None:
     with get_sessionmaker()() as s:
         info, data = _next_readable(s, trail, spec, dataset)
         mine = queues.label_of(s, info.image_id, me.annotator_id) if info else None
+        adjudicating = spec.kind == "disagreements"
+        shown = _suggestion(s, dataset, info.image_id, mine, adjudicating) if info else None
     for kind, message in st.session_state.flash:
         getattr(st, kind)(message)
     st.session_state.flash = []
@@ -376,13 +429,14 @@ def labeling_panel() -> None:
     if info is None:
         queue_done_panel(spec)
         return
-    adjudicating = spec.kind == "disagreements"
     left, right = st.columns([3, 2], gap="large")
     with left:
         crop_panel(dataset, info, data)
     with right:
         if adjudicating:
             votes_panel(info.image_id, dataset)
+        if shown is not None:
+            suggestion_panel(dataset, info.image_id, shown)
         class_buttons_panel(dataset, info.image_id, mine, adjudicating, is_adjudicator(me))
         actions_panel(dataset, info.image_id, spec, adjudicating, trail)
         st.text_input(
@@ -391,7 +445,7 @@ def labeling_panel() -> None:
         )
         status_panel(mine, dataset, adjudicating)
         context_panel(info)
-    keyboard_panel(dataset, info.image_id, spec, adjudicating)
+    keyboard_panel(dataset, info.image_id, spec, adjudicating, suggested=shown is not None)
 
 
 def queue_done_panel(spec: queues.QueueSpec) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import streamlit as st
 
 from annotation_db import users
-from annotation_db.db import StoreError
 from app.session import auth_mode, on_loopback, sign_in_with_password
 from app.store_cache import get_sessionmaker
+from core.errors import GlomError
 
 FIRST_ADMIN_HINT = (
     "No account can sign in yet. An administrator creates the first one on the server: "
@@ -27,7 +27,7 @@ def _on_sign_in() -> None:
         return
     try:
         ok = sign_in_with_password(name, password)
-    except StoreError as e:
+    except GlomError as e:
         st.session_state.signin_error = str(e)
         return
     # One message for an unknown name and a wrong password: the page does not say who exists.

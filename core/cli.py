@@ -22,7 +22,7 @@ from core.errors import GlomError
 log = logging.getLogger("glom")
 
 # Modules that add their own sub-commands: each has register(subparsers, parents).
-COMMAND_MODULES = ("core.cli_train", "core.cli_extract", "core.cli_users", "core.cli_jobs")
+COMMAND_MODULES = ("core.cli_train", "core.cli_extract", "core.cli_users", "core.cli_jobs", "core.cli_detect")
 
 
 def _session(args: argparse.Namespace):
@@ -67,23 +67,25 @@ def cmd_import(args: argparse.Namespace) -> int:
     with _session(args) as session:
         known_root = session.scalar(select(Dataset.root).where(Dataset.name == args.dataset))
     metas = importer.read_image_metas(known_root if known_root is not None else root, records, progress=True)
-    with _session(args) as session, session.begin():
-        dataset = importer.ensure_dataset(
-            session, args.dataset, class_names=class_names, root=root, multi_label=args.multi_label
-        )
-        report = importer.import_records(
-            session,
-            dataset,
-            records,
-            annotator=args.annotator,
-            source=f"import:{args.format}",
-            skip_missing=args.skip_missing,
-            skip_duplicates=args.skip_duplicates,
-            stain=args.stain,
-            progress=True,
-            keep_last=args.keep_last,
-            metas=metas,
-        )
+    from annotation_db.db import open_store
+
+    # Rows are staged in short transactions and published in one: clicks wait for neither.
+    report = importer.import_staged(
+        open_store(args.db),
+        args.dataset,
+        records,
+        class_names=class_names,
+        root=root,
+        multi_label=args.multi_label,
+        annotator=args.annotator,
+        source=f"import:{args.format}",
+        skip_missing=args.skip_missing,
+        skip_duplicates=args.skip_duplicates,
+        stain=args.stain,
+        progress=True,
+        keep_last=args.keep_last,
+        metas=metas,
+    )
     print(report.summary())
     for line in report.missing:
         print(f"missing: {line}", file=sys.stderr)
@@ -117,8 +119,9 @@ def cmd_agreement(args: argparse.Namespace) -> int:
     with _session(args) as session, session.begin():
         dataset = store.get_dataset(session, args.dataset)
         report = agreement.agreement_report(session, dataset, names)
+        bias = agreement.suggestion_report(session, dataset)
     if args.json:
-        print(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
+        print(json.dumps({**report.to_dict(), "suggestions": bias.to_dict()}, ensure_ascii=False, indent=2))
         return 0
     fmt = lambda x: "n/a" if x != x else f"{x:.3f}"  # noqa: E731 - NaN check
     print(f"{report.dataset}: {report.method} kappa over {report.items} images, annotators {', '.join(report.annotators)}")
@@ -134,6 +137,7 @@ def cmd_agreement(args: argparse.Namespace) -> int:
     for d in report.disagreements[: args.top]:
         votes = "; ".join(f"{a}={'+'.join(c)}" for a, c in d.votes.items())
         print(f"  {d.agreement:.2f}  {d.path}  {votes}")
+    print("\n".join(agreement.suggestion_report_lines(bias)))
     return 0
 
 

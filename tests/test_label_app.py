@@ -251,7 +251,7 @@ def test_agreement_page_shows_kappa_and_confusion(app_store, crops):
     assert not at.exception, at.exception
     assert at.metric[0].value not in ("n/a", "")
     assert at.metric[2].value == "1"  # one disagreement
-    assert len(at.dataframe) == 2
+    assert len(at.dataframe) == 4  # kappa per class, confusion; suggestions: blind slice vs rest, bias
     with Session() as s:
         target = store.find_image(s, store.get_dataset(s, "bueno"), crops[2]).id
     at.button_group(key=f"final_{target}").set_value("globally_sclerotic").run()
@@ -342,6 +342,22 @@ def test_empty_store_offers_the_demo_dataset(tmp_path, monkeypatch):
     assert shown_image_id(at) >= 1
 
 
+def test_demo_that_cannot_be_written_says_why_in_the_sidebar(tmp_path, monkeypatch):
+    # A file where the demo folder should go: the button reports the problem instead of a traceback,
+    # and the store stays empty.
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    (tmp_path / "demo").write_text("not a folder")
+    monkeypatch.setenv("GLOM_DB", url)
+    monkeypatch.setenv("GLOM_SINGLE_USER", "1")
+    monkeypatch.setenv("GLOM_LOCAL_USER", "alice")
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    next(b for b in at.sidebar.button if b.label == "Create the demo dataset").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert any("Demo dataset not created" in e.value and "demo" in e.value for e in at.sidebar.error)
+    assert any("no datasets yet" in w.value for w in at.sidebar.warning)
+
+
 def test_by_slide_queue_walks_one_slide(app_store, crops):
     Session, _ = app_store
     with Session() as s, s.begin():
@@ -375,3 +391,105 @@ def test_grid_pages_the_model_uncertain_queue(app_store, crops):
     next(b for b in at.button if b.label.startswith("Apply to")).click().run()
     assert not at.exception, at.exception
     assert labels_of(Session, "alice") == {c: ["non_globally_sclerotic"] for c in crops[:3]}
+
+
+def _predict_all(Session, crops: list[str], p_gs: float = 0.8, ckpt: str = "jobs/job-1/best@abc") -> dict[str, int]:  # noqa: ANN001
+    with Session() as s, s.begin():
+        ds = store.get_dataset(s, "bueno")
+        ids = {}
+        for name in crops:
+            img = store.find_image(s, ds, name)
+            store.add_prediction(s, img, ckpt, {"globally_sclerotic": p_gs, "non_globally_sclerotic": 1 - p_gs})
+            ids[name] = img.id
+        return ids
+
+
+def _suggestions(Session, mode: str, blind_share: float, seed: int = 0) -> None:  # noqa: ANN001
+    from annotation_db.suggestions import set_suggestions
+
+    with Session() as s, s.begin():
+        set_suggestions(s, store.get_dataset(s, "bueno"), mode, blind_share=blind_share, blind_seed=seed)
+
+
+def _suggestion_shown(at: AppTest) -> bool:
+    return any("Model suggests" in m.value for m in at.markdown)
+
+
+def test_suggestion_before_is_shown_accepted_and_recorded(app_store, crops):
+    from annotation_db.suggestions import is_blind
+
+    Session, _ = app_store
+    ids = _predict_all(Session, crops)
+    _suggestions(Session, "before", 0.5, seed=0)
+    blind = {i for i in ids.values() if is_blind(i, 0, 0.5)}
+    assert 0 < len(blind) < len(ids), "seed 0 must split these 6 crops"
+    at = signed_in("alice")
+    seen = set()
+    for _ in crops:
+        image_id = shown_image_id(at)
+        seen.add(image_id)
+        assert _suggestion_shown(at) == (image_id not in blind), image_id
+        if image_id in blind:
+            at.button(key="class_non_globally_sclerotic").click().run()
+        else:
+            assert any("80%" in m.value for m in at.markdown if "Model suggests" in m.value)
+            at.button(key="accept_suggestion").click().run()
+    assert seen == set(ids.values())
+    with Session() as s:
+        rows = s.execute(select(Label.image_id, Label.classes, Label.suggested, Label.suggested_by)).all()
+    for image_id, classes, suggested, by in rows:
+        if image_id in blind:
+            assert (classes, suggested, by) == (["non_globally_sclerotic"], None, None)
+        else:
+            assert (classes, suggested, by) == (["globally_sclerotic"], "globally_sclerotic", "jobs/job-1/best@abc")
+
+
+def test_suggestion_after_waits_for_my_own_label(app_store, crops):
+    Session, _ = app_store
+    ids = _predict_all(Session, crops)
+    _suggestions(Session, "after", 0.0)
+    at = signed_in("alice")
+    first = shown_image_id(at)
+    assert not _suggestion_shown(at)
+    at.button(key="class_non_globally_sclerotic").click().run()
+    assert shown_image_id(at) == first and _suggestion_shown(at)  # my label saved; now the model's
+    with Session() as s:
+        assert s.scalar(select(Label.suggested).where(Label.image_id == first)) is None
+    at.button(key="accept_suggestion").click().run()
+    assert shown_image_id(at) != first
+    with Session() as s:
+        label = s.scalar(select(Label).where(Label.image_id == first))
+        assert (label.classes, label.suggested) == (["globally_sclerotic"], "globally_sclerotic")
+        events = s.scalars(select(LabelEvent.suggested).where(LabelEvent.image_id == first)
+                           .order_by(LabelEvent.id)).all()
+        assert events == [None, "globally_sclerotic"]
+    assert len(ids) == N_CROPS
+
+
+def test_models_page_is_read_only_for_annotators_and_lists_jobs(app_store, tmp_path, monkeypatch):
+    from annotation_db import jobs
+
+    Session, _ = app_store
+    monkeypatch.setenv("GLOM_RUNS", str(tmp_path / "runs"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\n")
+    with Session() as s, s.begin():
+        ds = store.get_dataset(s, "bueno")
+        job = jobs.submit_job(s, ds, created_by="dr_admin", recipe=recipe, runs_dir=tmp_path / "runs")
+        jobs.finish_job(s, job.id, "failed", error="error: dataset 'bueno' has no single-class labels")
+    at = signed_in("alice")
+    at.switch_page("models_page.py").run()
+    assert not at.exception, at.exception
+    assert not any(b.key == "start_training" for b in at.button)
+    assert any("Only admins start training jobs" in c.value for c in at.caption)
+    assert any("error: dataset 'bueno' has no single-class labels" in c.value for c in at.caption)
+    assert not any("Traceback" in c.value for c in at.caption)
+
+    admin = signed_in("dr_admin", role="admin")
+    admin.switch_page("models_page.py").run()
+    assert not admin.exception, admin.exception
+    assert any(b.key == "start_training" for b in admin.button)
+    admin.radio(key="sugg_mode").set_value("before").run()
+    admin.button(key="save_suggestions").click().run()
+    with Session() as s:
+        assert store.get_dataset(s, "bueno").suggestions == "before"
