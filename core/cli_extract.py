@@ -2,7 +2,7 @@
 
 Wiring: ``core.cli`` lists this module in ``COMMAND_MODULES`` and calls
 ``register(subparsers, parents)``; ``args.func(args)`` returns the exit code (0 ok, 1 some
-slides failed, 2 bad input).
+slides failed); bad input raises a named error, which ``glom`` prints as one line, status 2.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from annotation_db.classes import ClassKeys
-from annotation_db.db import StoreError
 from core.annotations import AnnotationFormatError, annotations_for_slide, read_annotations
 from core.extract import CropSettings, ExtractError, SlideTask, extract_crops
 from core.slide_crops import StoreRegistrar, prepare_dataset, with_class_keys
-from core.wsi import SlideError
 
 log = logging.getLogger(__name__)
 
@@ -123,42 +121,39 @@ def build_tasks(slides: list[Path], annotations: list[Path], slide_mpp: float | 
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    try:
-        settings = CropSettings(
-            level=args.level,
-            mpp=args.mpp,
-            pad_px=args.pad,
-            pad_frac=args.pad_frac,
-            point_size_px=args.point_size,
-            point_size_um=args.point_size_um,
-            image_format=args.format,
-            jpeg_quality=args.quality,
-            max_box_px=args.max_box,
-            tissue_min_fraction=args.tissue_mask,
-        )
-        tasks = build_tasks([Path(s) for s in args.slides], [Path(a) for a in args.annotations], args.slide_mpp)
-        register = None
-        if args.dataset:
-            from annotation_db.db import open_store
+    """Cut the crops; 0 ok, 1 some slides failed. Bad input raises a named error (``glom`` prints it, status 2)."""
+    settings = CropSettings(
+        level=args.level,
+        mpp=args.mpp,
+        pad_px=args.pad,
+        pad_frac=args.pad_frac,
+        point_size_px=args.point_size,
+        point_size_um=args.point_size_um,
+        image_format=args.format,
+        jpeg_quality=args.quality,
+        max_box_px=args.max_box,
+        tissue_min_fraction=args.tissue_mask,
+    )
+    tasks = build_tasks([Path(s) for s in args.slides], [Path(a) for a in args.annotations], args.slide_mpp)
+    register = None
+    if args.dataset:
+        from annotation_db.db import open_store
 
-            Session = open_store(getattr(args, "db", None))  # noqa: N806
-            classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-            args.out.mkdir(parents=True, exist_ok=True)
-            with Session() as s, s.begin():
-                dataset = prepare_dataset(s, args.dataset, args.out, [a for t in tasks for a in t.annotations],
-                                          classes=classes)
-                class_keys = ClassKeys.of(dataset)
-            # Classes named by key or display name, in any case, are stored as keys.
-            tasks = [replace(t, annotations=with_class_keys(t.annotations, class_keys)[0]) for t in tasks]
-            register = StoreRegistrar(Session, args.dataset, annotator=args.annotator, stain=args.stain)
-        else:
-            log.warning("no --dataset: crops are written but not registered in the store")
-        report = extract_crops(
-            tasks, args.out, settings, workers=args.workers, register=register, progress=not args.no_progress
-        )
-    except (AnnotationFormatError, ExtractError, SlideError, StoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        Session = open_store(getattr(args, "db", None))  # noqa: N806
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+        args.out.mkdir(parents=True, exist_ok=True)
+        with Session() as s, s.begin():
+            dataset = prepare_dataset(s, args.dataset, args.out, [a for t in tasks for a in t.annotations],
+                                      classes=classes)
+            class_keys = ClassKeys.of(dataset)
+        # Classes named by key or display name, in any case, are stored as keys.
+        tasks = [replace(t, annotations=with_class_keys(t.annotations, class_keys)[0]) for t in tasks]
+        register = StoreRegistrar(Session, args.dataset, annotator=args.annotator, stain=args.stain)
+    else:
+        log.warning("no --dataset: crops are written but not registered in the store")
+    report = extract_crops(
+        tasks, args.out, settings, workers=args.workers, register=register, progress=not args.no_progress
+    )
     # Refused and clipped boxes were logged as warnings while planning.
     for slide, message in report.failed.items():
         print(f"FAILED {slide}: {message}", file=sys.stderr)
