@@ -224,8 +224,9 @@ def suggestions_panel(dataset: DatasetView, mode: str, blind_share: float) -> No
         st.button("Save", key="save_suggestions", on_click=on_suggestions, args=(dataset.name,))
 
 
-def jobs_panel(dataset_name: str) -> None:
-    """Active jobs, past jobs and checkpoints; reruns itself every few seconds while a job is active."""
+def jobs_panel(dataset_name: str, polling: bool) -> None:
+    """Active jobs, past jobs and checkpoints; run as a fragment every few seconds (``polling``)
+    while a job is active, and the whole page once more when the last one ends."""
     dataset = dataset_view(store_url(), dataset_name)
     with get_sessionmaker()() as s, s.begin():
         ds = store.get_dataset(s, dataset_name)
@@ -239,10 +240,8 @@ def jobs_panel(dataset_name: str) -> None:
         progress_panel(j)
     history_panel(jobs)
     checkpoints_panel(dataset, jobs, active_id)
-    was_active = st.session_state.get("models_polling", False)
-    st.session_state.models_polling = bool(active)
-    if was_active != bool(active):
-        st.rerun(scope="app")  # start or stop polling
+    if polling and not active:
+        st.rerun(scope="app")  # stop polling
 
 
 def page() -> None:
@@ -254,16 +253,17 @@ def page() -> None:
     for kind, message in st.session_state.flash:
         getattr(st, kind)(message)
     st.session_state.flash = []
-    with get_sessionmaker()() as s:
+    with get_sessionmaker()() as s, s.begin():
         ds = store.get_dataset(s, dataset.name)
         mode, blind = ds.suggestions, ds.blind_share
+        job_store.reap_lost(s)
+        polling = any(j.status in job_store.ACTIVE_STATUSES for j in job_store.list_jobs(s, ds, limit=20))
     left, right = st.columns([3, 2], gap="large")
     with right:
         start_panel(dataset)
         suggestions_panel(dataset, mode, blind)
     with left:
-        polling = st.session_state.get("models_polling", False)
-        st.fragment(run_every=POLL_S if polling else None)(jobs_panel)(dataset.name)
+        st.fragment(run_every=POLL_S if polling else None)(jobs_panel)(dataset.name, polling)
 
 
 if __name__ == "__main__":  # run by st.navigation as a page script
