@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from annotation_db.db import StoreError
 from annotation_db.models import Annotator
-from annotation_db.store import MODEL_ANNOTATOR_PREFIX
+from annotation_db.store import MODEL_ANNOTATOR_PREFIX, is_model_annotator
 
 __all__ = ["ROLES", "PERMISSIONS", "AccountError", "hash_password", "verify_password", "add_user",
            "set_password", "set_role", "authenticate", "has_accounts", "role_of", "may", "list_users",
@@ -83,7 +83,7 @@ def _check_name(name: str) -> str:
         raise AccountError("an account needs a non-empty name")
     if len(name) > 200:
         raise AccountError(f"a name may have at most 200 characters, got {len(name)}")
-    if name.startswith(MODEL_ANNOTATOR_PREFIX):
+    if is_model_annotator(name):
         raise AccountError(f"names starting with {MODEL_ANNOTATOR_PREFIX!r} are reserved for models")
     return name
 

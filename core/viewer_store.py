@@ -38,6 +38,7 @@ from annotation_db.store import (
     get_dataset,
     get_or_create_dataset,
     image_abspath,
+    is_model_annotator,
     set_label,
 )
 from core.annotations import Annotation
@@ -63,7 +64,6 @@ __all__ = [
 
 UPLOADS_DATASET = "viewer-uploads"
 SLIDES_DATASET = "viewer-slides"
-MODEL_PREFIX = MODEL_ANNOTATOR_PREFIX
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class DisagreementResult:
 
 
 def model_annotator(checkpoint_id: str) -> str:
-    return f"{MODEL_PREFIX}{checkpoint_id}"
+    return f"{MODEL_ANNOTATOR_PREFIX}{checkpoint_id}"
 
 
 def uploads_dataset_name(classes: Sequence[str], base: str = UPLOADS_DATASET) -> str:
@@ -152,8 +152,8 @@ def record_disagreement(session: Session, image: Image, clinician: str, chosen: 
     clinician = clinician.strip()
     if not clinician:
         raise InvalidLabelError("say who you are (name or login) before recording a disagreement")
-    if clinician.startswith(MODEL_PREFIX):
-        raise InvalidLabelError(f"annotator names starting with {MODEL_PREFIX!r} are reserved for models")
+    if is_model_annotator(clinician):
+        raise InvalidLabelError(f"annotator names starting with {MODEL_ANNOTATOR_PREFIX!r} are reserved for models")
     if chosen == predicted:
         raise InvalidLabelError(f"the model also predicts {chosen!r}: there is nothing to disagree with")
     add_prediction(session, image, checkpoint_id, probs)
@@ -165,7 +165,7 @@ def record_disagreement(session: Session, image: Image, clinician: str, chosen: 
         .join(Label, Label.annotator_id == Annotator.id)
         .where(Label.image_id == image.id, Annotator.name != clinician)
     ).all()
-    human_disagrees = any(not name.startswith(MODEL_PREFIX) and classes and list(classes) != [chosen]
+    human_disagrees = any(not is_model_annotator(name) and classes and list(classes) != [chosen]
                           for name, classes in others)
     model_label = None
     if not human_disagrees:
