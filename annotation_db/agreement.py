@@ -316,14 +316,14 @@ def suggestion_report(session: Session, dataset: Dataset, checkpoint_id: str | N
 def suggestion_report_lines(report: SuggestionReport) -> list[str]:
     """The report as text (``glom agreement``)."""
     def pct(x: float) -> str:
-        return "n/a" if x != x else f"{100 * x:.1f} %"
+        return "n/a" if math.isnan(x) else f"{100 * x:.1f} %"
 
-    lines = [f"suggestions: model {report.checkpoint_id or '(none)'}; blind slice {pct(report.blind_share)} of images "
-             "(never shown a suggestion) vs the rest"]
+    lines = [(f"suggestions: model {report.checkpoint_id or '(none)'}; blind slice {pct(report.blind_share)} of "
+              "images (never shown a suggestion) vs the rest")]
     for which, f in report.slices.items():
         lines.append(f"  {which:5s}: {f.labels} labels, agree with the model {pct(f.model_agreement)} "
                      f"({f.with_model} predicted); between clinicians {pct(f.pair_agreement)} of {f.pairs} pairs "
-                     f"on {f.items} images, kappa {'n/a' if f.kappa != f.kappa else f'{f.kappa:.3f}'}")
+                     f"on {f.items} images, kappa {'n/a' if math.isnan(f.kappa) else f'{f.kappa:.3f}'}")
     for name, s in sorted(report.per_annotator.items()):
         lines.append(f"  {name}: agree with the model, blind {pct(s['blind'].model_agreement)} "
                      f"({s['blind'].with_model}) vs rest {pct(s['rest'].model_agreement)} ({s['rest'].with_model})")

@@ -22,9 +22,24 @@ from sqlalchemy.orm import Session
 from annotation_db.db import StoreError
 from annotation_db.models import JOB_STATUSES, Dataset, Job, utcnow
 
-__all__ = ["JOB_STATUSES", "ACTIVE_STATUSES", "LABEL_SOURCES", "JobError", "submit_job", "get_job", "list_jobs",
-           "claim_job", "next_queued", "set_stage", "finish_job", "request_cancel", "reap_lost", "pid_alive",
-           "this_host", "running_on"]
+__all__ = [
+    "ACTIVE_STATUSES",
+    "JOB_STATUSES",
+    "LABEL_SOURCES",
+    "JobError",
+    "claim_job",
+    "finish_job",
+    "get_job",
+    "list_jobs",
+    "next_queued",
+    "pid_alive",
+    "reap_lost",
+    "request_cancel",
+    "running_on",
+    "set_stage",
+    "submit_job",
+    "this_host",
+]
 
 ACTIVE_STATUSES = ("queued", "running")
 LABEL_SOURCES = ("majority", "adjudicated", "final")
@@ -120,14 +135,14 @@ def claim_job(session: Session, job_id: int, *, device: str, pid: int, log_path:
     return result.rowcount == 1
 
 
-def set_stage(session: Session, job_id: int, stage: str, **fields) -> None:  # noqa: ANN003 - Job columns
+def set_stage(session: Session, job_id: int, stage: str, **fields) -> None:
     """Record progress of a running job (``stage`` and any of run_dir, checkpoint, metrics...)."""
     session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(stage=stage, **fields)
                     .execution_options(synchronize_session=False))
     session.expire_all()
 
 
-def finish_job(session: Session, job_id: int, status: str, *, error: str = "", **fields) -> None:  # noqa: ANN003
+def finish_job(session: Session, job_id: int, status: str, *, error: str = "", **fields) -> None:
     """End a job ``done``, ``failed`` or ``cancelled``; a job already ended keeps its status
     (a cancel that raced the last epoch stays cancelled)."""
     if status not in ("done", "failed", "cancelled"):

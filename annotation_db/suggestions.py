@@ -28,9 +28,20 @@ from annotation_db.db import StoreError
 from annotation_db.models import Dataset, Prediction
 from annotation_db.queues import latest_checkpoint
 
-__all__ = ["SUGGESTION_MODES", "SuggestionError", "Suggestion", "is_blind", "blind_fraction", "set_suggestions",
-           "active_checkpoint", "active_checkpoint_id", "set_active_checkpoint", "suggestion_checkpoint",
-           "prediction_for", "suggestion_to_show"]
+__all__ = [
+    "SUGGESTION_MODES",
+    "Suggestion",
+    "SuggestionError",
+    "active_checkpoint",
+    "active_checkpoint_id",
+    "blind_fraction",
+    "is_blind",
+    "prediction_for",
+    "set_active_checkpoint",
+    "set_suggestions",
+    "suggestion_checkpoint",
+    "suggestion_to_show",
+]
 
 SUGGESTION_MODES = ("off", "after", "before")
 SUGGESTION_TITLES = {"off": "Off", "after": "After my own first label", "before": "Before I label"}

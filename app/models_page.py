@@ -216,7 +216,7 @@ def suggestions_panel(dataset: DatasetView, mode: str, blind_share: float) -> No
         st.markdown(f"Now: **{suggestions.SUGGESTION_TITLES[mode]}**, blind slice {blind_share:.0%}")
         return
     st.session_state.setdefault("sugg_mode", mode)
-    st.session_state.setdefault("sugg_blind", int(round(blind_share * 100)))
+    st.session_state.setdefault("sugg_blind", round(blind_share * 100))
     with st.container(key="suggestion_settings", border=True):
         st.radio("Show suggestions", suggestions.SUGGESTION_MODES, key="sugg_mode", horizontal=True,
                  format_func=suggestions.SUGGESTION_TITLES.get)

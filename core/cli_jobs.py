@@ -13,14 +13,14 @@ from collections.abc import Sequence
 __all__ = ["register"]
 
 
-def _store(args: argparse.Namespace):  # noqa: ANN202 - a sessionmaker
+def _store(args: argparse.Namespace):
     from annotation_db.db import open_store, resolve_url
 
     url = resolve_url(getattr(args, "db", None))
     return open_store(url), url
 
 
-def _row(job) -> dict:  # noqa: ANN001 - a Job
+def _row(job) -> dict:
     m = job.metrics or {}
     return {"id": job.id, "dataset": job.dataset.name, "status": job.status, "stage": job.stage,
             "created_by": job.created_by, "created_at": job.created_at.isoformat(), "recipe": job.recipe,
@@ -91,7 +91,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(func):  # noqa: ANN001, ANN202
+def _guarded(func):
     def run(args: argparse.Namespace) -> int:
         from core.errors import GlomError
 

@@ -44,9 +44,23 @@ from core.errors import GlomError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JobCancelled", "ARCHITECTURES", "INPUT_SIZES_PX", "default_runs_dir", "job_overrides", "start_runner",
-           "run_job", "run_queue", "cancel_job", "read_metrics", "log_error_line", "predict_dataset",
-           "resolve_device", "recipes_dir", "list_recipes"]
+__all__ = [
+    "ARCHITECTURES",
+    "INPUT_SIZES_PX",
+    "JobCancelled",
+    "cancel_job",
+    "default_runs_dir",
+    "job_overrides",
+    "list_recipes",
+    "log_error_line",
+    "predict_dataset",
+    "read_metrics",
+    "recipes_dir",
+    "resolve_device",
+    "run_job",
+    "run_queue",
+    "start_runner",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 # What the Models page lets a user change in a recipe: small, safe, typed.
@@ -179,7 +193,7 @@ def run_queue(Session: sessionmaker[Session], db_url: str, *, device: str = "aut
             ran += 1
 
 
-def _job_config(job: Job, dataset_name: str, db_url: str, device: str):  # noqa: ANN202 - a TrainConfig
+def _job_config(job: Job, dataset_name: str, db_url: str, device: str):
     from core.config import load_config
 
     fixed = ["data.kind=store", f"data.dataset={dataset_name}", f"data.label_source={job.label_source}",
@@ -190,7 +204,7 @@ def _job_config(job: Job, dataset_name: str, db_url: str, device: str):  # noqa:
     return cfg
 
 
-def _summary(meta: Any, label_source: str) -> dict[str, Any]:  # noqa: ANN401 - a CheckpointMeta
+def _summary(meta: Any, label_source: str) -> dict[str, Any]:
     split = meta.split or {}
     return {"label_source": label_source, "sizes": split.get("sizes", {}), "group_by": split.get("group_by"),
             "classes": list(meta.classes), "epoch": meta.epoch, "architecture": meta.architecture,
@@ -221,7 +235,7 @@ def run_job(Session: sessionmaker[Session], job_id: int, db_url: str, *, device:
             log.error("%s", line)
             _finish(Session, job_id, "failed", error=line)
             return "failed"
-        except Exception as e:  # a bug: its traceback belongs in the log, not on the page
+        except Exception as e:  # noqa: BLE001 - a bug: its traceback belongs in the log, not on the page
             log.error("%s", traceback.format_exc())
             line = f"error: internal error ({type(e).__name__}); the traceback is in {log_path}"
             log.error("%s", line)
@@ -231,7 +245,7 @@ def run_job(Session: sessionmaker[Session], job_id: int, db_url: str, *, device:
     return "done"
 
 
-def _finish(Session: sessionmaker[Session], job_id: int, status: str, **kw: Any) -> None:  # noqa: ANN401
+def _finish(Session: sessionmaker[Session], job_id: int, status: str, **kw: Any) -> None:
     with Session() as s, s.begin():
         job_store.finish_job(s, job_id, status, **kw)
 
@@ -271,7 +285,7 @@ def _train_and_predict(Session: sessionmaker[Session], job_id: int, db_url: str,
 
 
 def predict_dataset(Session: sessionmaker[Session], dataset_name: str, checkpoint: str | Path, ckpt_id: str,
-                    device: str = "cpu", batch_size: int = PREDICT_BATCH, on_batch=None) -> int:  # noqa: ANN001
+                    device: str = "cpu", batch_size: int = PREDICT_BATCH, on_batch=None) -> int:
     """Predict every image of ``dataset_name`` with ``checkpoint``; one ``Prediction`` row each,
     written a batch per transaction; how many were written. Images whose file is missing are
     skipped (and counted in the log)."""
@@ -294,8 +308,8 @@ def predict_dataset(Session: sessionmaker[Session], dataset_name: str, checkpoin
         if not chunk:
             continue
         results = predictor.predict_paths([p for _, p in chunk], batch_size=batch_size)
-        rows = [dict(image_id=image_id, checkpoint_id=ckpt_id, probs=r["probs"], predicted=r["predicted"],
-                     margin=prediction_margin(r["probs"])) for (image_id, _), r in zip(chunk, results)]
+        rows = [{"image_id": image_id, "checkpoint_id": ckpt_id, "probs": r["probs"], "predicted": r["predicted"],
+                 "margin": prediction_margin(r["probs"])} for (image_id, _), r in zip(chunk, results)]
         with Session() as s, s.begin():
             s.execute(insert(Prediction), rows)
         written += len(rows)
@@ -325,7 +339,7 @@ def _log_to(path: Path) -> Iterator[None]:
 
 @contextmanager
 def _cancel_on_sigterm() -> Iterator[None]:
-    def handler(signum, frame):  # noqa: ANN001, ARG001
+    def handler(signum, frame):
         raise JobCancelled("cancelled")
 
     if threading.current_thread() is not threading.main_thread():

@@ -18,7 +18,6 @@ from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
 from annotation_db.models import Job, Prediction
 from core import jobs as runner
 from core.cli import main as glom
-from core.demo import generate_demo_images
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = """\
@@ -114,14 +113,14 @@ def job_env(tmp_path, monkeypatch):
     engine.dispose()
 
 
-def _submit(Session, recipe: Path, **kw) -> int:  # noqa: ANN001
+def _submit(Session, recipe: Path, **kw) -> int:
     with Session() as s, s.begin():
         job = jobs.submit_job(s, store.get_dataset(s, "demo"), created_by="dr_admin", recipe=recipe,
                               runs_dir=runner.default_runs_dir(), **kw)
         return job.id
 
 
-def _wait(Session, job_id: int, done, timeout: float = 90.0) -> Job:  # noqa: ANN001
+def _wait(Session, job_id: int, done, timeout: float = 90.0) -> Job:
     deadline = time.time() + timeout
     while True:
         with Session() as s, s.begin():

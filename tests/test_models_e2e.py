@@ -21,7 +21,14 @@ from annotation_db.models import Annotator, Job, Label
 from annotation_db.suggestions import is_blind
 from tests.servers import wait_until_healthy
 from tests.test_jobs import demo_store, write_tiny_recipe
-from tests.test_label_e2e import CHROMIUM, CHROMIUM_ARGS, E2E_PASSWORD, _free_port, _shown, _wait_change
+from tests.test_label_e2e import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    E2E_PASSWORD,
+    _free_port,
+    _shown,
+    _wait_change,
+)
 
 pytestmark = pytest.mark.browser
 

@@ -43,7 +43,7 @@ def store_with_images(Session, bueno_dir):
 
 
 def test_what_is_shown_follows_the_setting_and_the_blind_slice(store_with_images):
-    Session, ds_id, ids = store_with_images
+    Session, _, ids = store_with_images
     with Session() as s, s.begin():
         ds = store.get_dataset(s, "d")
         for i in ids:
@@ -65,7 +65,7 @@ def test_what_is_shown_follows_the_setting_and_the_blind_slice(store_with_images
         # the active model, once set, is where suggestions come from
         suggestions.set_active_checkpoint(s, ds, "/runs/other/best.safetensors", "other@1")
         assert suggestions.active_checkpoint(s, ds) == "/runs/other/best.safetensors"
-        assert suggestions.suggestion_to_show(s, ds, [i for i in ids if i not in blind][0], labeled_by_me=True) is None
+        assert suggestions.suggestion_to_show(s, ds, next(i for i in ids if i not in blind), labeled_by_me=True) is None
         with pytest.raises(suggestions.SuggestionError, match="sometimes"):
             suggestions.set_suggestions(s, ds, "sometimes")
         with pytest.raises(suggestions.SuggestionError, match="blind share"):
@@ -94,7 +94,7 @@ def test_bias_report_on_a_constructed_case(store_with_images):
     suggestion and follows it on all of them; bob is shown it and follows it on none. On blind
     images alice chooses GS on exactly one, bob on none.
     """
-    Session, ds_id, ids = store_with_images
+    Session, _, ids = store_with_images
     with Session() as s, s.begin():
         ds = store.get_dataset(s, "d")
         suggestions.set_suggestions(s, ds, "before", blind_share=0.5, blind_seed=1)
@@ -146,3 +146,30 @@ def test_no_model_no_adjudication_gives_empty_figures(store_with_images):
     assert report.checkpoint_id is None
     assert report.bias["all"].shown_wrong == 0 and math.isnan(report.bias["all"].followed_rate)
     assert sum(f.labels for f in report.slices.values()) == 1
+
+
+def test_glom_agreement_prints_the_blind_slice_and_bias(sqlite_url, bueno_dir, capsys):
+    import json
+
+    from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
+    from core.cli import main as glom
+
+    engine = create_store_engine(sqlite_url)
+    upgrade(engine)
+    crops = sorted(bueno_dir.glob("non_globally_sclerotic/*.png"))[:4]
+    with make_sessionmaker(engine)() as s, s.begin():
+        ds = store.create_dataset(s, "d", CLASSES, root=bueno_dir)
+        for p in crops:
+            image = store.add_image(s, ds, p.relative_to(bueno_dir).as_posix())
+            store.add_prediction(s, image, CKPT, {GS: 0.7, NGS: 0.3})
+            store.adjudicate(s, image, "judge", [NGS])
+            store.set_label(s, image, "alice", [GS], suggested=GS, suggested_by=CKPT)
+            store.set_label(s, image, "bob", [NGS])
+    engine.dispose()
+    assert glom(["--db", sqlite_url, "agreement", "--dataset", "d"]) == 0
+    out = capsys.readouterr().out
+    assert f"suggestions: model {CKPT}; blind slice 10.0 %" in out
+    assert "alice: followed 4/4 (100.0 %)" in out and "bob: followed 0/0 (n/a)" in out
+    assert glom(["--db", sqlite_url, "agreement", "--dataset", "d", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["suggestions"]["bias"]["alice"]["followed_wrong"] == 4
