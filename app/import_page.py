@@ -67,19 +67,13 @@ def _import(fmt: str, path: Path, dataset_name: str, root: Path | None, annotato
     known = dataset_view(store_url(), dataset_name).root if dataset_name in dataset_names(store_url()) else None
     # Read and hash before the write transaction: other clinicians' clicks do not wait on it.
     metas = importer.read_image_metas(known if known is not None else root, records, confine_to=data_root())
-    with get_sessionmaker()() as s, s.begin():
-        if dataset_name in dataset_names(store_url()):
-            dataset = store.get_dataset(s, dataset_name)
-        else:
-            classes = [c.strip() for c in st.session_state.get("import_classes", "").split(",") if c.strip()]
-            dataset = importer.ensure_dataset(
-                s, dataset_name, class_names=classes or class_names, root=root,
-                multi_label=st.session_state.get("import_multi", False),
-            )
-        report = importer.import_records(
-            s, dataset, records, annotator=annotator, source=f"import:{fmt}", skip_missing=skip_missing,
-            confine_to=data_root(), metas=metas,
-        )
+    # Staged in short transactions, published in one: other clinicians' clicks wait for neither.
+    classes = [c.strip() for c in st.session_state.get("import_classes", "").split(",") if c.strip()]
+    report = importer.import_staged(
+        get_sessionmaker(), dataset_name, records, class_names=classes or class_names, root=root,
+        multi_label=st.session_state.get("import_multi", False), annotator=annotator, source=f"import:{fmt}",
+        skip_missing=skip_missing, confine_to=data_root(), metas=metas,
+    )
     dataset_names.clear()
     dataset_view.clear()
     return report.summary()
