@@ -30,6 +30,7 @@ __all__ = [
     "claim_job",
     "finish_job",
     "get_job",
+    "job_process_alive",
     "list_jobs",
     "next_queued",
     "pid_alive",
@@ -69,6 +70,20 @@ def pid_alive(pid: int | None) -> bool:
     except OSError:
         return True  # no /proc (macOS): existence is all we can tell
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def job_process_alive(pid: int | None) -> bool:
+    """Whether ``pid`` is alive and still a GlomLab job (after a reboot the number may belong to
+    another program)."""
+    if not pid_alive(pid):
+        return False
+    if pid == os.getpid():  # run_job called in this very process (a library caller)
+        return True
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return b"jobs" in cmdline
 
 
 def submit_job(
@@ -173,7 +188,7 @@ def reap_lost(session: Session) -> list[int]:
     """
     host = this_host()
     lost = [j for j in session.scalars(select(Job).where(Job.status == "running", Job.host == host))
-            if not pid_alive(j.pid)]
+            if not job_process_alive(j.pid)]
     for job in lost:
         if job.cancel_requested:
             finish_job(session, job.id, "cancelled", error="cancelled")

@@ -47,12 +47,16 @@ def on_start(dataset_name: str) -> None:
     ss = st.session_state
     arch = ss.get("job_arch")
     size = ss.get("job_size")
+    recipes = {p.name: p for p in runner.list_recipes()}
+    if ss.get("job_recipe") not in recipes:
+        _flash("error", f"No recipe named {ss.get('job_recipe')!r} in {runner.recipes_dir()}.")
+        return
     try:
         overrides = runner.job_overrides(int(ss.job_epochs), None if size == RECIPE_DEFAULT else int(size),
                                          None if arch == RECIPE_DEFAULT else arch)
         with get_sessionmaker()() as s, s.begin():
             dataset = store.get_dataset(s, dataset_name)
-            job = job_store.submit_job(s, dataset, created_by=who().name, recipe=runner.recipes_dir() / ss.job_recipe,
+            job = job_store.submit_job(s, dataset, created_by=who().name, recipe=recipes[ss.job_recipe],
                                        label_source=ss.job_source, overrides=overrides,
                                        runs_dir=runner.default_runs_dir())
             job_id = job.id

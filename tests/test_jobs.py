@@ -169,6 +169,23 @@ def test_two_jobs_train_in_turn_and_predict_the_dataset(job_env, capsys):
     assert f"#{first}" in out and "done" in out and "val macro-F1" in out
 
 
+def test_a_worker_runs_what_is_queued_after_it_started(job_env, tmp_path):
+    """`glom jobs run --worker` (a GPU server) polls the store and runs jobs queued elsewhere."""
+    url, Session, recipe = job_env
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen([sys.executable, "-m", "core.cli", "jobs", "run", "--worker", "--poll", "0.5"],
+                              cwd=REPO, env=dict(os.environ, GLOM_DB=url), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        job_id = _submit(Session, recipe, overrides=["train.epochs=1"])
+        job = _wait(Session, job_id, lambda j: j.status not in jobs.ACTIVE_STATUSES)
+        assert job.status == "done" and job.predictions == 40, job.error
+        assert worker.poll() is None  # still waiting for the next one
+    finally:
+        worker.terminate()
+        worker.wait(timeout=20)
+        log.close()
+
+
 def test_cancel_stops_a_running_job_and_its_process(job_env):
     url, Session, recipe = job_env
     job_id = _submit(Session, recipe, overrides=["train.epochs=200"])
