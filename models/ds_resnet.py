@@ -13,11 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import ResNet
 from torch import nn
 
-from models.partial_init import init_from_timm_model
+from models.resnet_variant import create_resnet_variant, resnet_variant_cfg
 
 __all__ = ["SimAM", "DualScaleBottleneck"]
 
@@ -91,26 +91,11 @@ class DualScaleBottleneck(nn.Module):
         return self.act3(x + shortcut)
 
 
-default_cfgs = generate_default_cfgs({
-    "ds_resnet50": {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225), "first_conv": "conv1", "classifier": "fc",
-    },
-})
-
-
-def _create_ds_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNet:
-    for key in ("pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    model = build_model_with_cfg(ResNet, variant, pretrained=False, **kwargs)
-    if pretrained:
-        init_from_timm_model(model, "resnet50")
-    return model
+default_cfgs = generate_default_cfgs({"ds_resnet50": resnet_variant_cfg()})
 
 
 @register_model
 def ds_resnet50(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet50 with dual-scale dilated bottlenecks (rates 1, 3) and SimAM (seed paper 001)."""
     model_args = dict(block=DualScaleBottleneck, layers=(3, 4, 6, 3))
-    return _create_ds_resnet("ds_resnet50", pretrained, **dict(model_args, **kwargs))
+    return create_resnet_variant("ds_resnet50", "resnet50", pretrained, **dict(model_args, **kwargs))

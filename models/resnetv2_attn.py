@@ -13,9 +13,10 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import SelectAdaptivePool2d
 from timm.models import register_model
 from torch import nn
+
+from models.classifier_head import PooledLinearClassifier
 
 __all__ = ["SpatialSelfAttention", "BackboneWithSelfAttention"]
 
@@ -36,7 +37,7 @@ class SpatialSelfAttention(nn.Module):
         return out.transpose(1, 2).reshape(b, -1, h, w)
 
 
-class BackboneWithSelfAttention(nn.Module):
+class BackboneWithSelfAttention(PooledLinearClassifier):
     """A timm backbone whose last feature map is concatenated with its self-attention."""
 
     def __init__(self, backbone: nn.Module, num_classes: int = 1000, attn_dim: int = 256,
@@ -44,23 +45,9 @@ class BackboneWithSelfAttention(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.attn = SpatialSelfAttention(backbone.num_features, attn_dim)
-        self.num_features = self.head_hidden_size = backbone.num_features + attn_dim
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(backbone.num_features + attn_dim, num_classes, drop_rate, global_pool)
         self.pretrained_cfg = dict(backbone.pretrained_cfg, classifier="fc")
         self.default_cfg = self.pretrained_cfg
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (and optionally the pooling) for ``num_classes`` outputs."""
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for freezing: the backbone's stem and stages, then the attention."""
@@ -71,15 +58,6 @@ class BackboneWithSelfAttention(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.backbone.forward_features(x)
         return torch.cat([x, self.attn(x)], dim=1)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_with_attention(backbone_name: str, pretrained: bool = False, num_classes: int = 1000,

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 from timm.layers import create_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import ResNet
 from torch import nn
 
-from models.partial_init import init_from_timm_model
+from models.resnet_variant import create_resnet_variant, resnet_variant_cfg
 
 __all__ = ["FactorizedSEBlock"]
 
@@ -81,30 +81,12 @@ class FactorizedSEBlock(nn.Module):
         return self.act(x + shortcut)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225), "first_conv": "conv1", "classifier": "fc", **kwargs,
-    }
-
-
-default_cfgs = generate_default_cfgs({"se_resnet50_factorized": _cfg()})
-
-
-def _create_se_resnet_factorized(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNet:
-    for key in ("pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    model = build_model_with_cfg(ResNet, variant, pretrained=False, **kwargs)
-    if pretrained:
-        # No ImageNet weights exist for this block; the stem and SE-free parts that match
-        # seresnet50 by name and shape are copied from it.
-        init_from_timm_model(model, "seresnet50")
-    return model
+default_cfgs = generate_default_cfgs({"se_resnet50_factorized": resnet_variant_cfg()})
 
 
 @register_model
 def se_resnet50_factorized(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """SE-ResNet50 with 1×3/3×1 factorized blocks and SE reduction 16 (seed paper 003)."""
     model_args = dict(block=FactorizedSEBlock, layers=(3, 4, 6, 3), block_args=dict(attn_layer="se"))
-    return _create_se_resnet_factorized("se_resnet50_factorized", pretrained, **dict(model_args, **kwargs))
+    # No ImageNet weights exist for this block: the parts matching seresnet50 are copied from it.
+    return create_resnet_variant("se_resnet50_factorized", "seresnet50", pretrained, **dict(model_args, **kwargs))

@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 import torchvision
-from timm.layers import SelectAdaptivePool2d
 from timm.models import register_model
 from torch import nn
+
+from models.classifier_head import PooledLinearClassifier
 
 __all__ = ["TorchvisionClassifier"]
 
@@ -25,30 +25,16 @@ _IMAGENET_CFG = {
 }
 
 
-class TorchvisionClassifier(nn.Module):
+class TorchvisionClassifier(PooledLinearClassifier):
     """A torchvision feature extractor as ``features``, then pool → dropout → ``fc``."""
 
     def __init__(self, features: nn.Sequential, num_features: int, num_classes: int = 1000,
                  drop_rate: float = 0.0, global_pool: str = "avg", architecture: str = "") -> None:
         super().__init__()
         self.features = features
-        self.num_features = self.head_hidden_size = num_features
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(num_features, num_classes, drop_rate, global_pool)
         self.pretrained_cfg = dict(_IMAGENET_CFG, architecture=architecture)
         self.default_cfg = self.pretrained_cfg
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (and optionally the pooling) for ``num_classes`` outputs."""
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Each child of ``features`` is one freezing group."""
@@ -56,15 +42,6 @@ class TorchvisionClassifier(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _googlenet_features(pretrained: bool) -> tuple[nn.Sequential, int]:

@@ -88,6 +88,33 @@ def test_resnetv2_attn_concatenates_attention_with_features():
     assert model.num_features == 2048 + 32
 
 
+@pytest.mark.parametrize("name", ["googlenet", "shufflenetv2_x1_0", "resnetv2_50_attn"])
+def test_wrapped_models_keep_timms_head_names(name):
+    # Checkpoints and freezing address the head as ``fc`` (pretrained_cfg["classifier"]) and the
+    # pooling as ``global_pool``, as on timm's own models; the shared head must keep those names.
+    model = timm.create_model(name, num_classes=3, drop_rate=0.2)
+    keys = set(model.state_dict())
+    assert {"fc.weight", "fc.bias"} <= keys and model.pretrained_cfg["classifier"] == "fc"
+    assert model.get_classifier() is model.fc and model.fc.out_features == 3
+    model.reset_classifier(0)
+    assert isinstance(model.fc, nn.Identity) and model.num_classes == 0
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, model.num_features)
+
+
+@pytest.mark.parametrize("name, source", [("ds_resnet50", "resnet50"), ("se_resnet50_factorized", "seresnet50")])
+def test_resnet_variants_take_pretrained_tensors_from_their_own_source(name, source, monkeypatch):
+    import models.resnet_variant
+
+    asked = []
+    monkeypatch.setattr(models.resnet_variant, "init_from_timm_model", lambda model, src: asked.append(src) or 0)
+    timm.create_model(name, pretrained=True, num_classes=2)
+    assert asked == [source]
+    timm.create_model(name, pretrained=False, num_classes=2)
+    assert asked == [source]
+
+
 @pytest.mark.parametrize("name", [
     "resnet50", "seresnet50", "resnest50d", "resnext50_32x4d", "senet154", "vgg16", "inception_v3",
     "mobilenetv2_100", "efficientnet_b0", "densenet121", "resnetv2_50", "convnext_tiny",
