@@ -53,7 +53,7 @@ def _load_eval_samples(args: argparse.Namespace, meta, data: str | None, kind: s
     """The labelled crops ``--data`` (or ``--dataset``) names, in the checkpoint's class order."""
     from core.config import config_from_dict
     from core.labeled_sets import assign_centres, load_labeled_set
-    from core.train import resolve_path
+    from core.training_data import resolve_path
 
     cfg = config_from_dict(meta.config or {})
     d = cfg.data

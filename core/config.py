@@ -1,8 +1,9 @@
 """Typed training configuration, loaded from ``recipes/*.yaml`` with ``--set key=value`` overrides.
 
 Every field has a default, so a recipe names only what differs. Unknown keys are errors (a typo
-in a recipe must not silently train something else). ``to_dict`` gives the resolved config,
-which each run saves as ``config.yaml``.
+in a recipe must not silently train something else), and :func:`validate_config` refuses a
+choice that names nothing (an optimizer, scheduler, monitor... that does not exist) before a run
+starts. ``to_dict`` gives the resolved config, which each run saves as ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ from core.errors import GlomError
 __all__ = ["ConfigError", "TrainConfig", "DataConfig", "SplitConfig", "ModelConfig", "FreezeConfig",
            "PreprocessConfig", "StainConfig", "AugmentConfig", "OptimConfig", "SchedulerConfig",
            "LossConfig", "TwoPhaseConfig", "EvalConfig", "load_config", "apply_overrides",
-           "config_from_dict"]
+           "config_from_dict", "TrainingConfigError", "validate_config"]
 
 
 class ConfigError(GlomError, ValueError):
     """A recipe or override is malformed; the message names the key."""
+
+
+class TrainingConfigError(GlomError, ValueError):
+    """A training setting cannot be used as given (optimizer, scheduler, monitor...)."""
 
 
 @dataclass
@@ -148,7 +153,7 @@ class OptimConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     two_phase: TwoPhaseConfig = field(default_factory=TwoPhaseConfig)
     early_stopping_patience: int = 0  # 0: off
-    monitor: str = "val_macro_f1"  # val_macro_f1 | val_loss | val_accuracy
+    monitor: str = "val_macro_f1"  # val_macro_f1 | val_loss | val_accuracy | val_balanced_accuracy
     max_minutes: float = 0.0  # > 0: stop after this wall time (checked per epoch)
     amp: bool = True  # CUDA only
     channels_last: bool = True  # CUDA only
@@ -276,3 +281,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"recipe {path} must be a YAML mapping")
     apply_overrides(d, overrides or [])
     return config_from_dict(d)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Fail before any work when a setting names something that does not exist."""
+    t = cfg.train
+    checks = [
+        ("train.optimizer", t.optimizer, ("adamw", "adam", "sgd")),
+        ("train.scheduler.name", t.scheduler.name, ("cosine", "multistep", "step", "plateau", "none")),
+        ("train.loss.name", t.loss.name, ("cross_entropy", "ce", "focal")),
+        ("train.monitor", t.monitor, ("val_macro_f1", "val_loss", "val_accuracy", "val_balanced_accuracy")),
+        ("data.kind", cfg.data.kind, ("store", "folder", "csv", "jsonl")),
+        ("preprocess.scaling", cfg.preprocess.scaling, ("imagenet", "model", "unit")),
+        ("preprocess.stain.method", cfg.preprocess.stain.method, ("none", "macenko", "vahadane")),
+    ]
+    for key, value, allowed in checks:
+        if value not in allowed:
+            raise TrainingConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    if t.epochs < 1 or t.two_phase.frozen_epochs >= t.epochs:
+        raise TrainingConfigError(f"train.epochs ({t.epochs}) must be ≥ 1 and exceed "
+                                  f"train.two_phase.frozen_epochs ({t.two_phase.frozen_epochs})")
+    if cfg.data.kind != "store" and not cfg.data.path:
+        raise TrainingConfigError(f"data.path is empty: name the {cfg.data.kind} to train on")
+    if cfg.data.kind == "store" and not cfg.data.dataset:
+        raise TrainingConfigError("data.dataset is empty: name the store dataset to train on")

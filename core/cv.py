@@ -265,7 +265,8 @@ def run_cv(cfg: TrainConfig, scheme: str = "kfold", folds: int = 5, group_by: st
            progress: bool = True, ensemble: bool = False, adapt_slides: int = 0,
            on_fold: Callable[[str, dict[str, Any]], None] | None = None) -> CVResult:
     """Train one run per fold, predict every held-out crop, and report with intervals."""
-    from core.train import load_training_set, run_training
+    from core.train import run_training
+    from core.training_data import load_training_set
 
     t0 = time.perf_counter()
     group_by = group_by or ("centre" if scheme == "loco" else cfg.data.split.group_by)

@@ -161,7 +161,7 @@ def test_compare_trains_each_model_on_the_same_split(demo_run, tmp_path):
     ("none", [1.0] * 6),
 ])
 def test_schedulers_follow_their_rule(name, expected):
-    from core.train import build_scheduler
+    from core.optim import build_scheduler
 
     cfg = load_config(None, [f"train.scheduler.name={name}", "train.scheduler.milestones=[2, 4]",
                              "train.scheduler.step_size=2", "train.scheduler.gamma=0.1"])
@@ -176,7 +176,7 @@ def test_schedulers_follow_their_rule(name, expected):
 
 
 def test_warmup_then_cosine():
-    from core.train import build_scheduler
+    from core.optim import build_scheduler
 
     cfg = load_config(None, ["train.scheduler.name=cosine", "train.scheduler.warmup_epochs=2"])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -188,6 +188,39 @@ def test_warmup_then_cosine():
         sched.step()
     assert seen[0] < seen[1] < seen[2] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(seen[2:], seen[3:])) and seen[-1] < 0.1
+
+
+
+@pytest.mark.parametrize("monitor,values,lr_drops", [
+    ("val_macro_f1", [0.5, 0.6, 0.7, 0.8, 0.9], False),  # a score that keeps rising: lr stays
+    ("val_macro_f1", [0.5, 0.5, 0.5, 0.5, 0.5], True),  # a score that stalls: lr drops
+    ("val_loss", [0.9, 0.8, 0.7, 0.6, 0.5], False),  # a loss that keeps falling: lr stays
+    ("val_loss", [0.5, 0.6, 0.7, 0.8, 0.9], True),  # a loss that rises: lr drops
+])
+def test_plateau_follows_the_monitored_value_in_its_direction(monitor, values, lr_drops):
+    from core.optim import build_scheduler, step_scheduler
+
+    cfg = load_config(None, ["train.scheduler.name=plateau", "train.scheduler.patience=2",
+                             "train.scheduler.factor=0.5", f"train.monitor={monitor}"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, cfg, len(values))
+    for v in values:
+        opt.step()
+        step_scheduler(sched, v)
+    assert (opt.param_groups[0]["lr"] < 1.0) == lr_drops
+
+
+def test_an_unknown_monitor_is_refused_before_any_work(tmp_path):
+    from core.config import TrainingConfigError, validate_config
+
+    cfg = load_config(None, ["train.monitor=val_auc", f"output_dir={tmp_path}"])
+    with pytest.raises(TrainingConfigError, match="train.monitor: 'val_auc' is not one of val_macro_f1"):
+        validate_config(cfg)
+    from core.train import run_training
+
+    with pytest.raises(TrainingConfigError, match="train.monitor"):
+        run_training(cfg, progress=False)
+    assert not any(tmp_path.iterdir())  # no run folder was made
 
 
 def test_early_stopping_and_two_phase(demo_run, tmp_path):
