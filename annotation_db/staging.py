@@ -245,7 +245,7 @@ def publish_rows(session: Session, batch_id: int, dataset_id: int, *, source: st
 
 
 def delete_staged(session_factory: sessionmaker[Session] | None, batch_id: int, *, session: Session | None = None,
-                  chunk: int = 20 * STAGE_CHUNK) -> None:
+                  chunk: int = 5 * STAGE_CHUNK) -> None:
     """Delete a batch's staged rows and then the batch row: in the caller's ``session`` when given,
     else in short transactions of ``chunk`` rows of ``session_factory`` (a click never waits long)."""
     tables = (ImportStagedImage.__table__, ImportStagedLabel.__table__)

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from annotation_db.db import StoreError
 from annotation_db.models import Image
+from annotation_db.store import prediction_margin
 from core.checkpoint import CheckpointError, read_meta
 from core.explain import CAM_METHODS, ExplainError, TargetLayers, find_target_layers, open_cam
 from core.extract import ExtractError
@@ -165,11 +166,6 @@ def _load_cached(path: str, size: int, mtime_ns: int, runs_dir: str | None) -> V
     return ViewerCheckpoint(Path(path), checkpoint_id(path, runs_dir), predictor, target)
 
 
-def _margin(p: np.ndarray) -> float:
-    top = np.sort(p)[::-1]
-    return float(top[0] - (top[1] if len(top) > 1 else 0.0))
-
-
 def diagnose(ckpt: ViewerCheckpoint, rgbs: Sequence[np.ndarray], *, method: str | None = "gradcam",
              target_class: str | None = None, versus_class: str | None = None,
              batch_size: int = 16) -> list[CropResult]:
@@ -211,8 +207,9 @@ def diagnose(ckpt: ViewerCheckpoint, rgbs: Sequence[np.ndarray], *, method: str 
             else:
                 probs = pred.probabilities(logits)
         for j, p in enumerate(probs):
-            out.append(CropResult({k: float(v) for k, v in zip(pred.classes, p)}, pred.classes[int(p.argmax())],
-                                  _margin(p), None if heats is None else heats[j]))
+            scores = {k: float(v) for k, v in zip(pred.classes, p)}
+            out.append(CropResult(scores, pred.classes[int(p.argmax())], prediction_margin(scores),
+                                  None if heats is None else heats[j]))
     return out
 
 

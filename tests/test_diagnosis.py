@@ -59,6 +59,7 @@ def test_same_named_uploads_keep_their_own_file_row_and_prediction(tmp_path, sam
             assert image.sha256 == d.crop.image.sha256 == _sha(d.crop.file)  # its own bytes, not the other's
             [pred] = s.scalars(select(Prediction).where(Prediction.image_id == image.id)).all()
             assert pred.probs == pytest.approx(d.result.probs)
+            assert pred.margin == pytest.approx(d.result.margin)  # one margin: the queue's and the CSV's rank
     rows = list(csv.DictReader(out.csv_path.open()))
     assert [r["name"] for r in rows] == ["001.png", "001.png"]
     assert [(r["sha256"], int(r["store_image_id"])) for r in rows] == [
