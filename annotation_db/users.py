@@ -19,6 +19,8 @@ from __future__ import annotations
 import getpass
 import ipaddress
 import os
+import threading
+import time
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -31,7 +33,7 @@ from annotation_db.store import MODEL_ANNOTATOR_PREFIX, is_model_annotator
 
 __all__ = ["ROLES", "PERMISSIONS", "AccountError", "hash_password", "verify_password", "add_user",
            "set_password", "set_role", "authenticate", "has_accounts", "role_of", "may", "list_users",
-           "MIN_PASSWORD_CHARS", "local_user_name", "is_loopback"]
+           "MIN_PASSWORD_CHARS", "local_user_name", "is_loopback", "SignInThrottle"]
 
 ROLES = ("annotator", "adjudicator", "admin")
 PERMISSIONS: dict[str, frozenset[str]] = {
@@ -185,3 +187,64 @@ def local_user_name() -> str:
         except (KeyError, OSError):
             name = "local"
     return name
+
+
+class SignInThrottle:
+    """Failed sign-ins counted per name and per client address: after ``free_failures`` within
+    ``window_s``, the next attempt waits ``base_delay_s``, doubling with each further failure up
+    to ``max_delay_s``. While a key must wait, the attempt is refused before any password is
+    checked (an attacker gets no answer and costs no hashing); a success clears the name's count.
+
+    Kept in the server's memory (one labeling server process; a restart forgets), thread-safe::
+
+        wait = throttle.wait_s(name, address)     # > 0: refuse, "try again in N s"
+        throttle.record(name, address, ok=False)
+    """
+
+    def __init__(self, free_failures: int = 5, window_s: float = 900.0, base_delay_s: float = 2.0,
+                 max_delay_s: float = 300.0, clock=None) -> None:  # clock: a time.monotonic-like callable
+        self.free_failures, self.window_s = free_failures, window_s
+        self.base_delay_s, self.max_delay_s = base_delay_s, max_delay_s
+        self._clock = clock or time.monotonic
+        self._lock = threading.Lock()
+        self._failures: dict[str, list[float]] = {}  # key -> times of recent failures
+
+    @staticmethod
+    def _keys(name: str, address: str | None) -> list[str]:
+        keys = [f"name:{name.strip().casefold()}"]
+        if address:
+            keys.append(f"address:{address}")
+        return keys
+
+    def _recent(self, key: str, now: float) -> list[float]:
+        times = [t for t in self._failures.get(key, ()) if now - t < self.window_s]
+        if times:
+            self._failures[key] = times
+        else:
+            self._failures.pop(key, None)
+        return times
+
+    def wait_s(self, name: str, address: str | None = None) -> float:
+        """Seconds before ``name`` from ``address`` may try again (0: now)."""
+        now = self._clock()
+        with self._lock:
+            wait = 0.0
+            for key in self._keys(name, address):
+                times = self._recent(key, now)
+                over = len(times) - self.free_failures
+                if over >= 0:
+                    delay = min(self.max_delay_s, self.base_delay_s * 2 ** over)
+                    wait = max(wait, times[-1] + delay - now)
+            return max(0.0, wait)
+
+    def record(self, name: str, address: str | None, *, ok: bool) -> None:
+        """Count a failed attempt, or clear the name's failures after a successful one (the
+        address keeps its count: one address guessing many names stays slowed down)."""
+        now = self._clock()
+        with self._lock:
+            if ok:
+                self._failures.pop(self._keys(name, None)[0], None)
+                return
+            for key in self._keys(name, address):
+                self._recent(key, now)
+                self._failures.setdefault(key, []).append(now)

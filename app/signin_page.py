@@ -6,11 +6,13 @@ local user in.
 
 from __future__ import annotations
 
+import math
+
 import streamlit as st
 
 from annotation_db import users
 from app.session import auth_mode, on_loopback, sign_in_with_password
-from app.store_cache import get_sessionmaker
+from app.store_cache import get_sessionmaker, store_url
 from core.errors import GlomError
 
 FIRST_ADMIN_HINT = (
@@ -19,17 +21,37 @@ FIRST_ADMIN_HINT = (
 )
 
 
+@st.cache_resource
+def sign_in_throttle(url: str) -> users.SignInThrottle:
+    """Failed sign-ins to the accounts of the store at ``url``, for every browser of this server."""
+    return users.SignInThrottle()
+
+
+def _client_address() -> str | None:
+    """The browser's address as the server sees it (None on localhost, where Streamlit gives none)."""
+    try:
+        return st.context.ip_address
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _on_sign_in() -> None:
     name = (st.session_state.get("signin_name") or "").strip()
     password = st.session_state.get("signin_password") or ""
     if not name:
         st.session_state.signin_error = "Type your name: every label is attributed to it."
         return
+    throttle, address = sign_in_throttle(store_url()), _client_address()
+    wait_s = throttle.wait_s(name, address)
+    if wait_s > 0:  # refused before the password is checked: guessing gets no answer while it waits
+        st.session_state.signin_error = f"Too many failed sign-ins: try again in {math.ceil(wait_s)} s."
+        return
     try:
         ok = sign_in_with_password(name, password)
     except GlomError as e:
         st.session_state.signin_error = str(e)
         return
+    throttle.record(name, address, ok=ok)
     # One message for an unknown name and a wrong password: the page does not say who exists.
     st.session_state.signin_error = "" if ok else "Wrong name or password."
 

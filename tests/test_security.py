@@ -269,3 +269,15 @@ def test_the_slides_page_stays_in_the_slides_folder(app_store, tmp_path, wsi_dir
         assert any("refused" in e.value for e in at.error), folder
         assert not [b for b in at.selectbox if b.key == "slides_file"], f"{folder} was listed"
         assert not any("patient-x" in str(x.value) for x in (*at.error, *at.info))
+
+
+def test_repeated_wrong_passwords_make_the_next_attempt_wait(app_store):
+    """After 5 wrong passwords for one name, even the right one is refused for a while, without
+    being checked; another account is not affected."""
+    for _ in range(5):
+        assert [e.value for e in _sign_in("dr_li", "not the password").error] == ["Wrong name or password."]
+    at = _sign_in("dr_li")
+    assert _signed_in_as(at) is None
+    [error] = [e.value for e in at.error]
+    assert error.startswith("Too many failed sign-ins: try again in ")
+    assert _signed_in_as(_sign_in("dr_admin")) == "dr_admin"

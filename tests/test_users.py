@@ -91,3 +91,43 @@ def test_glom_user_on_the_command_line(tmp_path):
     with make_sessionmaker(engine)() as s:
         assert users.authenticate(s, "dr_li", PASSWORD) is not None
     engine.dispose()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_failed_sign_ins_slow_down_the_name_and_the_address():
+    clock = _Clock()
+    throttle = users.SignInThrottle(free_failures=3, window_s=600, base_delay_s=2, max_delay_s=60, clock=clock)
+    for _ in range(3):
+        assert throttle.wait_s("dr_li", "10.0.0.7") == 0
+        throttle.record("dr_li", "10.0.0.7", ok=False)
+    assert throttle.wait_s("dr_li", "10.0.0.7") == 2
+    assert throttle.wait_s("DR_LI ", "10.0.0.9") == 2  # the name, from anywhere, any case
+    assert throttle.wait_s("dr_wang", "10.0.0.7") == 2  # the address, whatever name it tries
+    assert throttle.wait_s("dr_wang", "10.0.0.9") == 0
+    clock.now += 2
+    throttle.record("dr_li", "10.0.0.7", ok=False)
+    assert throttle.wait_s("dr_li", None) == 4  # doubles with each further failure
+    for _ in range(10):
+        throttle.record("dr_li", None, ok=False)
+    assert throttle.wait_s("dr_li", None) == 60  # up to the cap
+    clock.now += 601
+    assert throttle.wait_s("dr_li", "10.0.0.7") == 0  # failures older than the window are forgotten
+
+
+def test_a_successful_sign_in_clears_the_name_but_not_the_address():
+    clock = _Clock()
+    throttle = users.SignInThrottle(free_failures=2, base_delay_s=5, clock=clock)
+    for name in ("dr_li", "dr_li", "dr_wang"):
+        throttle.record(name, "10.0.0.7", ok=False)
+    clock.now += 10
+    throttle.record("dr_li", "10.0.0.7", ok=True)
+    assert throttle.wait_s("dr_li", None) == 0
+    clock.now -= 10
+    assert throttle.wait_s("dr_li", "10.0.0.7") == 10  # that address failed three times: 2 free, then 5 s, 10 s
