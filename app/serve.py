@@ -20,7 +20,8 @@ if str(REPO) not in sys.path:  # `python app/serve.py` from anywhere
     sys.path.insert(0, str(REPO))
 
 from annotation_db.users import is_loopback  # noqa: E402
-APP = REPO / "app" / "label.py"
+# app/asgi.py: the labeling app (app/label.py) plus the slide workspace's tile routes, one server.
+APP = REPO / "app" / "asgi.py"
 # What .streamlit/config.toml says, so the app behaves the same wherever it is started from.
 SETTINGS = {
     "server.headless": "true",

@@ -1,0 +1,241 @@
+"""HTTP routes of the slide workspace, served by the labeling app's own server (``st.App`` routes,
+see :mod:`app.asgi`): Deep Zoom tiles, the ``.dzi`` descriptor, overlays as GeoJSON per viewport,
+boxes drawn in the browser, and the vendored OpenSeadragon files.
+
+Every slide route takes ``?slide=NAME`` (relative to the slides root) and ``&t=TOKEN``, the
+short-lived HMAC token the signed-in workspace page embeds (:func:`core.tile_service.sign_token`):
+Streamlit keeps its sign-in in the websocket session, which plain HTTP requests do not carry, so
+the token is what says who asks, on loopback or not. Status codes: 403 bad token, 404 no such
+slide / tile (same answer whether a file exists outside the root or not), 422 a slide OpenSlide
+cannot read (a message naming the slide, never a traceback).
+
+    GET  /api/slides/dzi?slide&t                       the .dzi descriptor (JPEG tiles)
+    GET  /api/slides/tile/{level}/{col}_{row}.jpeg?slide&t
+    GET  /api/slides/overlays?slide&t&x&y&w&h          FeatureCollection in the level-0 rectangle
+    POST /api/slides/boxes?slide&t  {"box": [x, y, w, h], "label": key|null}   a drawn glomerulus
+    GET  /api/slides/vendor/...                        OpenSeadragon (app/static/vendor/openseadragon)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from core.errors import GlomError
+from core.roots import slides_root
+from core.tile_service import (
+    SLIDE_ERRORS,
+    TileNotFound,
+    TileService,
+    TokenError,
+    check_token,
+)
+from core.wsi import slide_name
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/api/slides"
+VENDOR_DIR = Path(__file__).resolve().parent / "static" / "vendor" / "openseadragon"
+TILE_CACHE_CONTROL = "private, max-age=86400"  # the token in the URL changes at most hourly
+MAX_FEATURES = 2000  # per viewport request; the legend's counts cover the whole slide
+
+_service: TileService | None = None
+_service_lock = threading.Lock()
+_sessionmakers: dict[str, object] = {}
+
+
+def tile_service() -> TileService:
+    """The process's one tile service over the slides root (``$GLOM_SLIDES_DIR``)."""
+    global _service
+    with _service_lock:
+        root = slides_root()
+        if root is None:
+            raise TileNotFound("no slides folder is configured ($GLOM_SLIDES_DIR)")
+        if _service is None or _service.root != root:
+            _service = TileService(root)
+        return _service
+
+
+def _sessionmaker():
+    from annotation_db.db import open_store
+    from app.store_cache import store_url
+
+    url = store_url()
+    with _service_lock:
+        if url not in _sessionmakers:
+            _sessionmakers[url] = open_store(url)
+        return _sessionmakers[url]
+
+
+def _error(e: Exception, name: str = "") -> Response:
+    if isinstance(e, TokenError):
+        return PlainTextResponse(str(e), status_code=403)
+    if isinstance(e, TileNotFound):
+        return PlainTextResponse(str(e), status_code=404)
+    if isinstance(e, SLIDE_ERRORS):
+        root = str(_service.root) if _service else ""
+        return PlainTextResponse(f"slide {name!r} cannot be shown: {str(e).replace(root + '/', '')}", status_code=422)
+    if isinstance(e, (GlomError, ValueError)):
+        return PlainTextResponse(str(e), status_code=400)
+    log.exception("slide api: unexpected error for %r", name)
+    return PlainTextResponse("internal error (logged on the server)", status_code=500)
+
+
+def _authorised(request: Request) -> tuple[str, str]:
+    """(slide name, user) of a request whose token opens that slide; TokenError otherwise."""
+    name = request.query_params.get("slide", "")
+    return name, check_token(request.query_params.get("t"), name)
+
+
+def dzi(request: Request) -> Response:
+    name = request.query_params.get("slide", "")
+    try:
+        _authorised(request)
+        xml = tile_service().dzi_xml(name)
+    except Exception as e:  # noqa: BLE001 - every error becomes a status and a message
+        return _error(e, name)
+    return Response(xml, media_type="application/xml", headers={"Cache-Control": TILE_CACHE_CONTROL})
+
+
+def tile(request: Request) -> Response:
+    name = request.query_params.get("slide", "")
+    try:
+        _authorised(request)
+        p = request.path_params
+        level, col, row = int(p["level"]), int(p["col"]), int(p["row"])
+        data = tile_service().tile(name, level, col, row)
+    except Exception as e:  # noqa: BLE001
+        return _error(e, name)
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": TILE_CACHE_CONTROL})
+
+
+def _rect(request: Request) -> tuple[int, int, int, int]:
+    q = request.query_params
+    try:
+        x, y, w, h = (int(float(q.get(k, "0"))) for k in ("x", "y", "w", "h"))
+    except ValueError:
+        raise ValueError("x, y, w, h must be numbers (level-0 pixels)") from None
+    if w <= 0 or h <= 0:
+        raise ValueError("w and h must be > 0")
+    return x, y, w, h
+
+
+def _feature(layer: str, box: tuple[int, int, int, int], props: dict) -> dict:
+    x, y, w, h = box
+    ring = [[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]
+    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"layer": layer, "box": [x, y, w, h], **props}}
+
+
+def overlay_features(session, name: str, rect: tuple[int, int, int, int], limit: int = MAX_FEATURES) -> dict:
+    """The overlays of slide ``name`` that meet the level-0 ``rect``: drawn boxes (layer
+    ``drawn``) and cropped glomeruli (layer ``glomeruli``, with their label and predicted class),
+    plus ``counts`` per layer and class over the whole slide (the legend)."""
+    from annotation_db.models import Image, Label, Prediction, Slide, SlideBox
+
+    slide = session.scalar(select(Slide).where(Slide.name == slide_name(name)))
+    out: dict = {"type": "FeatureCollection", "features": [], "counts": {}, "truncated": False}
+    if slide is None:
+        return out
+    x, y, w, h = rect
+
+    def meets(t):
+        return (t.x0 < x + w) & (t.x0 + t.box_w > x) & (t.y0 < y + h) & (t.y0 + t.box_h > y)
+
+    drawn = session.scalars(select(SlideBox).where(SlideBox.slide_id == slide.id, meets(SlideBox))
+                            .order_by(SlideBox.id).limit(limit + 1)).all()
+    images = session.scalars(select(Image).where(Image.slide_id == slide.id, Image.x0.is_not(None), meets(Image))
+                             .order_by(Image.id).limit(limit + 1)).all()
+    out["truncated"] = len(drawn) > limit or len(images) > limit
+    ids = [i.id for i in images[:limit]]
+    labels: dict[int, str] = {}
+    predicted: dict[int, str] = {}
+    if ids:
+        for lab in session.scalars(select(Label).where(Label.image_id.in_(ids)).order_by(Label.updated_at)):
+            if lab.classes:
+                labels[lab.image_id] = lab.classes[0]  # the latest label wins on the map
+        for pred in session.scalars(select(Prediction).where(Prediction.image_id.in_(ids)).order_by(Prediction.id)):
+            predicted[pred.image_id] = pred.predicted
+    for b in drawn[:limit]:
+        if b.image_id is None:  # a cropped box shows as its glomerulus
+            out["features"].append(_feature("drawn", b.box, {"id": b.id, "label": b.label, "by": b.created_by}))
+    for i in images[:limit]:
+        out["features"].append(_feature("glomeruli", (i.x0, i.y0, i.box_w, i.box_h),
+                                        {"id": i.id, "label": labels.get(i.id), "predicted": predicted.get(i.id)}))
+    n_drawn = session.scalar(select(func.count()).select_from(SlideBox)
+                             .where(SlideBox.slide_id == slide.id, SlideBox.image_id.is_(None)))
+    n_glom = session.scalar(select(func.count()).select_from(Image).where(Image.slide_id == slide.id, Image.x0.is_not(None)))
+    out["counts"] = {"drawn": int(n_drawn or 0), "glomeruli": int(n_glom or 0)}
+    return out
+
+
+def overlays(request: Request) -> Response:
+    name = request.query_params.get("slide", "")
+    try:
+        _authorised(request)
+        tile_service().resolve(name)
+        rect = _rect(request)
+        with _sessionmaker()() as s:
+            body = overlay_features(s, name, rect)
+    except SQLAlchemyError as e:
+        log.warning("slide api: store error for overlays of %r: %s", name, e)
+        return PlainTextResponse("the annotation store could not be read", status_code=503)
+    except Exception as e:  # noqa: BLE001
+        return _error(e, name)
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
+async def add_box(request: Request) -> Response:
+    """A glomerulus drawn in the workspace: stored at once, attributed to the token's user."""
+    from starlette.concurrency import run_in_threadpool
+
+    name = request.query_params.get("slide", "")
+    try:
+        _, user = _authorised(request)
+        body = json.loads(await request.body() or b"{}")
+        box, label = body.get("box"), body.get("label") or None
+        if not (isinstance(box, list) and len(box) == 4):
+            raise ValueError('body must be {"box": [x, y, w, h], "label": key or null}')
+        path = tile_service().resolve(name)
+        box_id = await run_in_threadpool(_store_box, path, box, label, user)
+    except SQLAlchemyError as e:
+        log.warning("slide api: store error adding a box to %r: %s", name, e)
+        return PlainTextResponse("the annotation store could not be written", status_code=503)
+    except Exception as e:  # noqa: BLE001
+        return _error(e, name)
+    return JSONResponse({"id": box_id}, status_code=201)
+
+
+def _store_box(path: Path, box: list, label: str | None, user: str) -> int:
+    from annotation_db import boxes as box_store
+    from annotation_db import store
+
+    svc = tile_service()
+    tiles = svc.slide(str(path.relative_to(svc.root)))
+    w0, h0 = tiles.slide.dimensions
+    x, y, w, h = (round(float(v)) for v in box)
+    x, y = max(0, x), max(0, y)
+    w, h = min(w, w0 - x), min(h, h0 - y)
+    with _sessionmaker()() as s, s.begin():
+        slide = store.get_or_create_slide(s, slide_name(path), path=str(path), mpp=tiles.slide.mpp)
+        return box_store.add_box(s, slide, (x, y, w, h), created_by=user, label=label).id
+
+
+def routes() -> list:
+    """The workspace's routes, for ``st.App(..., routes=routes())``."""
+    return [
+        Route(f"{PREFIX}/dzi", dzi),
+        Route(f"{PREFIX}/tile/{{level:int}}/{{col:int}}_{{row:int}}.jpeg", tile),
+        Route(f"{PREFIX}/overlays", overlays),
+        Route(f"{PREFIX}/boxes", add_box, methods=["POST"]),
+        Mount(f"{PREFIX}/vendor", app=StaticFiles(directory=VENDOR_DIR, check_dir=False), name="osd"),
+    ]

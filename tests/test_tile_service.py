@@ -1,0 +1,216 @@
+"""The slide workspace's tile service (core/tile_service.py) and its HTTP routes (app/slide_api.py)
+on the real slide ``cmu-1-small-region.svs``: every Deep Zoom level's tiles are the JPEG of
+``DeepZoomGenerator.get_tile`` byte for byte (and its pixels, through the PNG path); names are
+confined to the slides root (``..``, absolute paths, symbolic links out refused); bad coordinates
+are 404; a broken slide is a message, never a traceback; the cache stays within its bound; tokens
+open one slide for one user and cannot be forged."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+from openslide.deepzoom import DeepZoomGenerator
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from annotation_db import boxes as box_store
+from annotation_db import store
+from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
+from annotation_db.models import Image as ImageRow
+from annotation_db.models import SlideBox
+from core.tile_service import (
+    TILE_OVERLAP,
+    TILE_SIZE,
+    TileCache,
+    TileNotFound,
+    TileService,
+    TokenError,
+    check_token,
+    encode_jpeg,
+    sign_token,
+)
+from core.wsi import SlideOpenError
+
+SLIDE = "cmu-1-small-region.svs"
+
+
+@pytest.fixture
+def slides(tmp_path: Path, wsi_dir: Path) -> Path:
+    """A slides root (in tmp) holding a copy of the real slide (2 MB), a link to it inside the root,
+    a broken slide, and a link that leads out of the root."""
+    root = tmp_path / "slides"
+    root.mkdir()
+    shutil.copy(wsi_dir / SLIDE, root / SLIDE)
+    (root / "sub").mkdir()
+    (root / "sub" / "again.svs").symlink_to(root / SLIDE)
+    data = (wsi_dir / SLIDE).read_bytes()
+    (root / "broken.svs").write_bytes(data[: len(data) // 3])  # a truncated copy: header fine, tiles gone
+    outside = tmp_path / "private"
+    outside.mkdir()
+    shutil.copy(wsi_dir / SLIDE, outside / "patient.svs")
+    (root / "escape.svs").symlink_to(outside / "patient.svs")
+    return root
+
+
+def test_every_level_is_deepzoomgenerator_get_tile(slides: Path):
+    svc = TileService(slides)
+    ref = DeepZoomGenerator(openslide.OpenSlide(str(slides / SLIDE)), tile_size=TILE_SIZE, overlap=TILE_OVERLAP,
+                            limit_bounds=True)
+    assert svc.slide(SLIDE).level_count == ref.level_count >= 10
+    checked = 0
+    for level in range(ref.level_count):
+        cols, rows = ref.level_tiles[level]
+        coords = {(c, r) for c in range(cols) for r in range(rows)} if cols * rows <= 16 else {
+            (0, 0), (cols - 1, rows - 1), (cols // 2, rows // 2), (cols - 1, 0), (0, rows - 1)}
+        for col, row in sorted(coords):
+            want = ref.get_tile(level, (col, row))
+            got = svc.tile(SLIDE, level, col, row)
+            assert got == encode_jpeg(want, svc.quality), (level, col, row)
+            assert Image.open(io.BytesIO(got)).size == want.size
+            # the pixels DeepZoomTiles hands to the encoder are get_tile's own
+            mine = svc.slide(SLIDE).tile_image(level, col, row)
+            assert np.array_equal(np.asarray(mine), np.asarray(want)), (level, col, row)
+            checked += 1
+    assert checked > 25
+    assert svc.opened == 1  # one handle for the process, however many tiles
+    assert svc.dzi_xml(SLIDE) == ref.get_dzi("jpeg")
+
+
+def test_names_are_confined_to_the_slides_root(slides: Path, tmp_path: Path):
+    svc = TileService(slides)
+    assert svc.resolve("sub/again.svs") == (slides / "sub" / "again.svs").resolve()
+    for name in ["../private/patient.svs", "escape.svs", str(tmp_path / "private" / "patient.svs"),
+                 "/etc/passwd", "sub/../../private/patient.svs", "", ".", "sub", "nothing.svs",
+                 "..\\private\\patient.svs", "./" + SLIDE, "sub//again.svs"]:
+        with pytest.raises(TileNotFound) as err:
+            svc.tile(name, 0, 0, 0)
+        assert str(err.value) == f"no slide {name!r} in the slides folder"  # the same, whether it exists or not
+
+
+def test_bad_coordinates_are_not_found(slides: Path):
+    svc = TileService(slides)
+    top = svc.slide(SLIDE).level_count - 1
+    cols, rows = svc.slide(SLIDE).generator.level_tiles[top]
+    for level, col, row in [(top + 1, 0, 0), (-1, 0, 0), (top, cols, 0), (top, 0, rows), (top, -1, 0), (0, 1, 0)]:
+        with pytest.raises(TileNotFound):
+            svc.tile(SLIDE, level, col, row)
+
+
+def test_a_broken_slide_is_a_named_error(slides: Path):
+    svc = TileService(slides)
+    with pytest.raises(SlideOpenError) as err:
+        svc.tile("broken.svs", 0, 0, 0)
+    assert "broken.svs" in str(err.value)
+
+
+def test_the_cache_is_bounded_and_serves_repeats(slides: Path):
+    svc = TileService(slides, cache_bytes=60_000)
+    top = svc.slide(SLIDE).level_count - 1
+    cols, _rows = svc.slide(SLIDE).generator.level_tiles[top]
+    first = svc.tile(SLIDE, top, 0, 0)
+    assert svc.tile(SLIDE, top, 0, 0) is first and svc.cache.hits == 1
+    for c in range(cols):
+        svc.tile(SLIDE, top, c, 1)
+        assert svc.cache.bytes <= 60_000
+    assert len(svc.cache) < cols  # older tiles were dropped
+    cache = TileCache(10)
+    cache.put(("a",), b"12345")
+    cache.put(("b",), b"12345")
+    cache.get(("a",))
+    cache.put(("c",), b"12345")  # drops b, the least recently used
+    assert cache.get(("b",)) is None and cache.get(("a",)) == b"12345" and cache.bytes == 10
+    cache.put(("huge",), b"x" * 11)
+    assert cache.get(("huge",)) is None
+
+
+def test_tokens_open_one_slide_for_one_user(monkeypatch):
+    monkeypatch.delenv("GLOM_TILE_SECRET", raising=False)
+    t = sign_token("ana", SLIDE, now=1_000_000)
+    assert check_token(t, SLIDE, now=1_000_000 + 3599) == "ana"
+    assert t == sign_token("ana", SLIDE, now=1_000_000 + 10)  # stable: tile URLs stay cacheable
+    for bad, slide, now in [(t, "other.svs", 1_000_000), (t, SLIDE, 1_000_000 + 3 * 3600), (None, SLIDE, 1_000_000),
+                            ("x.y", SLIDE, 1_000_000), (t[:-2] + "AA", SLIDE, 1_000_000)]:
+        with pytest.raises(TokenError):
+            check_token(bad, slide, now=now)
+    _body, _, mac = t.partition(".")
+    import base64
+    forged = base64.urlsafe_b64encode(b"admin\n" + SLIDE.encode() + b"\n9999999999").decode().rstrip("=")
+    with pytest.raises(TokenError):
+        check_token(f"{forged}.{mac}", SLIDE, now=1_000_000)
+    monkeypatch.setenv("GLOM_TILE_SECRET", "another key")
+    with pytest.raises(TokenError):
+        check_token(t, SLIDE, now=1_000_000)
+
+
+@pytest.fixture
+def client(slides: Path, tmp_path: Path, monkeypatch):
+    from app import slide_api
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    engine = create_store_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    monkeypatch.setenv("GLOM_SLIDES_DIR", str(slides))
+    monkeypatch.setenv("GLOM_DB", url)
+    monkeypatch.setattr(slide_api, "_service", None)
+    monkeypatch.setattr(slide_api, "_sessionmakers", {})
+    with TestClient(Starlette(routes=slide_api.routes()), raise_server_exceptions=False) as c:
+        c.store_url = url
+        yield c
+
+
+def test_routes_serve_tiles_with_cache_headers_and_refuse_the_rest(client, slides):
+    t = sign_token("ana", SLIDE)
+    r = client.get("/api/slides/dzi", params={"slide": SLIDE, "t": t})
+    assert r.status_code == 200 and 'Format="jpeg"' in r.text
+    r = client.get("/api/slides/tile/9/0_0.jpeg", params={"slide": SLIDE, "t": t})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert "max-age" in r.headers["cache-control"]
+    assert Image.open(io.BytesIO(r.content)).format == "JPEG"
+    assert client.get("/api/slides/tile/9/0_0.jpeg", params={"slide": SLIDE}).status_code == 403
+    assert client.get("/api/slides/tile/9/0_0.jpeg", params={"slide": "sub/again.svs", "t": t}).status_code == 403
+    for path in ["/api/slides/tile/99/0_0.jpeg", "/api/slides/tile/9/99_0.jpeg", "/api/slides/tile/-1/0_0.jpeg",
+                 "/api/slides/tile/9/a_0.jpeg"]:
+        assert client.get(path, params={"slide": SLIDE, "t": t}).status_code == 404, path
+    for name in ["../private/patient.svs", "escape.svs", "/etc/passwd"]:
+        r = client.get("/api/slides/tile/9/0_0.jpeg", params={"slide": name, "t": sign_token("ana", name)})
+        assert r.status_code == 404 and "Traceback" not in r.text
+    r = client.get("/api/slides/tile/9/0_0.jpeg", params={"slide": "broken.svs", "t": sign_token("ana", "broken.svs")})
+    assert r.status_code == 422 and "broken.svs" in r.text and "Traceback" not in r.text and str(slides) not in r.text
+    r = client.get("/api/slides/vendor/openseadragon.min.js")
+    assert r.status_code == 200 and "OpenSeadragon" in r.text[:2000]
+    assert client.get("/api/slides/vendor/LICENSE.txt").status_code == 200
+
+
+def test_overlays_per_viewport_and_drawn_boxes_attributed(client, tmp_path):
+    t = sign_token("ana", SLIDE)
+    engine = create_store_engine(client.store_url)
+    Session = make_sessionmaker(engine)
+    with Session() as s, s.begin():
+        ds = store.create_dataset(s, "glom", ["a", "b"], root=tmp_path)
+        slide = store.get_or_create_slide(s, "cmu-1-small-region", path=SLIDE)
+        box_store.add_box(s, slide, (100, 100, 50, 50), created_by="bo", label="a")
+        box_store.add_box(s, slide, (1500, 1500, 60, 60), created_by="bo")
+        s.add(ImageRow(dataset_id=ds.id, path="x.png", sha256="0" * 64, width=8, height=8, slide_id=slide.id,
+                       x0=120, y0=90, box_w=40, box_h=40))
+    r = client.get("/api/slides/overlays", params={"slide": SLIDE, "t": t, "x": 0, "y": 0, "w": 500, "h": 500})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["counts"] == {"drawn": 2, "glomeruli": 1}
+    layers = sorted((f["properties"]["layer"], tuple(f["properties"]["box"])) for f in body["features"])
+    assert layers == [("drawn", (100, 100, 50, 50)), ("glomeruli", (120, 90, 40, 40))]
+    r = client.post("/api/slides/boxes", params={"slide": SLIDE, "t": t}, json={"box": [10, 20, 30, 40], "label": "b"})
+    assert r.status_code == 201
+    with Session() as s:
+        row = s.get(SlideBox, r.json()["id"])
+        assert (row.box, row.label, row.created_by) == ((10, 20, 30, 40), "b", "ana")
+    assert client.post("/api/slides/boxes", params={"slide": SLIDE, "t": "nope"}, json={"box": [1, 2, 3, 4]}).status_code == 403
+    assert client.post("/api/slides/boxes", params={"slide": SLIDE, "t": t}, json={"box": [1, 2, 0, 4]}).status_code == 400
+    assert client.get("/api/slides/overlays", params={"slide": SLIDE, "t": t, "x": "a"}).status_code == 400
+    engine.dispose()
