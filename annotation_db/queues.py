@@ -11,7 +11,8 @@ Queues (``QueueSpec.kind``):
 - ``all``: every image;
 - ``slide``: every image of one slide;
 - ``disagreements``: images whose annotators disagree and that nobody has adjudicated yet;
-- ``uncertain``: images with a prediction from the dataset's latest checkpoint, most uncertain
+- ``uncertain``: images with a prediction from the dataset's model (its active checkpoint, set on
+  the Models page, else the checkpoint whose predictions were stored last), most uncertain
   (smallest top-1 minus top-2 margin) first, not labeled by me; keyset pages on
   ``(margin, image id)`` over an index, so predictions the viewer adds appear at once.
 """
@@ -28,7 +29,7 @@ from sqlalchemy import Text, and_, cast, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from annotation_db.db import StoreError
-from annotation_db.models import Adjudication, Annotator, Image, Label, LabelEvent, Prediction, Slide
+from annotation_db.models import Adjudication, Annotator, Dataset, Image, Label, LabelEvent, Prediction, Slide
 
 QUEUE_KINDS = ("mine", "all", "slide", "disagreements", "uncertain")
 QUEUE_TITLES = {
@@ -106,11 +107,11 @@ def next_image_ids(
     """The next ``limit`` images of the queue after cursor ``after``, as ``(cursor, image_id)``.
 
     The cursor is the image id for every queue but ``uncertain``, where it is the pair
-    ``(margin, image id)`` of ``checkpoint_id``'s predictions (default: the dataset's latest
-    checkpoint). Start with ``after=0``.
+    ``(margin, image id)`` of ``checkpoint_id``'s predictions (default: :func:`ranking_checkpoint`).
+    Start with ``after=0``.
     """
     if spec.kind == "uncertain":
-        ckpt = checkpoint_id or latest_checkpoint(session, spec.dataset_id)
+        ckpt = checkpoint_id or ranking_checkpoint(session, spec.dataset_id)
         return _next_uncertain(session, spec, ckpt, after, limit) if ckpt else []
     if spec.kind == "disagreements":
         return [(i, i) for i in _next_disagreements(session, spec.dataset_id, after, limit)]
@@ -183,6 +184,13 @@ def latest_checkpoint(session: Session, dataset_id: int) -> str | None:
         .order_by(Prediction.id.desc())
         .limit(1)
     )
+
+
+def ranking_checkpoint(session: Session, dataset_id: int) -> str | None:
+    """The checkpoint that orders the uncertain queue and makes suggestions: the dataset's active
+    model when one is set, else the one whose predictions were stored last."""
+    active = session.scalar(select(Dataset.active_checkpoint_id).where(Dataset.id == dataset_id))
+    return active or latest_checkpoint(session, dataset_id)
 
 
 def uncertainty_ranking(session: Session, dataset_id: int, checkpoint_id: str) -> list[int]:

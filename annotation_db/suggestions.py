@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from annotation_db.db import StoreError
 from annotation_db.models import Dataset, Prediction
-from annotation_db.queues import latest_checkpoint
+from annotation_db.queues import ranking_checkpoint
 
 __all__ = [
     "SUGGESTION_MODES",
@@ -103,7 +103,7 @@ def set_active_checkpoint(session: Session, dataset: Dataset, path: str | None, 
 
 def suggestion_checkpoint(session: Session, dataset: Dataset) -> str | None:
     """The checkpoint id suggestions come from: the active model, else the latest predictions."""
-    return dataset.active_checkpoint_id or latest_checkpoint(session, dataset.id)
+    return ranking_checkpoint(session, dataset.id)
 
 
 def prediction_for(session: Session, image_id: int, checkpoint_id: str) -> Suggestion | None:

@@ -173,3 +173,22 @@ def test_glom_agreement_prints_the_blind_slice_and_bias(sqlite_url, bueno_dir, c
     assert glom(["--db", sqlite_url, "agreement", "--dataset", "d", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["suggestions"]["bias"]["alice"]["followed_wrong"] == 4
+
+
+def test_the_active_model_orders_the_uncertain_queue(store_with_images):
+    from annotation_db import queues
+
+    Session, ds_id, ids = store_with_images
+    with Session() as s, s.begin():
+        ds = store.get_dataset(s, "d")
+        me = store.get_or_create_annotator(s, "alice")
+        for k, i in enumerate(ids):  # "old" is least sure of the first image, "new" of the last
+            image = s.get(store.Image, i)
+            p_old, p_new = 0.5 + 0.04 * k, 0.95 - 0.04 * k
+            store.add_prediction(s, image, "old", {GS: p_old, NGS: 1 - p_old})
+            store.add_prediction(s, image, "new", {GS: p_new, NGS: 1 - p_new})
+        spec = queues.QueueSpec("uncertain", ds_id, me.id)
+        assert queues.next_image_ids(s, spec, limit=1)[0][1] == ids[-1]  # the latest predictions rank
+        suggestions.set_active_checkpoint(s, ds, "/runs/old/best.safetensors", "old")
+        assert queues.next_image_ids(s, spec, limit=1)[0][1] == ids[0]  # the active model ranks
+        assert suggestions.suggestion_checkpoint(s, ds) == "old"
