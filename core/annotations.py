@@ -249,17 +249,22 @@ def _parse_xml(path: Path) -> ET.Element:
         raise AnnotationFormatError(f"{path}: not well-formed XML ({e})") from None
 
 
+def _finite_float(raw: str, what: str) -> float:
+    """``raw`` as a finite number; else an error that starts with ``what`` (file, line or element, value)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise AnnotationFormatError(f"{what} is not a number") from None
+    if not math.isfinite(value):
+        raise AnnotationFormatError(f"{what} is not finite")
+    return value
+
+
 def _xml_float(el: ET.Element, attr: str, where: str) -> float:
     raw = el.get(attr)
     if raw is None:
         raise AnnotationFormatError(f"{where}: missing attribute {attr!r}")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise AnnotationFormatError(f"{where}: attribute {attr}={raw!r} is not a number") from None
-    if not math.isfinite(value):
-        raise AnnotationFormatError(f"{where}: attribute {attr}={raw!r} is not finite")
-    return value
+    return _finite_float(raw, f"{where}: attribute {attr}={raw!r}")
 
 
 # Aperio region types: 0 free-hand/polygon, 1 rectangle, 2 ellipse, 3 arrow, 4 ruler, 5 point.
@@ -370,13 +375,7 @@ def read_csv(path: str | Path) -> list[Annotation]:
             values = []
             for c in cols:
                 raw = (row.get(columns[c]) or "").strip()
-                try:
-                    v = float(raw)
-                except ValueError:
-                    raise AnnotationFormatError(f"{path}: line {row_no}, column {columns[c]!r}: {raw!r} is not a number") from None
-                if not math.isfinite(v):
-                    raise AnnotationFormatError(f"{path}: line {row_no}, column {columns[c]!r}: {raw!r} is not finite")
-                values.append(v)
+                values.append(_finite_float(raw, f"{path}: line {row_no}, column {columns[c]!r}: {raw!r}"))
             label = (row.get(label_col) or "").strip() or None if label_col else None
             slide = (row.get(slide_col) or "").strip() or None if slide_col else None
             src = f"{path}:{row_no}"

@@ -140,6 +140,9 @@ def test_csv_with_slide_column_is_split_per_slide(tmp_path: Path) -> None:
     ("name", "text", "message"),
     [
         ("bad.csv", "x,y,w,h\n1,2,three,4\n", r"bad\.csv: line 2, column 'w': 'three' is not a number"),
+        ("bad.csv", "x,y,w,h\n1,2,3,4\n1,inf,3,4\n", r"bad\.csv: line 3, column 'y': 'inf' is not finite"),
+        ("bad.xml", "<Annotations><Annotation><Regions><Region><Vertices><Vertex X='1' Y='two'/></Vertices></Region></Regions></Annotation></Annotations>", r"bad\.xml: .*Vertex\[0\]: attribute Y='two' is not a number"),
+        ("bad.xml", "<Annotations><Annotation><Regions><Region><Vertices><Vertex X='nan' Y='1'/></Vertices></Region></Regions></Annotation></Annotations>", r"bad\.xml: .*Vertex\[0\]: attribute X='nan' is not finite"),
         ("bad.csv", "a,b\n1,2\n", r"bad\.csv: header .* no coordinate columns"),
         ("bad.geojson", "{not json", r"bad\.geojson: not valid JSON"),
         (
