@@ -195,7 +195,7 @@ class LabelEvent(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"))
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotator.id", ondelete="CASCADE"))
-    action: Mapped[str] = mapped_column(String(16))  # "set" | "clear"
+    action: Mapped[str] = mapped_column(String(16))  # "set" | "clear" | "adjudicate" (an adjudicator's final label)
     classes: Mapped[list[str]] = mapped_column(JSON)
     uncertain: Mapped[bool] = mapped_column(Boolean, default=False)
     note: Mapped[str] = mapped_column(Text, default="")

@@ -214,7 +214,7 @@ def register(subparsers: argparse._SubParsersAction,
     p.add_argument("--data", help="evaluate on this CSV/JSONL/folder instead of the run's split")
     p.add_argument("--kind", help="store | folder | csv | jsonl (default: the run's)")
     p.add_argument("--dataset", help="store dataset name")
-    p.add_argument("--label-source", help="majority | adjudicated | annotator:NAME")
+    p.add_argument("--label-source", help="majority | adjudicated | final | annotator:NAME")
     p.add_argument("--out", help="output folder (default: <run>/evaluation)")
     p.add_argument("--root", help="where the image paths of --data / --adapt-on resolve (default: beside the file)")
     p.add_argument("--adapt-on", metavar="SAMPLE",
@@ -231,7 +231,7 @@ def register(subparsers: argparse._SubParsersAction,
     p.add_argument("--data", required=True, help="the labelled sample (CSV/JSONL/folder)")
     p.add_argument("--kind", help="csv | jsonl | folder (default: the run's)")
     p.add_argument("--dataset", help="store dataset name")
-    p.add_argument("--label-source", help="majority | adjudicated | annotator:NAME")
+    p.add_argument("--label-source", help="majority | adjudicated | final | annotator:NAME")
     p.add_argument("--root", help="where the sample's image paths resolve (default: beside the file)")
     p.add_argument("--ridge", type=float, default=0.01, help="pull of the bias towards 0 (default 0.01)")
     p.add_argument("--out", help="stem of the adapted checkpoint (weights copied, sidecar with class_bias)")

@@ -49,7 +49,7 @@ class DataConfig:
     path: str = ""  # CSV/JSONL file or class folder; ``$SHARED`` expands to the shared data folder
     root: str = ""  # where relative image paths resolve (default: the file's folder)
     dataset: str = ""  # store dataset name
-    label_source: str = "majority"  # majority | adjudicated | annotator:NAME
+    label_source: str = "majority"  # majority | adjudicated | final | annotator:NAME
     db_url: str | None = None
     classes: list[str] = field(default_factory=list)  # class order (default sorted / schema)
     split: SplitConfig = field(default_factory=SplitConfig)

@@ -152,7 +152,8 @@ def _single_label(where: str, classes: Sequence[str] | None, index: dict[str, in
 
 
 def load_from_store(dataset: str, source: str = "majority", db_url: str | None = None) -> LabeledSet:
-    """Images of a store dataset with labels from ``source`` (``majority``, ``adjudicated`` or ``annotator:NAME``)."""
+    """Images of a store dataset with labels from ``source``: ``majority``, ``adjudicated``, ``final``
+    (adjudicated where decided, else majority) or ``annotator:NAME``."""
     from annotation_db.db import open_store
     from annotation_db.store import get_dataset, labeled_items
 
