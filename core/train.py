@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from core.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from core.config import TrainConfig, TrainingConfigError, load_config, validate_config
 from core.distributed import broadcast, init_distributed
 from core.engine import StepContext, TrainingDivergedError, make_step_context, predict, train_one_epoch
+from core.errors import GlomError
 from core.evaluate import evaluate_model
 from core.labeled_sets import DataError, LabeledSet, Sample
 from core.losses import class_weights_from_counts, create_loss
@@ -429,7 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run_training(load_config(args.recipe, args.overrides))
+    try:
+        result = run_training(load_config(args.recipe, args.overrides))
+    except GlomError as e:  # as `glom train`: one line (torchrun names the rank), status 2
+        print(f"error: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         test = result.report.get("splits", {}).get("test", {})
         log.info("done: %s, test macro-F1 %s", result.run_dir, test.get("macro_f1"))

