@@ -355,3 +355,40 @@ class ImportStagedLabel(Base):
     annotator: Mapped[str] = mapped_column(String(200))
     classes: Mapped[list[str]] = mapped_column(JSON)
     uncertain: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+PROPOSAL_STATUSES = ("proposed", "accepted", "rejected")
+
+
+class GlomerulusProposal(Base):
+    """A glomerulus a detector found on a slide (``glom detect --dataset``), for a clinician to
+    accept or reject. Level-0 polygon and box; ``source`` is ``model:<checkpoint>``. Accepting one
+    draws a ``SlideBox`` (``slide_box_id``), which is cropped like any drawn box."""
+
+    __tablename__ = "glomerulus_proposal"
+    __table_args__ = (Index("ix_glomerulus_proposal_slide_dataset_status", "slide_id", "dataset_id", "status"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slide_id: Mapped[int] = mapped_column(ForeignKey("slide.id", ondelete="CASCADE"))
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16), default="proposed")  # PROPOSAL_STATUSES
+    source: Mapped[str] = mapped_column(String(300))  # model:<checkpoint name>
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64), default="")
+    score: Mapped[float] = mapped_column(Float)
+    polygon: Mapped[list[list[float]]] = mapped_column(JSON)  # level-0 [[x, y], ...]
+    x0: Mapped[int] = mapped_column(Integer)
+    y0: Mapped[int] = mapped_column(Integer)
+    box_w: Mapped[int] = mapped_column(Integer)
+    box_h: Mapped[int] = mapped_column(Integer)
+    area_um2: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    reviewed_by: Mapped[str | None] = mapped_column(String(200))
+    reviewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    slide_box_id: Mapped[int | None] = mapped_column(ForeignKey("slide_box.id", ondelete="SET NULL"))
+
+    slide: Mapped[Slide] = relationship()
+    slide_box: Mapped[SlideBox | None] = relationship()
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return (self.x0, self.y0, self.box_w, self.box_h)
