@@ -61,10 +61,9 @@ from core.uploads import CheckedImage, UploadError, UploadLimits, check_upload
 from core.viewer_store import (
     dataset_crops,
     dataset_slides,
-    ensure_uploads_dataset,
+    image_for_crop,
     record_disagreement,
     record_predictions,
-    store_upload,
 )
 from core.wsi import SlideError, default_slides_dir, is_slide_file, list_slide_files, open_slide
 
@@ -279,21 +278,10 @@ def _signed_in_user(request: gr.Request | None) -> str:
 def _store_image_for(session, ckpt: ViewerCheckpoint, crop: CheckedImage, ref: str | None, *, keep: bool = False):
     """The store row for this crop: the picked store crop (``store:<id>``) or the stored upload
     (None when the upload cap is reached, unless ``keep``: a disagreement always keeps its crop)."""
-    if ref and ref.startswith(STORE_REF_PREFIX):
-        from annotation_db.models import Image
-
-        image = session.get(Image, int(ref.removeprefix(STORE_REF_PREFIX)))
-        if image is None:
-            raise StoreError(f"crop {ref} is no longer in the store")
-        if image.sha256 != crop.sha256:
-            raise StoreError("the crop shown is not the store crop it was picked as; pick it again")
-        missing = set(ckpt.classes) - set(image.dataset.class_keys)
-        if missing:
-            raise StoreError(f"dataset {image.dataset.name!r} has no classes {sorted(missing)} of this checkpoint")
-        return image
     settings = current_settings()
-    dataset = ensure_uploads_dataset(session, ckpt.classes, ckpt.display_names, settings.data_root)
-    return store_upload(session, dataset, crop, None if keep else settings.max_uploads)
+    image_id = int(ref.removeprefix(STORE_REF_PREFIX)) if ref and ref.startswith(STORE_REF_PREFIX) else None
+    return image_for_crop(session, crop, image_id, ckpt.classes, ckpt.display_names, settings.data_root,
+                          None if keep else settings.max_uploads)
 
 
 # --- handlers (one per endpoint) -----------------------------------------------------------------

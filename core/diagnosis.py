@@ -42,7 +42,7 @@ from core.predict import Predictor
 from core.slide_crops import SlideCrops, slide_annotations
 from core.slide_summary import SlideSummary, summarize_by_slide
 from core.uploads import CheckedImage, UploadLimits, check_upload
-from core.viewer_store import crop_slide_for_viewer, ensure_uploads_dataset, record_predictions, store_upload
+from core.viewer_store import crop_slide_for_viewer, image_for_crop, record_predictions
 
 log = logging.getLogger(__name__)
 
@@ -277,21 +277,19 @@ def _results_with_heat(ckpt: ViewerCheckpoint, rgbs: list[np.ndarray], method: s
 
 def _store_rows(session: Session, ckpt: ViewerCheckpoint, crops: Sequence[BatchCrop],
                 uploads: UploadsPolicy | None) -> list[Image | None]:
+    """Each crop's store row: the image it was read from, or its upload kept now (None: not kept)."""
     rows: list[Image | None] = []
-    dataset = None
     for c in crops:
-        if c.image_id is not None:
+        if c.image_id is not None:  # read from the store by id just now: nothing to check
             image = session.get(Image, c.image_id)
             if image is None:
-                raise StoreError(f"crop {c.image_id} ({c.image.name}) is no longer in the store")
+                raise StoreError(f"crop store:{c.image_id} ({c.image.name}) is no longer in the store")
             rows.append(image)
-            continue
-        if uploads is None:
+        elif uploads is not None:
+            rows.append(image_for_crop(session, c.image, None, ckpt.classes, ckpt.display_names, uploads.data_root,
+                                       uploads.max_uploads))
+        else:
             rows.append(None)
-            continue
-        if dataset is None:
-            dataset = ensure_uploads_dataset(session, ckpt.classes, ckpt.display_names, uploads.data_root)
-        rows.append(store_upload(session, dataset, c.image, uploads.max_uploads))
     return rows
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from annotation_db.db import StoreError
 from annotation_db.models import Annotator, Dataset, Image, Label, Slide
 from annotation_db.store import (
     GLOMERULUS_CLASSES,
@@ -55,6 +56,7 @@ __all__ = [
     "dataset_crops",
     "dataset_slides",
     "ensure_uploads_dataset",
+    "image_for_crop",
     "model_annotator",
     "record_disagreement",
     "record_predictions",
@@ -137,6 +139,26 @@ def store_upload(session: Session, dataset: Dataset, crop: CheckedImage, max_upl
         tmp.write_bytes(crop.data)
         tmp.replace(path)
     return add_image(session, dataset, rel)
+
+
+def image_for_crop(session: Session, crop: CheckedImage, image_id: int | None, classes: Sequence[str],
+                   display_names: dict[str, str], data_root: str | Path, max_uploads: int | None = None) -> Image | None:
+    """The store row a crop shown in the viewer stands for: the store image ``image_id``, checked
+    to hold the same bytes and a class schema with the checkpoint's ``classes``; without an id,
+    the upload kept in the viewer's uploads dataset (None past ``max_uploads``, see
+    :func:`store_upload`). Raises :class:`StoreError` naming what changed."""
+    if image_id is None:
+        dataset = ensure_uploads_dataset(session, classes, display_names, data_root)
+        return store_upload(session, dataset, crop, max_uploads)
+    image = session.get(Image, image_id)
+    if image is None:
+        raise StoreError(f"crop store:{image_id} is no longer in the store")
+    if image.sha256 != crop.sha256:
+        raise StoreError("the crop shown is not the store crop it was picked as; pick it again")
+    missing = set(classes) - set(image.dataset.class_keys)
+    if missing:
+        raise StoreError(f"dataset {image.dataset.name!r} has no classes {sorted(missing)} of this checkpoint")
+    return image
 
 
 def record_predictions(session: Session, items: Sequence[tuple[Image, dict[str, float]]], checkpoint_id: str) -> int:
