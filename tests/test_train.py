@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import timm
@@ -19,8 +20,6 @@ from core.model_factory import PretrainedUnavailableError, create_classifier
 
 
 def test_recipes_load_and_overrides_apply():
-    from pathlib import Path
-
     recipes = sorted(Path(__file__).resolve().parents[1].glob("recipes/*.yaml"))
     assert {r.stem for r in recipes} >= {"quick", "glomerulus_se_resnet50", "skin_chip_resnest50",
                                          "isic_ds_resnet50", "sipakmed_resnetv2_attn"}
@@ -281,3 +280,13 @@ def test_a_diverging_run_ends_glom_train_with_one_error_line(tmp_path, bueno_dir
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "lower the learning rate" in errors[0], proc.stderr[-2000:]
     assert not list((tmp_path / "runs").rglob("best.safetensors"))  # no checkpoint of a diverged run
+
+
+def test_the_torchrun_entry_point_reports_named_errors_like_glom_train(tmp_path):
+    # ``torchrun -m core.train`` runs this same main() on every rank.
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quick.yaml"
+    proc = subprocess.run([sys.executable, "-m", "core.train", "--recipe", str(recipe), "--set", "train.lrr=1e-3"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "lrr" in errors[0]
