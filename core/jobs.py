@@ -226,7 +226,7 @@ def run_job(Session: sessionmaker[Session], job_id: int, db_url: str, *, device:
         log.info("job %d on %s (pid %d)", job_id, device, os.getpid())
         try:
             _train_and_predict(Session, job_id, db_url, device, predict_batch)
-        except JobCancelled:
+        except (JobCancelled, KeyboardInterrupt):  # SIGTERM from cancel_job, or Ctrl-C in a terminal
             log.info("job %d cancelled", job_id)
             _finish(Session, job_id, "cancelled", error="cancelled")
             return "cancelled"
