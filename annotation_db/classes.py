@@ -55,7 +55,7 @@ class ClassKeys:
             self._folded.setdefault(_fold(display), key)
 
     @classmethod
-    def of(cls, dataset) -> ClassKeys:  # noqa: ANN001 - annotation_db.models.Dataset
+    def of(cls, dataset) -> ClassKeys:
         return cls(dataset.classes, f"dataset {dataset.name!r}")
 
     @property
