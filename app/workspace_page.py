@@ -1,0 +1,258 @@
+"""Slide workspace: a deep-zoom view of a whole slide (OpenSeadragon over Deep Zoom tiles from the
+app's own server, :mod:`app.slide_api`) with its glomeruli on the tissue.
+
+Wheel zoom, drag pan, a thumbnail navigator, a 1:1 button (one slide pixel per screen pixel, at
+the slide's µm/px) and a scale bar in µm. Overlays are fetched as GeoJSON for the viewport after
+each move: boxes drawn and not cropped yet, and glomeruli cropped into a dataset, coloured by
+their label or by the model's predicted class; each layer can be hidden, the legend counts them.
+**D** (or the Draw button) draws a missed glomerulus with the mouse: the box is stored at once,
+attributed to the signed-in user, and cropped into the dataset from this page.
+
+The browser part is one HTML document (``WORKSPACE_HTML``) in ``st.components.v1.html``; it talks
+to the routes with the token :func:`core.tile_service.sign_token` gives the signed-in user for
+this slide, so moving around never reruns the page. OpenSeadragon is vendored
+(``app/static/vendor/openseadragon``), never fetched from a CDN.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import streamlit as st
+import streamlit.components.v1 as components
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from annotation_db import boxes as box_store
+from annotation_db.models import Slide
+from app.session import current_dataset, who
+from app.slide_api import PREFIX, tile_service
+from app.store_cache import get_sessionmaker
+from core.errors import GlomError
+from core.slide_crops import (
+    SLIDE_CROP_SETTINGS,
+    crop_into_dataset,
+    export_boxes_geojson,
+)
+from core.tile_service import sign_token
+from core.wsi import OPENSLIDE_FORMATS, list_slide_files, slide_name
+
+log = logging.getLogger(__name__)
+
+VIEW_HEIGHT_PX = 640
+CLASS_COLOURS = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6"]
+DRAWN = "#00c8ff"
+
+WORKSPACE_HTML = """<!doctype html><html><head><meta charset="utf-8"><style>
+html,body{margin:0;height:100%;font:13px system-ui,sans-serif;color:#222}
+#wrap{position:relative;height:__HEIGHT__px;background:#f4f2f5;border-radius:8px;overflow:hidden}
+#osd{position:absolute;inset:0}
+#ov{position:absolute;left:0;top:0;width:100%;height:100%;pointer-events:none;z-index:3}
+#ov.drawing{pointer-events:auto;cursor:crosshair}
+#bar{position:absolute;left:10px;top:8px;display:flex;gap:6px;align-items:center;z-index:5;flex-wrap:wrap;
+ background:rgba(255,255,255,.88);padding:4px 8px;border-radius:6px;box-shadow:0 1px 4px rgba(0,0,0,.15)}
+#bar button{font:inherit;padding:2px 8px;border:1px solid #bbb;border-radius:4px;background:#fff;cursor:pointer}
+#bar button.on{background:#7b2d8e;color:#fff;border-color:#7b2d8e}
+#legend{position:absolute;right:10px;bottom:10px;z-index:5;background:rgba(255,255,255,.9);padding:6px 10px;
+ border-radius:6px;box-shadow:0 1px 4px rgba(0,0,0,.15);max-width:260px}
+#legend .sw{display:inline-block;width:12px;height:12px;border-radius:2px;margin-right:5px;vertical-align:-2px}
+#scale{position:absolute;left:10px;bottom:12px;z-index:5;background:rgba(255,255,255,.85);padding:2px 6px;border-radius:4px}
+#scale div{height:6px;border:2px solid #222;border-top:none}
+#msg{position:absolute;left:50%;top:8px;transform:translateX(-50%);z-index:6;background:#fde8e8;color:#8a1c1c;
+ padding:4px 10px;border-radius:6px;display:none}
+</style></head><body><div id="wrap" data-testid="workspace">
+<div id="osd"></div><canvas id="ov"></canvas>
+<div id="bar"><button id="b11" title="one slide pixel per screen pixel">1:1</button>
+<button id="bfit" title="whole slide">Fit</button><button id="bdraw" title="draw a missed glomerulus (D)">Draw</button>
+<label><input type="checkbox" id="l_drawn" checked> drawn</label>
+<label><input type="checkbox" id="l_glom" checked> glomeruli</label>
+<label>colour by <select id="colourby"><option value="label">label</option><option value="predicted">predicted</option></select></label>
+<span id="zoom"></span></div>
+<div id="legend"></div><div id="scale"><div id="scalebar"></div><span id="scaletext"></span></div><div id="msg"></div>
+</div>
+<script src="__PREFIX__/vendor/openseadragon.min.js"></script>
+<script>
+const CFG = __CFG__;
+const q = s => `slide=${encodeURIComponent(CFG.slide)}&t=${encodeURIComponent(CFG.token)}` + (s || '');
+const state = window.__glomWorkspace = {tilesLoaded: 0, tileErrors: 0, features: [], counts: {}, overlayFetches: 0,
+  drawn: 0, ready: false};
+const msg = t => { const m = document.getElementById('msg'); m.textContent = t; m.style.display = t ? 'block' : 'none'; };
+const viewer = OpenSeadragon({
+  element: document.getElementById('osd'), prefixUrl: CFG.prefix + '/vendor/images/',
+  showNavigator: true, navigatorPosition: 'TOP_RIGHT', showNavigationControl: false,
+  animationTime: 0.6, maxZoomPixelRatio: 4, visibilityRatio: 0.5, crossOriginPolicy: false,
+  gestureSettingsMouse: {clickToZoom: false, dblClickToZoom: true},
+  tileSources: {width: CFG.width, height: CFG.height, tileSize: CFG.tileSize, tileOverlap: CFG.overlap,
+    getTileUrl: (l, x, y) => `${CFG.prefix}/tile/${l}/${x}_${y}.jpeg?` + q()},
+});
+viewer.addHandler('tile-loaded', () => { state.tilesLoaded++; });
+viewer.addHandler('tile-load-failed', e => { state.tileErrors++; msg('Some tiles could not be loaded: ' + (e.message || 'server error')); });
+const canvas = document.getElementById('ov'), ctx = canvas.getContext('2d');
+const colours = {}; CFG.classes.forEach((c, i) => colours[c.key] = CFG.palette[i % CFG.palette.length]);
+const display = k => (CFG.classes.find(c => c.key === k) || {display: k}).display;
+function imageZoom() { return viewer.viewport.viewportToImageZoom(viewer.viewport.getZoom(true)); }
+function toScreen(x, y) { return viewer.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y)); }
+function toImage(px, py) { return viewer.viewport.viewerElementToImageCoordinates(new OpenSeadragon.Point(px, py)); }
+function colourOf(f) {
+  const p = f.properties; if (p.layer === 'drawn') return CFG.drawn;
+  const k = document.getElementById('colourby').value === 'predicted' ? p.predicted : p.label;
+  return k ? (colours[k] || '#888') : '#888';
+}
+function draw() {
+  const r = canvas.getBoundingClientRect(); canvas.width = r.width; canvas.height = r.height;
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const show = {drawn: document.getElementById('l_drawn').checked, glomeruli: document.getElementById('l_glom').checked};
+  ctx.lineWidth = 2;
+  for (const f of state.features) {
+    if (!show[f.properties.layer]) continue;
+    const [x, y, w, h] = f.properties.box, a = toScreen(x, y), b = toScreen(x + w, y + h);
+    ctx.strokeStyle = colourOf(f); ctx.setLineDash(f.properties.layer === 'drawn' ? [6, 4] : []);
+    ctx.strokeRect(a.x, a.y, b.x - a.x, b.y - a.y);
+  }
+  if (drag) { ctx.setLineDash([]); ctx.strokeStyle = CFG.drawn; ctx.strokeRect(drag.x0, drag.y0, drag.x1 - drag.x0, drag.y1 - drag.y0); }
+  scaleBar(); legend();
+  const z = imageZoom(); document.getElementById('zoom').textContent = z >= 1 ? `${z.toFixed(1)}:1` : `1:${(1 / z).toFixed(1)}`;
+}
+function scaleBar() {
+  const el = document.getElementById('scale');
+  if (!CFG.mpp) { el.style.display = 'none'; return; }
+  const umPerPx = CFG.mpp / imageZoom();
+  let best = 1; for (const e of [-1, 0, 1, 2, 3, 4]) for (const m of [1, 2, 5]) { const v = m * 10 ** e; if (v / umPerPx <= 160) best = v; }
+  document.getElementById('scalebar').style.width = Math.round(best / umPerPx) + 'px';
+  document.getElementById('scaletext').textContent = best >= 1000 ? `${best / 1000} mm` : `${best} µm`;
+}
+function legend() {
+  const counts = {}; const by = document.getElementById('colourby').value;
+  for (const f of state.features) if (f.properties.layer === 'glomeruli') {
+    const k = (by === 'predicted' ? f.properties.predicted : f.properties.label) || 'unlabelled'; counts[k] = (counts[k] || 0) + 1; }
+  let h = `<b>On the slide</b><br><span class="sw" style="background:${CFG.drawn}"></span>drawn, not cropped: <b data-count="drawn">${state.counts.drawn || 0}</b><br>` +
+    `glomeruli: <b data-count="glomeruli">${state.counts.glomeruli || 0}</b><br><b>In view</b> (by ${by})<br>`;
+  for (const [k, n] of Object.entries(counts)) h += `<span class="sw" style="background:${colours[k] || '#888'}"></span>${display(k)}: ${n}<br>`;
+  document.getElementById('legend').innerHTML = h;
+}
+let pending = null, seq = 0;
+async function fetchOverlays() {
+  const b = viewer.viewport.viewportToImageRectangle(viewer.viewport.getBounds(true));
+  const my = ++seq;
+  try {
+    const r = await fetch(`${CFG.prefix}/overlays?` + q(`&x=${Math.floor(b.x)}&y=${Math.floor(b.y)}&w=${Math.ceil(b.width) + 1}&h=${Math.ceil(b.height) + 1}`));
+    if (!r.ok) { msg('Overlays: ' + await r.text()); return; }
+    const body = await r.json(); if (my !== seq) return;
+    state.features = body.features; state.counts = body.counts; state.overlayFetches++; msg(''); draw();
+  } catch (e) { msg('Overlays could not be loaded: ' + e); }
+}
+function scheduleOverlays() { clearTimeout(pending); pending = setTimeout(fetchOverlays, 120); }
+viewer.addHandler('open', () => { state.ready = true; fetchOverlays(); });
+viewer.addHandler('update-viewport', draw);
+viewer.addHandler('animation-finish', scheduleOverlays);
+viewer.addHandler('open-failed', e => msg('The slide could not be opened: ' + (e.message || '')));
+new ResizeObserver(draw).observe(canvas);
+for (const id of ['l_drawn', 'l_glom', 'colourby']) document.getElementById(id).addEventListener('change', draw);
+document.getElementById('b11').onclick = () => viewer.viewport.zoomTo(viewer.viewport.imageToViewportZoom(1));
+document.getElementById('bfit').onclick = () => viewer.viewport.goHome();
+let drawing = false, drag = null;
+function setDrawing(on) {
+  drawing = on; canvas.classList.toggle('drawing', on); viewer.setMouseNavEnabled(!on);
+  document.getElementById('bdraw').classList.toggle('on', on);
+}
+document.getElementById('bdraw').onclick = () => setDrawing(!drawing);
+document.addEventListener('keydown', e => { if (e.key === 'd' || e.key === 'D') setDrawing(!drawing); if (e.key === 'Escape') setDrawing(false); });
+canvas.addEventListener('mousedown', e => { if (!drawing) return; drag = {x0: e.offsetX, y0: e.offsetY, x1: e.offsetX, y1: e.offsetY}; });
+canvas.addEventListener('mousemove', e => { if (drag) { drag.x1 = e.offsetX; drag.y1 = e.offsetY; draw(); } });
+canvas.addEventListener('mouseup', async e => {
+  if (!drag) return; const d = drag; drag = null; draw();
+  if (Math.abs(d.x1 - d.x0) < 6 || Math.abs(d.y1 - d.y0) < 6) return;  // a slip of the mouse
+  const a = toImage(Math.min(d.x0, d.x1), Math.min(d.y0, d.y1)), b = toImage(Math.max(d.x0, d.x1), Math.max(d.y0, d.y1));
+  const r = await fetch(`${CFG.prefix}/boxes?` + q(), {method: 'POST', headers: {'Content-Type': 'application/json'},
+    body: JSON.stringify({box: [a.x, a.y, b.x - a.x, b.y - a.y], label: CFG.drawLabel})});
+  if (!r.ok) { msg('Not stored: ' + await r.text()); return; }
+  state.drawn++; fetchOverlays();
+});
+</script></body></html>"""
+
+
+def workspace_html(*, slide: str, token: str, width: int, height: int, mpp: float | None, tile_size: int,
+                   overlap: int, classes: list[dict], draw_label: str | None, height_px: int = VIEW_HEIGHT_PX) -> str:
+    """The workspace document for one slide (all values JSON-encoded into the page)."""
+    cfg = {"slide": slide, "token": token, "width": width, "height": height, "mpp": mpp, "tileSize": tile_size,
+           "overlap": overlap, "prefix": PREFIX, "classes": classes, "palette": CLASS_COLOURS, "drawn": DRAWN,
+           "drawLabel": draw_label}
+    return (WORKSPACE_HTML.replace("__HEIGHT__", str(height_px)).replace("__PREFIX__", PREFIX)
+            .replace("__CFG__", json.dumps(cfg).replace("</", "<\\/")))
+
+
+def _slide_row(s, name: str) -> Slide | None:
+    return s.scalar(select(Slide).where(Slide.name == slide_name(name)))
+
+
+def _crop_drawn(name: str, dataset_name: str, user: str) -> None:
+    path = tile_service().resolve(name)
+    try:
+        with get_sessionmaker()() as s, s.begin():
+            slide = _slide_row(s, name)
+            todo = box_store.list_boxes(s, slide, uncropped_only=True) if slide else []
+            if not todo:
+                st.session_state.ws_flash = ("info", "No drawn box waits to be cropped.")
+                return
+            done = crop_into_dataset(s, dataset_name, path, todo, annotator=user, settings=SLIDE_CROP_SETTINGS,
+                                     source="app:workspace")
+    except GlomError as e:
+        st.session_state.ws_flash = ("error", f"Nothing cropped — {e}")
+        return
+    except SQLAlchemyError as e:
+        log.warning("workspace: store error while cropping %s: %s", name, e)
+        st.session_state.ws_flash = ("error", "Nothing cropped — the annotation store could not be written; try again.")
+        return
+    st.session_state.ws_flash = ("success", f"{len(done.crops)} glomeruli cropped into {dataset_name}: "
+                                            "they are in the Label queue.")
+
+
+def page() -> None:
+    me = who()
+    dataset = current_dataset()
+    st.subheader("Slide workspace")
+    try:
+        svc = tile_service()
+    except GlomError as e:
+        st.info(f"{e}. Set $GLOM_SLIDES_DIR to the folder of your slides ({OPENSLIDE_FORMATS}).")
+        return
+    names = list_slide_files(svc.root)
+    if not names:
+        st.info(f"No slide ({OPENSLIDE_FORMATS}) in {svc.root}.")
+        return
+    name = st.selectbox("Slide", names, key="ws_slide")
+    try:
+        info = svc.info(name)
+    except GlomError as e:
+        st.error(f"This slide cannot be shown — {e}")
+        return
+    classes = [{"key": c.key, "display": c.display_name} for c in dataset.classes] if dataset else []
+    c1, c2, c3 = st.columns([2, 2, 3], vertical_alignment="bottom")
+    draw_label = c1.selectbox("Class of boxes you draw", [None, *[c["key"] for c in classes]], key="ws_draw_label",
+                              format_func=lambda k: "no class (label later)" if k is None else dataset.display(k))
+    mpp_text = f"{info.mpp:.3f} µm/px" if info.mpp else "no µm/px recorded"
+    st.caption(f"{info.width:,} × {info.height:,} px · {mpp_text} · wheel zooms, drag pans, **D** draws a box, "
+               "**1:1** shows one slide pixel per screen pixel")
+    components.html(workspace_html(slide=name, token=sign_token(me.name, name), width=info.width, height=info.height,
+                                   mpp=info.mpp, tile_size=info.tile_size, overlap=info.overlap, classes=classes,
+                                   draw_label=draw_label), height=VIEW_HEIGHT_PX + 8)
+    with get_sessionmaker()() as s:
+        slide = _slide_row(s, name)
+        n_todo = len(box_store.list_boxes(s, slide, uncropped_only=True)) if slide else 0
+        geojson = export_boxes_geojson(s, slide) if slide else None
+    if dataset:
+        c2.button(f"Crop {n_todo} drawn box(es) into {dataset.name}", key="ws_crop", disabled=not n_todo,
+                  on_click=_crop_drawn, args=(name, dataset.name, me.name), type="primary")
+    c3.download_button("QuPath GeoJSON of the drawn boxes", json.dumps(geojson or {}, indent=1),
+                       file_name=f"{slide_name(name)}.geojson", mime="application/geo+json", key="ws_geojson",
+                       on_click="ignore", disabled=geojson is None, icon=":material/download:")
+    flash = st.session_state.pop("ws_flash", None)
+    if flash:
+        getattr(st, flash[0])(flash[1])
+    st.button("Refresh counts", key="ws_refresh", type="tertiary", help="boxes drawn in the view are stored at once; "
+              "this reruns the page to count them")
+
+
+if __name__ == "__main__":
+    page()

@@ -1,0 +1,137 @@
+"""End to end in real Chromium: the slide workspace served by the app's own server (app/asgi.py,
+the launcher's entry point). A pathologist signs in, opens the real slide ``cmu-1-small-region.svs``,
+sees Deep Zoom tiles load, zooms with the mouse wheel (more tiles, at a finer level), draws a
+missed glomerulus with the mouse (stored at once, attributed to her account), reloads and finds it on the
+map; a tile URL without her token is refused.
+
+Needs Debian's ``chromium`` and the ``playwright`` package (the browser is never downloaded).
+Set ``GLOM_UPDATE_SCREENSHOT=1`` to refresh ``docs/slide_workspace.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from annotation_db import store
+from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
+from annotation_db.models import SlideBox
+from tests.servers import wait_until_healthy
+from tests.test_label_e2e import CHROMIUM, CHROMIUM_ARGS, E2E_PASSWORD, _accounts
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+SLIDE = "cmu-1-small-region.svs"
+SCREENSHOT = REPO / "docs" / "slide_workspace.png"
+IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+
+
+@pytest.fixture
+def server(tmp_path: Path, wsi_dir: Path):
+    url = f"sqlite:///{tmp_path / 'ws.db'}"
+    engine = create_store_engine(url)
+    upgrade(engine)
+    with make_sessionmaker(engine)() as s, s.begin():
+        store.create_dataset(s, "glom", ["globally_sclerotic", "non_globally_sclerotic"], root=tmp_path / "dataset")
+    engine.dispose()
+    _accounts(url)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (tmp_path / "streamlit.log").open("w")
+    proc = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "streamlit"), "run", "app/asgi.py", "--server.port", str(port),
+         "--server.headless", "true"],
+        cwd=REPO, env=dict(os.environ, GLOM_DB=url, GLOM_SLIDES_DIR=str(wsi_dir), GLOM_DATA_ROOT=str(tmp_path)),
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until_healthy(port, proc, tmp_path / "streamlit.log")
+        yield f"http://127.0.0.1:{port}", url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
+def _state(frame, expr: str):
+    return frame.evaluate(f"() => window.__glomWorkspace && window.__glomWorkspace.{expr}")
+
+
+def test_open_zoom_draw_reload(server):
+    from playwright.sync_api import sync_playwright
+
+    base, url = server
+    with urllib.request.urlopen(base + "/api/slides/vendor/openseadragon.min.js") as r:
+        assert r.status == 200
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{base}/api/slides/tile/0/0_0.jpeg?slide={SLIDE}")
+    assert err.value.code == 403
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(base)
+        page.get_by_label("Your name").fill("alice")
+        page.get_by_label("Password", exact=True).fill(E2E_PASSWORD)
+        page.get_by_role("button", name="Sign in").click()
+        page.get_by_text("Signed in as alice").wait_for(timeout=30_000)
+        page.get_by_role("link", name="Slide workspace").click()  # a page load would sign out
+        page.wait_for_selector(IDLE, timeout=30_000)
+        frame_el = page.wait_for_selector("iframe[title='st.iframe'], iframe", timeout=30_000)
+        frame = frame_el.content_frame()
+        frame.wait_for_function("() => window.__glomWorkspace && window.__glomWorkspace.ready"
+                                " && window.__glomWorkspace.tilesLoaded > 0 && window.__glomWorkspace.overlayFetches > 0",
+                                timeout=30_000)
+        before = _state(frame, "tilesLoaded")
+        zoom0 = frame.evaluate("() => document.getElementById('zoom').textContent")
+        box = frame_el.bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        for _ in range(4):
+            page.mouse.wheel(0, -300)
+            page.wait_for_timeout(150)
+        frame.wait_for_function(f"() => window.__glomWorkspace.tilesLoaded > {before}", timeout=20_000)
+        assert frame.evaluate("() => document.getElementById('zoom').textContent") != zoom0
+        assert _state(frame, "tileErrors") == 0
+        assert "µm" in frame.evaluate("() => document.getElementById('scaletext').textContent")
+
+        # draw a missed glomerulus
+        frame.click("#bdraw")
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(cx - 40, cy - 40)
+        page.mouse.down()
+        page.mouse.move(cx, cy, steps=4)
+        page.mouse.move(cx + 40, cy + 40, steps=4)
+        page.mouse.up()
+        frame.wait_for_function("() => window.__glomWorkspace.drawn === 1 && window.__glomWorkspace.counts.drawn === 1",
+                                timeout=15_000)
+        if os.environ.get("GLOM_UPDATE_SCREENSHOT") == "1":
+            page.screenshot(path=str(SCREENSHOT))
+
+        page.reload()
+        page.wait_for_selector(IDLE, timeout=30_000)
+        if page.get_by_label("Your name").count():  # the reload ended the Streamlit session
+            page.get_by_label("Your name").fill("alice")
+            page.get_by_label("Password", exact=True).fill(E2E_PASSWORD)
+            page.get_by_role("button", name="Sign in").click()
+            page.get_by_role("link", name="Slide workspace").click()
+            page.wait_for_selector(IDLE, timeout=30_000)
+        frame = page.wait_for_selector("iframe", timeout=30_000).content_frame()
+        frame.wait_for_function("() => window.__glomWorkspace && window.__glomWorkspace.overlayFetches > 0"
+                                " && window.__glomWorkspace.counts.drawn === 1", timeout=30_000)
+        browser.close()
+
+    engine = create_store_engine(url)
+    with make_sessionmaker(engine)() as s:
+        rows = s.scalars(select(SlideBox)).all()
+        assert len(rows) == 1 and rows[0].created_by == "alice"
+        x, y, w, h = rows[0].box
+        assert 30 < w < 2220 and 30 < h < 2967 and x >= 0 and y >= 0
+    engine.dispose()
