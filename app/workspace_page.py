@@ -204,8 +204,8 @@ def _crop_drawn(name: str, dataset_name: str, user: str) -> None:
         log.warning("workspace: store error while cropping %s: %s", name, e)
         st.session_state.ws_flash = ("error", "Nothing cropped — the annotation store could not be written; try again.")
         return
-    st.session_state.ws_flash = ("success", f"{len(done.crops)} glomeruli cropped into {dataset_name}: "
-                                            "they are in the Label queue.")
+    st.session_state.ws_flash = ("success", (f"{len(done.crops)} glomeruli cropped into {dataset_name}: they are in "
+                                            f"the Label queue."))
 
 
 def page() -> None:
