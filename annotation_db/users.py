@@ -16,7 +16,10 @@ Functions take a session; the caller owns the transaction.
 
 from __future__ import annotations
 
+import base64
 import getpass
+import hashlib
+import hmac
 import ipaddress
 import os
 import threading
@@ -33,7 +36,8 @@ from annotation_db.store import MODEL_ANNOTATOR_PREFIX, is_model_annotator
 
 __all__ = ["ROLES", "PERMISSIONS", "AccountError", "hash_password", "verify_password", "add_user",
            "set_password", "set_role", "authenticate", "has_accounts", "role_of", "may", "list_users",
-           "MIN_PASSWORD_CHARS", "local_user_name", "is_loopback", "SignInThrottle"]
+           "MIN_PASSWORD_CHARS", "local_user_name", "is_loopback", "SignInThrottle",
+           "SESSION_TTL_S", "issue_session_token", "verify_session_token"]
 
 ROLES = ("annotator", "adjudicator", "admin")
 PERMISSIONS: dict[str, frozenset[str]] = {
@@ -248,3 +252,49 @@ class SignInThrottle:
             for key in self._keys(name, address):
                 self._recent(key, now)
                 self._failures.setdefault(key, []).append(now)
+
+
+SESSION_TTL_S = 12 * 3600  # a signed-in browser stays signed in across reloads for a working day
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _session_mac(secret: bytes, payload: str, password_hash: str) -> str:
+    # The account's password hash is part of the key: a new password ends every earlier session.
+    return _b64(hmac.new(secret, payload.encode("ascii") + b"\0" + password_hash.encode(), hashlib.sha256).digest())
+
+
+def issue_session_token(account: Annotator, secret: bytes, *, ttl_s: float = SESSION_TTL_S,
+                        now: float | None = None) -> str:
+    """A token that proves ``account`` signed in with its password, until ``ttl_s`` from now:
+    its name and expiry, signed (HMAC-SHA256) with ``secret`` and the account's password hash."""
+    if not account.password_hash:
+        raise AccountError(f"{account.name!r} has no password: it cannot sign in")
+    expires = int((time.time() if now is None else now) + ttl_s)
+    payload = _b64(f"{expires}:{account.name}".encode())
+    return f"{payload}.{_session_mac(secret, payload, account.password_hash)}"
+
+
+def verify_session_token(session: Session, token: str, secret: bytes, *, now: float | None = None) -> Annotator | None:
+    """The account a token from :func:`issue_session_token` names, when its signature holds, it
+    has not expired and the account's password has not changed since; else None."""
+    try:
+        payload, mac = token.split(".")
+        expires, name = _unb64(payload).decode().split(":", 1)
+        expired = int(expires) < (time.time() if now is None else now)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if expired:
+        return None
+    annotator = _get(session, name) if name.strip() else None
+    if annotator is None or not annotator.password_hash:
+        return None
+    if not hmac.compare_digest(mac, _session_mac(secret, payload, annotator.password_hash)):
+        return None
+    return annotator

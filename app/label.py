@@ -17,7 +17,7 @@ import streamlit as st
 from sqlalchemy.exc import SQLAlchemyError
 
 from annotation_db.queues import QUEUE_KINDS, QUEUE_TITLES, slides_of
-from app import signin_page
+from app import session_cookie, signin_page
 from app.session import (
     auth_mode,
     current_dataset,
@@ -71,6 +71,8 @@ def _remembered_sign_in() -> None:
             sign_in(local_user_name(), role="admin")
         elif url_sign_in_allowed() and st.query_params.get("annotator"):
             sign_in(st.query_params["annotator"])
+        elif auth_mode() == "accounts" and (name := session_cookie.remembered_name()):
+            sign_in(name)  # this browser signed in with a password before the reload
     if st.session_state.dataset_name is None and st.query_params.get("dataset"):
         st.session_state.dataset_name = st.query_params["dataset"]
 
@@ -162,6 +164,7 @@ def main() -> None:
     _oidc_sign_in()
     _remembered_sign_in()
     _queue_from_url()
+    session_cookie.write_cookie()
     me = who()
     if me is None:
         # The same pages are registered signed in or not: switching the page set at sign-in

@@ -13,7 +13,14 @@ import streamlit as st
 
 from annotation_db import store, users
 from annotation_db.queues import QueueSpec
-from app.store_cache import DatasetView, dataset_names, dataset_view, get_sessionmaker, store_url
+from app import session_cookie
+from app.store_cache import (
+    DatasetView,
+    dataset_names,
+    dataset_view,
+    get_sessionmaker,
+    store_url,
+)
 
 DEFAULTS = {
     "annotator_id": None,
@@ -106,6 +113,7 @@ def sign_in_with_password(name: str, password: str) -> bool:
         if account is None:
             return False
         account_name = account.name
+        session_cookie.remember(account)  # a reload of the page keeps them signed in
     sign_in(account_name)
     return True
 
@@ -114,6 +122,7 @@ def sign_out() -> None:
     for key in ("annotator_id", "annotator_name", "annotator_role", "trail", "progress", "rate"):
         st.session_state.pop(key, None)
     st.query_params.pop("annotator", None)
+    session_cookie.forget()
     init_state()
 
 

@@ -337,3 +337,33 @@ def test_import_page_takes_an_uploaded_zip_and_label_files(app_url, store_url, t
     assert {p: list(c) for p, c in rows} == {f"batch1/{p.name}": [CLASSES[i % 2]] for i, p in enumerate(crops)}
     assert all((Path(ds.root) / "batch1" / p.name).read_bytes() == p.read_bytes() for p in crops)
     assert names == {"bueno", "pas-upload"} and not (tmp_path / "data" / "escape").exists()
+
+
+def test_a_reload_keeps_the_clinician_signed_in_until_they_sign_out(app_url):
+    """The password is asked once: a reload (a new Streamlit session) signs the same person in
+    from the signed cookie; after "Sign out" a reload asks again, and a forged cookie is ignored."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        page = context.new_page()
+        _sign_in(page, app_url, "alice")
+        page.wait_for_function("() => document.cookie.includes('glom_session=')", timeout=15_000)
+        page.reload()
+        page.wait_for_selector(CAPTION, timeout=30_000)
+        assert page.get_by_role("button", name="Sign out").count() == 1
+        assert page.get_by_label("Password", exact=True).count() == 0
+
+        page.get_by_role("button", name="Sign out").click()
+        page.get_by_role("button", name="Sign in").wait_for(timeout=30_000)
+        page.wait_for_function("() => !document.cookie.includes('glom_session=')", timeout=15_000)
+        page.reload()
+        page.get_by_role("button", name="Sign in").wait_for(timeout=30_000)
+
+        host = app_url.split("//")[1].split(":")[0]
+        context.add_cookies([{"name": "glom_session", "value": "YWxpY2U.forged", "domain": host, "path": "/"}])
+        page.reload()
+        page.get_by_role("button", name="Sign in").wait_for(timeout=30_000)
+        assert page.locator(CAPTION).count() == 0
+        browser.close()

@@ -131,3 +131,22 @@ def test_a_successful_sign_in_clears_the_name_but_not_the_address():
     assert throttle.wait_s("dr_li", None) == 0
     clock.now -= 10
     assert throttle.wait_s("dr_li", "10.0.0.7") == 10  # that address failed three times: 2 free, then 5 s, 10 s
+
+
+def test_a_session_token_signs_in_until_it_expires_or_the_password_changes(SqliteSession):  # noqa: N803
+    secret = b"s" * 32
+    with SqliteSession() as s, s.begin():
+        token = users.issue_session_token(users.add_user(s, "dr_li", PASSWORD), secret, now=1000.0)
+        users.add_user(s, "dr_wang", PASSWORD)
+    with SqliteSession() as s:
+        assert users.verify_session_token(s, token, secret, now=1000.0 + users.SESSION_TTL_S - 1).name == "dr_li"
+        assert users.verify_session_token(s, token, secret, now=1000.0 + users.SESSION_TTL_S + 1) is None
+        assert users.verify_session_token(s, token, b"another server's secret" * 2, now=1000.0) is None
+        payload, mac = token.split(".")
+        forged = users._b64(f"{1000 + users.SESSION_TTL_S}:dr_wang".encode())  # another name, same signature
+        for bad in (f"{forged}.{mac}", f"{payload}.{mac[:-2]}xx", "garbage", "", f"{payload}"):
+            assert users.verify_session_token(s, bad, secret, now=1000.0) is None, bad
+    with SqliteSession() as s, s.begin():
+        users.set_password(s, "dr_li", "a new password")
+    with SqliteSession() as s:
+        assert users.verify_session_token(s, token, secret, now=1000.0) is None  # a new password ends it
