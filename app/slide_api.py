@@ -11,8 +11,10 @@ cannot read (a message naming the slide, never a traceback).
 
     GET  /api/slides/dzi?slide&t                       the .dzi descriptor (JPEG tiles)
     GET  /api/slides/tile/{level}/{col}_{row}.jpeg?slide&t
-    GET  /api/slides/overlays?slide&t&x&y&w&h          FeatureCollection in the level-0 rectangle
+    GET  /api/slides/overlays?slide&t&x&y&w&h[&dataset] FeatureCollection in the level-0 rectangle
     POST /api/slides/boxes?slide&t  {"box": [x, y, w, h], "label": key|null}   a drawn glomerulus
+    GET  /api/slides/proposals?slide&t[&dataset]       the detector's proposals, best score first
+    POST /api/slides/proposals/{id}?slide&t  {"action": "accept"|"reject"|"undo", "label": key|null}
     GET  /api/slides/vendor/...                        OpenSeadragon (app/static/vendor/openseadragon)
 """
 
@@ -136,11 +138,20 @@ def _feature(layer: str, box: tuple[int, int, int, int], props: dict) -> dict:
             "properties": {"layer": layer, "box": [x, y, w, h], **props}}
 
 
-def overlay_features(session, name: str, rect: tuple[int, int, int, int], limit: int = MAX_FEATURES) -> dict:
+def overlay_features(session, name: str, rect: tuple[int, int, int, int], limit: int = MAX_FEATURES,
+                     dataset_id: int | None = None) -> dict:
     """The overlays of slide ``name`` that meet the level-0 ``rect``: drawn boxes (layer
-    ``drawn``) and cropped glomeruli (layer ``glomeruli``, with their label and predicted class),
-    plus ``counts`` per layer and class over the whole slide (the legend)."""
-    from annotation_db.models import Image, Label, Prediction, Slide, SlideBox
+    ``drawn``), cropped glomeruli (layer ``glomeruli``, with their label and predicted class) and
+    the detector's proposals (layer ``proposals``: polygon, score, status, reviewer; of
+    ``dataset_id`` when given), plus ``counts`` per layer over the whole slide (the legend)."""
+    from annotation_db.models import (
+        GlomerulusProposal,
+        Image,
+        Label,
+        Prediction,
+        Slide,
+        SlideBox,
+    )
 
     slide = session.scalar(select(Slide).where(Slide.name == slide_name(name)))
     out: dict = {"type": "FeatureCollection", "features": [], "counts": {}, "truncated": False}
@@ -175,7 +186,31 @@ def overlay_features(session, name: str, rect: tuple[int, int, int, int], limit:
                              .where(SlideBox.slide_id == slide.id, SlideBox.image_id.is_(None)))
     n_glom = session.scalar(select(func.count()).select_from(Image).where(Image.slide_id == slide.id, Image.x0.is_not(None)))
     out["counts"] = {"drawn": int(n_drawn or 0), "glomeruli": int(n_glom or 0)}
+    pq = select(GlomerulusProposal).where(GlomerulusProposal.slide_id == slide.id, meets(GlomerulusProposal))
+    cq = select(GlomerulusProposal.status, func.count()).where(GlomerulusProposal.slide_id == slide.id)
+    if dataset_id is not None:
+        pq = pq.where(GlomerulusProposal.dataset_id == dataset_id)
+        cq = cq.where(GlomerulusProposal.dataset_id == dataset_id)
+    props = session.scalars(pq.order_by(GlomerulusProposal.score.desc()).limit(limit + 1)).all()
+    out["truncated"] = out["truncated"] or len(props) > limit
+    for p in props[:limit]:
+        out["features"].append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [p.polygon]},
+                                "properties": {"layer": "proposals", "id": p.id, "box": list(p.box),
+                                               "score": round(p.score, 3), "status": p.status,
+                                               "by": p.reviewed_by}})
+    for status, n in session.execute(cq.group_by(GlomerulusProposal.status)):
+        out["counts"][f"proposals_{status}"] = int(n)
     return out
+
+
+def _dataset_id(request: Request) -> int | None:
+    raw = request.query_params.get("dataset")
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError("dataset must be a dataset id") from None
 
 
 def overlays(request: Request) -> Response:
@@ -185,7 +220,7 @@ def overlays(request: Request) -> Response:
         tile_service().resolve(name)
         rect = _rect(request)
         with _sessionmaker()() as s:
-            body = overlay_features(s, name, rect)
+            body = overlay_features(s, name, rect, dataset_id=_dataset_id(request))
     except SQLAlchemyError as e:
         log.warning("slide api: store error for overlays of %r: %s", name, e)
         return PlainTextResponse("the annotation store could not be read", status_code=503)
@@ -230,6 +265,91 @@ def _store_box(path: Path, box: list, label: str | None, user: str) -> int:
         return box_store.add_box(s, slide, (x, y, w, h), created_by=user, label=label).id
 
 
+def proposal_list(session, name: str, dataset_id: int | None) -> list[dict]:
+    """Every proposal of slide ``name`` (of ``dataset_id`` when given), best score first: what the
+    review steps through with N / P (boxes and states only, no polygons)."""
+    from annotation_db.proposals import list_proposals
+
+    return [{"id": p.id, "box": list(p.box), "score": round(p.score, 3), "status": p.status, "by": p.reviewed_by}
+            for p in list_proposals(session, slide_name(name), dataset_id and _dataset(session, dataset_id))]
+
+
+def _dataset(session, dataset_id: int):
+    from annotation_db.models import Dataset
+
+    ds = session.get(Dataset, dataset_id)
+    if ds is None:
+        raise ValueError(f"no dataset with id {dataset_id}")
+    return ds
+
+
+def proposals(request: Request) -> Response:
+    name = request.query_params.get("slide", "")
+    try:
+        _authorised(request)
+        tile_service().resolve(name)
+        with _sessionmaker()() as s:
+            body = proposal_list(s, name, _dataset_id(request))
+    except SQLAlchemyError as e:
+        log.warning("slide api: store error listing proposals of %r: %s", name, e)
+        return PlainTextResponse("the annotation store could not be read", status_code=503)
+    except Exception as e:  # noqa: BLE001
+        return _error(e, name)
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
+def decide(session, name: str, proposal_id: int, action: str, user: str, label: str | None = None) -> dict:
+    """Apply a reviewer's ``action`` (accept / reject / undo) to a proposal of slide ``name`` and
+    return its new state. ``undo`` puts it back to proposed (removing the box an acceptance drew,
+    unless it was cropped already). A proposal of another slide is refused like a missing one."""
+    from annotation_db.models import GlomerulusProposal
+    from annotation_db.proposals import ProposalError, accept_proposal, reject_proposal
+
+    p = session.get(GlomerulusProposal, proposal_id)
+    if p is None or p.slide.name != slide_name(name):
+        raise TileNotFound(f"no proposal {proposal_id} on slide {name!r}")
+    if action == "accept":
+        accept_proposal(session, proposal_id, reviewed_by=user, label=label)
+    elif action == "reject":
+        reject_proposal(session, proposal_id, reviewed_by=user)
+    elif action == "undo":
+        if p.slide_box is not None:
+            if p.slide_box.image_id is not None:
+                raise ProposalError(f"proposal {proposal_id} was cropped into the dataset already: "
+                                    "remove the crop there instead")
+            session.delete(p.slide_box)
+            p.slide_box_id = None
+        p.status, p.reviewed_by, p.reviewed_at = "proposed", None, None
+    else:
+        raise ValueError(f"action must be accept, reject or undo, not {action!r}")
+    session.flush()
+    return {"id": p.id, "box": list(p.box), "score": round(p.score, 3), "status": p.status, "by": p.reviewed_by}
+
+
+async def decision(request: Request) -> Response:
+    """A reviewer's decision on one proposal, stored at once and attributed to the token's user."""
+    from starlette.concurrency import run_in_threadpool
+
+    name = request.query_params.get("slide", "")
+    try:
+        _, user = _authorised(request)
+        body = json.loads(await request.body() or b"{}")
+        tile_service().resolve(name)
+
+        def apply() -> dict:
+            with _sessionmaker()() as s, s.begin():
+                return decide(s, name, int(request.path_params["pid"]), str(body.get("action")), user,
+                              body.get("label") or None)
+
+        state = await run_in_threadpool(apply)
+    except SQLAlchemyError as e:
+        log.warning("slide api: store error deciding a proposal on %r: %s", name, e)
+        return PlainTextResponse("the annotation store could not be written", status_code=503)
+    except Exception as e:  # noqa: BLE001
+        return _error(e, name)
+    return JSONResponse(state)
+
+
 def routes() -> list:
     """The workspace's routes, for ``st.App(..., routes=routes())``."""
     return [
@@ -237,5 +357,7 @@ def routes() -> list:
         Route(f"{PREFIX}/tile/{{level:int}}/{{col:int}}_{{row:int}}.jpeg", tile),
         Route(f"{PREFIX}/overlays", overlays),
         Route(f"{PREFIX}/boxes", add_box, methods=["POST"]),
+        Route(f"{PREFIX}/proposals", proposals),
+        Route(f"{PREFIX}/proposals/{{pid:int}}", decision, methods=["POST"]),
         Mount(f"{PREFIX}/vendor", app=StaticFiles(directory=VENDOR_DIR, check_dir=False), name="osd"),
     ]

@@ -8,6 +8,12 @@ their label or by the model's predicted class; each layer can be hidden, the leg
 **D** (or the Draw button) draws a missed glomerulus with the mouse: the box is stored at once,
 attributed to the signed-in user, and cropped into the dataset from this page.
 
+The detector's proposals (``glom detect --dataset``, :mod:`annotation_db.proposals`) show dashed
+with their score; **N** / **P** fly to the next / previous one still to review, **A** accepts
+(a box drawn by the reviewer, cropped with the others), **R** rejects, **U** (or Ctrl+Z) undoes
+the last decision. Each decision is stored at once, attributed; the list is read again on every
+key, so a decision by another reviewer shows on the next one.
+
 The browser part is one HTML document (``WORKSPACE_HTML``) in ``st.components.v1.html``; it talks
 to the routes with the token :func:`core.tile_service.sign_token` gives the signed-in user for
 this slide, so moving around never reruns the page. OpenSeadragon is vendored
@@ -59,6 +65,8 @@ html,body{margin:0;height:100%;font:13px system-ui,sans-serif;color:#222}
 #legend .sw{display:inline-block;width:12px;height:12px;border-radius:2px;margin-right:5px;vertical-align:-2px}
 #scale{position:absolute;left:10px;bottom:12px;z-index:5;background:rgba(255,255,255,.85);padding:2px 6px;border-radius:4px}
 #scale div{height:6px;border:2px solid #222;border-top:none}
+#review{position:absolute;left:50%;bottom:12px;transform:translateX(-50%);z-index:5;background:rgba(255,255,255,.92);
+ padding:4px 10px;border-radius:6px;box-shadow:0 1px 4px rgba(0,0,0,.15)}
 #msg{position:absolute;left:50%;top:8px;transform:translateX(-50%);z-index:6;background:#fde8e8;color:#8a1c1c;
  padding:4px 10px;border-radius:6px;display:none}
 </style></head><body><div id="wrap" data-testid="workspace">
@@ -67,16 +75,19 @@ html,body{margin:0;height:100%;font:13px system-ui,sans-serif;color:#222}
 <button id="bfit" title="whole slide">Fit</button><button id="bdraw" title="draw a missed glomerulus (D)">Draw</button>
 <label><input type="checkbox" id="l_drawn" checked> drawn</label>
 <label><input type="checkbox" id="l_glom" checked> glomeruli</label>
+<label><input type="checkbox" id="l_prop" checked> proposals</label>
 <label>colour by <select id="colourby"><option value="label">label</option><option value="predicted">predicted</option></select></label>
 <span id="zoom"></span></div>
-<div id="legend"></div><div id="scale"><div id="scalebar"></div><span id="scaletext"></span></div><div id="msg"></div>
+<div id="legend"></div><div id="review" data-testid="review"></div><div id="scale"><div id="scalebar"></div><span id="scaletext"></span></div><div id="msg"></div>
 </div>
 <script src="__PREFIX__/vendor/openseadragon.min.js"></script>
 <script>
 const CFG = __CFG__;
-const q = s => `slide=${encodeURIComponent(CFG.slide)}&t=${encodeURIComponent(CFG.token)}` + (s || '');
+const q = s => `slide=${encodeURIComponent(CFG.slide)}&t=${encodeURIComponent(CFG.token)}` +
+  (CFG.dataset != null ? `&dataset=${CFG.dataset}` : '') + (s || '');
+const STATUS = {proposed: '#ff9800', accepted: '#2e7d32', rejected: '#9e9e9e'};
 const state = window.__glomWorkspace = {tilesLoaded: 0, tileErrors: 0, features: [], counts: {}, overlayFetches: 0,
-  drawn: 0, ready: false};
+  drawn: 0, ready: false, proposals: [], current: -1, decisions: 0, undone: 0};
 const msg = t => { const m = document.getElementById('msg'); m.textContent = t; m.style.display = t ? 'block' : 'none'; };
 const viewer = OpenSeadragon({
   element: document.getElementById('osd'), prefixUrl: CFG.prefix + '/vendor/images/',
@@ -96,16 +107,29 @@ function toScreen(x, y) { return viewer.viewport.imageToViewerElementCoordinates
 function toImage(px, py) { return viewer.viewport.viewerElementToImageCoordinates(new OpenSeadragon.Point(px, py)); }
 function colourOf(f) {
   const p = f.properties; if (p.layer === 'drawn') return CFG.drawn;
+  if (p.layer === 'proposals') return STATUS[p.status] || '#ff9800';
   const k = document.getElementById('colourby').value === 'predicted' ? p.predicted : p.label;
   return k ? (colours[k] || '#888') : '#888';
 }
 function draw() {
   const r = canvas.getBoundingClientRect(); canvas.width = r.width; canvas.height = r.height;
   ctx.clearRect(0, 0, canvas.width, canvas.height);
-  const show = {drawn: document.getElementById('l_drawn').checked, glomeruli: document.getElementById('l_glom').checked};
+  const show = {drawn: document.getElementById('l_drawn').checked, glomeruli: document.getElementById('l_glom').checked,
+    proposals: document.getElementById('l_prop').checked};
   ctx.lineWidth = 2;
+  const cur = state.proposals[state.current];
   for (const f of state.features) {
     if (!show[f.properties.layer]) continue;
+    if (f.properties.layer === 'proposals') {
+      const p = state.proposals.find(x => x.id === f.properties.id) || f.properties;  // the freshest state
+      ctx.strokeStyle = STATUS[p.status] || '#ff9800'; ctx.setLineDash(p.status === 'proposed' ? [5, 4] : []);
+      ctx.lineWidth = cur && cur.id === p.id ? 4 : 2;
+      ctx.beginPath(); f.geometry.coordinates[0].forEach(([x, y], i) => { const s = toScreen(x, y); i ? ctx.lineTo(s.x, s.y) : ctx.moveTo(s.x, s.y); });
+      ctx.closePath(); ctx.stroke(); ctx.lineWidth = 2;
+      const a = toScreen(p.box[0], p.box[1]); ctx.fillStyle = ctx.strokeStyle; ctx.font = '12px system-ui';
+      ctx.fillText(p.score.toFixed(2), a.x, a.y - 3);
+      continue;
+    }
     const [x, y, w, h] = f.properties.box, a = toScreen(x, y), b = toScreen(x + w, y + h);
     ctx.strokeStyle = colourOf(f); ctx.setLineDash(f.properties.layer === 'drawn' ? [6, 4] : []);
     ctx.strokeRect(a.x, a.y, b.x - a.x, b.y - a.y);
@@ -127,7 +151,9 @@ function legend() {
   for (const f of state.features) if (f.properties.layer === 'glomeruli') {
     const k = (by === 'predicted' ? f.properties.predicted : f.properties.label) || 'unlabelled'; counts[k] = (counts[k] || 0) + 1; }
   let h = `<b>On the slide</b><br><span class="sw" style="background:${CFG.drawn}"></span>drawn, not cropped: <b data-count="drawn">${state.counts.drawn || 0}</b><br>` +
-    `glomeruli: <b data-count="glomeruli">${state.counts.glomeruli || 0}</b><br><b>In view</b> (by ${by})<br>`;
+    `glomeruli: <b data-count="glomeruli">${state.counts.glomeruli || 0}</b><br>` +
+    ['proposed', 'accepted', 'rejected'].map(k => `<span class="sw" style="background:${STATUS[k]}"></span>${k}: <b data-count="${k}">${state.proposals.filter(p => p.status === k).length}</b>`).join('<br>') +
+    `<br><b>In view</b> (by ${by})<br>`;
   for (const [k, n] of Object.entries(counts)) h += `<span class="sw" style="background:${colours[k] || '#888'}"></span>${display(k)}: ${n}<br>`;
   document.getElementById('legend').innerHTML = h;
 }
@@ -143,12 +169,69 @@ async function fetchOverlays() {
   } catch (e) { msg('Overlays could not be loaded: ' + e); }
 }
 function scheduleOverlays() { clearTimeout(pending); pending = setTimeout(fetchOverlays, 120); }
-viewer.addHandler('open', () => { state.ready = true; fetchOverlays(); });
+viewer.addHandler('open', () => { state.ready = true; fetchOverlays(); loadProposals(); });
+// --- proposal review: A accept, R reject, N / P next / previous (the view flies there), U undo ---
+async function loadProposals() {
+  try {
+    const r = await fetch(`${CFG.prefix}/proposals?` + q());
+    if (!r.ok) { msg('Proposals: ' + await r.text()); return; }
+    const keep = state.proposals[state.current];
+    state.proposals = await r.json();
+    state.current = keep ? state.proposals.findIndex(p => p.id === keep.id) : -1;
+    review(); draw();
+  } catch (e) { msg('Proposals could not be loaded: ' + e); }
+}
+function review() {
+  const el = document.getElementById('review'), n = state.proposals.length, p = state.proposals[state.current];
+  if (!n) { el.textContent = 'No proposals on this slide.'; return; }
+  el.innerHTML = p ? `Proposal <b>${state.current + 1}</b>/${n} · score ${p.score.toFixed(2)} · <b data-status>${p.status}</b>` +
+    (p.by ? ` by ${p.by}` : '') + ' · <b>A</b> accept · <b>R</b> reject · <b>N</b>/<b>P</b> next/previous · <b>U</b> undo'
+    : `${n} proposals · <b>N</b> goes to the first one to review`;
+}
+function flyTo(i) {
+  if (i < 0 || i >= state.proposals.length) return;
+  state.current = i; const [x, y, w, h] = state.proposals[i].box, m = Math.max(w, h) * 1.5;
+  viewer.viewport.fitBounds(viewer.viewport.imageToViewportRectangle(x + w / 2 - m, y + h / 2 - m, 2 * m, 2 * m));
+  review(); draw();
+}
+function step(d) {
+  const n = state.proposals.length; if (!n) return;
+  let i = state.current;
+  for (let k = 0; k < n; k++) { i = (i + d + n) % n; if (state.proposals[i].status === 'proposed') return flyTo(i); }
+  flyTo(Math.min(Math.max(state.current + d, 0), n - 1));  // all decided: plain stepping
+}
+const undoStack = [];
+async function decideCurrent(action, id) {
+  const p = id != null ? state.proposals.find(x => x.id === id) : state.proposals[state.current];
+  if (!p) return;
+  const r = await fetch(`${CFG.prefix}/proposals/${p.id}?` + q(), {method: 'POST', headers: {'Content-Type': 'application/json'},
+    body: JSON.stringify({action, label: CFG.drawLabel})});
+  if (!r.ok) { msg('Not stored: ' + await r.text()); return false; }
+  Object.assign(p, await r.json()); msg('');
+  if (action !== 'undo') undoStack.push(p.id);
+  await loadProposals(); fetchOverlays();
+  if (action === 'undo') state.undone++;
+  return true;
+}
+let busy = false;  // one decision at a time: a key pressed while one is stored is dropped, not raced
+document.addEventListener('keydown', async e => {
+  if (busy) return;
+  busy = true;
+  try { await onKey(e); } finally { busy = false; }
+});
+async function onKey(e) {
+  if (e.ctrlKey || e.metaKey || e.altKey) { if ((e.key === 'z' || e.key === 'Z') && undoStack.length) await decideCurrent('undo', undoStack.pop()); return; }
+  const k = e.key.toLowerCase();
+  if (k === 'n') { await loadProposals(); step(1); }
+  else if (k === 'p') { await loadProposals(); step(-1); }
+  else if (k === 'a' || k === 'r') { if (await decideCurrent(k === 'a' ? 'accept' : 'reject')) { step(1); state.decisions++; } }
+  else if (k === 'u' && undoStack.length) await decideCurrent('undo', undoStack.pop());
+}
 viewer.addHandler('update-viewport', draw);
 viewer.addHandler('animation-finish', scheduleOverlays);
 viewer.addHandler('open-failed', e => msg('The slide could not be opened: ' + (e.message || '')));
 new ResizeObserver(draw).observe(canvas);
-for (const id of ['l_drawn', 'l_glom', 'colourby']) document.getElementById(id).addEventListener('change', draw);
+for (const id of ['l_drawn', 'l_glom', 'l_prop', 'colourby']) document.getElementById(id).addEventListener('change', draw);
 document.getElementById('b11').onclick = () => viewer.viewport.zoomTo(viewer.viewport.imageToViewportZoom(1));
 document.getElementById('bfit').onclick = () => viewer.viewport.goHome();
 let drawing = false, drag = null;
@@ -173,9 +256,10 @@ canvas.addEventListener('mouseup', async e => {
 
 
 def workspace_html(*, slide: str, token: str, width: int, height: int, mpp: float | None, tile_size: int,
-                   overlap: int, classes: list[dict], draw_label: str | None, height_px: int = VIEW_HEIGHT_PX) -> str:
+                   overlap: int, classes: list[dict], draw_label: str | None, dataset_id: int | None = None,
+                   height_px: int = VIEW_HEIGHT_PX) -> str:
     """The workspace document for one slide (all values JSON-encoded into the page)."""
-    cfg = {"slide": slide, "token": token, "width": width, "height": height, "mpp": mpp, "tileSize": tile_size,
+    cfg = {"slide": slide, "token": token, "dataset": dataset_id, "width": width, "height": height, "mpp": mpp, "tileSize": tile_size,
            "overlap": overlap, "prefix": PREFIX, "classes": classes, "palette": CLASS_COLOURS, "drawn": DRAWN,
            "drawLabel": draw_label}
     return (WORKSPACE_HTML.replace("__HEIGHT__", str(height_px)).replace("__PREFIX__", PREFIX)
@@ -229,14 +313,15 @@ def page() -> None:
         return
     classes = [{"key": c.key, "display": c.display_name} for c in dataset.classes] if dataset else []
     c1, c2, c3 = st.columns([2, 2, 3], vertical_alignment="bottom")
-    draw_label = c1.selectbox("Class of boxes you draw", [None, *[c["key"] for c in classes]], key="ws_draw_label",
+    draw_label = c1.selectbox("Class of boxes you draw or accept", [None, *[c["key"] for c in classes]], key="ws_draw_label",
                               format_func=lambda k: "no class (label later)" if k is None else dataset.display(k))
     mpp_text = f"{info.mpp:.3f} µm/px" if info.mpp else "no µm/px recorded"
     st.caption(f"{info.width:,} × {info.height:,} px · {mpp_text} · wheel zooms, drag pans, **D** draws a box, "
                "**1:1** shows one slide pixel per screen pixel")
     components.html(workspace_html(slide=name, token=sign_token(me.name, name), width=info.width, height=info.height,
                                    mpp=info.mpp, tile_size=info.tile_size, overlap=info.overlap, classes=classes,
-                                   draw_label=draw_label), height=VIEW_HEIGHT_PX + 8)
+                                   draw_label=draw_label, dataset_id=dataset.id if dataset else None),
+                    height=VIEW_HEIGHT_PX + 8)
     with get_sessionmaker()() as s:
         slide = _slide_row(s, name)
         n_todo = len(box_store.list_boxes(s, slide, uncropped_only=True)) if slide else 0

@@ -16,6 +16,7 @@ import openslide
 import pytest
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
+from sqlalchemy import select
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
@@ -213,4 +214,60 @@ def test_overlays_per_viewport_and_drawn_boxes_attributed(client, tmp_path):
     assert client.post("/api/slides/boxes", params={"slide": SLIDE, "t": "nope"}, json={"box": [1, 2, 3, 4]}).status_code == 403
     assert client.post("/api/slides/boxes", params={"slide": SLIDE, "t": t}, json={"box": [1, 2, 0, 4]}).status_code == 400
     assert client.get("/api/slides/overlays", params={"slide": SLIDE, "t": t, "x": "a"}).status_code == 400
+    engine.dispose()
+
+
+def test_decisions_are_attributed_undone_and_seen_by_another_reviewer(client, tmp_path, wsi_dir):
+    from dataclasses import dataclass
+
+    from annotation_db.models import GlomerulusProposal
+    from annotation_db.proposals import replace_proposals
+
+    @dataclass
+    class F:
+        box: tuple
+        score: float
+        area_um2: float = 1.0
+
+        @property
+        def polygon(self):
+            x, y, w, h = self.box
+            return [(x, y), (x + w, y), (x + w, y + h), (x, y + h)]
+
+    engine = create_store_engine(client.store_url)
+    Session = make_sessionmaker(engine)
+    with Session() as s, s.begin():
+        ds = store.create_dataset(s, "glom", ["a", "b"], root=tmp_path)
+        replace_proposals(s, ds, "cmu-1-small-region", [F((100, 100, 80, 80), 0.9), F((600, 600, 80, 80), 0.5)],
+                          source="model:x")
+        replace_proposals(s, ds, "other-slide", [F((1, 1, 50, 50), 0.8)], source="model:x")
+        other = s.scalar(select(GlomerulusProposal).where(GlomerulusProposal.score == 0.8)).id
+    ana, bo = sign_token("ana", SLIDE), sign_token("bo", SLIDE)
+    listed = client.get("/api/slides/proposals", params={"slide": SLIDE, "t": bo, "dataset": ds.id}).json()
+    assert [(p["score"], p["status"]) for p in listed] == [(0.9, "proposed"), (0.5, "proposed")]
+    first, second = listed[0]["id"], listed[1]["id"]
+
+    def act(token, pid, action, label=None):
+        return client.post(f"/api/slides/proposals/{pid}", params={"slide": SLIDE, "t": token},
+                           json={"action": action, "label": label})
+
+    r = act(ana, first, "accept", "a")
+    assert r.status_code == 200 and (r.json()["status"], r.json()["by"]) == ("accepted", "ana")
+    assert act(ana, second, "reject").json()["status"] == "rejected"
+    # bo's next look shows ana's decisions
+    seen = client.get("/api/slides/proposals", params={"slide": SLIDE, "t": bo}).json()
+    assert [(p["status"], p["by"]) for p in seen] == [("accepted", "ana"), ("rejected", "ana")]
+    with Session() as s:
+        box = s.scalars(select(SlideBox)).one()
+        assert (box.box, box.label, box.created_by) == ((100, 100, 80, 80), "a", "ana")
+    assert act(bo, first, "undo").json()["status"] == "proposed"
+    with Session() as s:
+        assert s.scalars(select(SlideBox)).all() == []  # the acceptance's box went with it
+    # a proposal of another slide, an unknown action, a bad token
+    assert act(ana, other, "accept").status_code == 404
+    assert act(ana, first, "maybe").status_code == 400
+    assert act("forged", first, "accept").status_code == 403
+    feats = client.get("/api/slides/overlays", params={"slide": SLIDE, "t": ana, "x": 0, "y": 0, "w": 300, "h": 300}).json()
+    assert [(f["properties"]["layer"], f["properties"]["id"]) for f in feats["features"]] == [("proposals", first)]
+    assert feats["counts"]["proposals_proposed"] == 1 and feats["counts"]["proposals_rejected"] == 1
     engine.dispose()

@@ -1,8 +1,9 @@
 """End to end in real Chromium: the slide workspace served by the app's own server (app/asgi.py,
 the launcher's entry point). A pathologist signs in, opens the real slide ``cmu-1-small-region.svs``,
 sees Deep Zoom tiles load, zooms with the mouse wheel (more tiles, at a finer level), draws a
-missed glomerulus with the mouse (stored at once, attributed to her account), reloads and finds it on the
-map; a tile URL without her token is refused.
+missed glomerulus with the mouse (stored at once, attributed to her account), reviews three detector
+proposals by keyboard (N, A, A, R, U undo, R), reloads and finds her box and her decisions; the
+store holds them, attributed. A tile URL without her token is refused.
 
 Needs Debian's ``chromium`` and the ``playwright`` package (the browser is never downloaded).
 Set ``GLOM_UPDATE_SCREENSHOT=1`` to refresh ``docs/slide_workspace.png``.
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,8 @@ from sqlalchemy import select
 
 from annotation_db import store
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
-from annotation_db.models import SlideBox
+from annotation_db.models import GlomerulusProposal, SlideBox
+from annotation_db.proposals import replace_proposals
 from tests.servers import wait_until_healthy
 from tests.test_label_e2e import CHROMIUM, CHROMIUM_ARGS, E2E_PASSWORD, _accounts
 
@@ -32,6 +35,19 @@ REPO = Path(__file__).resolve().parents[1]
 SLIDE = "cmu-1-small-region.svs"
 SCREENSHOT = REPO / "docs" / "slide_workspace.png"
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+PROPOSALS = [(400, 500, 0.97), (1200, 900, 0.91), (700, 2000, 0.64)]  # level-0 x, y, score
+
+
+@dataclass
+class _Finding:  # what glom detect hands annotation_db.proposals (core.detection.instances.Instance)
+    box: tuple[int, int, int, int]
+    score: float
+    area_um2: float = 5000.0
+
+    @property
+    def polygon(self):
+        x, y, w, h = self.box
+        return [(x + w / 2, y), (x + w, y + h / 2), (x + w / 2, y + h), (x, y + h / 2)]
 
 
 @pytest.fixture
@@ -41,6 +57,9 @@ def server(tmp_path: Path, wsi_dir: Path):
     upgrade(engine)
     with make_sessionmaker(engine)() as s, s.begin():
         store.create_dataset(s, "glom", ["globally_sclerotic", "non_globally_sclerotic"], root=tmp_path / "dataset")
+        findings = [_Finding((x, y, 160, 140), score) for x, y, score in PROPOSALS]
+        replace_proposals(s, "glom", "cmu-1-small-region", findings, source="model:test.safetensors",
+                          slide_path=str(wsi_dir / SLIDE))
     engine.dispose()
     _accounts(url)
     with socket.socket() as sock:
@@ -112,6 +131,21 @@ def test_open_zoom_draw_reload(server):
         page.mouse.up()
         frame.wait_for_function("() => window.__glomWorkspace.drawn === 1 && window.__glomWorkspace.counts.drawn === 1",
                                 timeout=15_000)
+        frame.click("#bdraw")  # drawing off: keys go to the review
+
+        # review: N flies to the best proposal, A A R decides the three (each advances)
+        frame.wait_for_function("() => window.__glomWorkspace.proposals.length === 3", timeout=15_000)
+        frame.locator("#osd").click(position={"x": 200, "y": 400})
+        page.keyboard.press("n")
+        frame.wait_for_function("() => window.__glomWorkspace.current === 0", timeout=10_000)
+        for i, key in enumerate("aar", start=1):
+            page.keyboard.press(key)
+            frame.wait_for_function(f"() => window.__glomWorkspace.decisions === {i}", timeout=10_000)
+        page.keyboard.press("u")  # undo the rejection, then reject again
+        frame.wait_for_function("() => window.__glomWorkspace.undone === 1", timeout=10_000)
+        assert frame.evaluate("() => window.__glomWorkspace.proposals.map(p => p.status).join()") == "accepted,accepted,proposed"
+        page.keyboard.press("r")
+        frame.wait_for_function("() => window.__glomWorkspace.decisions === 4", timeout=10_000)
         if os.environ.get("GLOM_UPDATE_SCREENSHOT") == "1":
             page.screenshot(path=str(SCREENSHOT))
 
@@ -125,13 +159,19 @@ def test_open_zoom_draw_reload(server):
             page.wait_for_selector(IDLE, timeout=30_000)
         frame = page.wait_for_selector("iframe", timeout=30_000).content_frame()
         frame.wait_for_function("() => window.__glomWorkspace && window.__glomWorkspace.overlayFetches > 0"
-                                " && window.__glomWorkspace.counts.drawn === 1", timeout=30_000)
+                                " && window.__glomWorkspace.counts.drawn === 3"  # mine + two accepted
+                                " && window.__glomWorkspace.proposals.length === 3", timeout=30_000)
+        assert frame.evaluate("() => window.__glomWorkspace.proposals.map(p => p.status + ':' + p.by).join()") == \
+            "accepted:alice,accepted:alice,rejected:alice"
         browser.close()
 
     engine = create_store_engine(url)
     with make_sessionmaker(engine)() as s:
-        rows = s.scalars(select(SlideBox)).all()
-        assert len(rows) == 1 and rows[0].created_by == "alice"
+        rows = s.scalars(select(SlideBox).order_by(SlideBox.id)).all()
+        assert [r.created_by for r in rows] == ["alice"] * 3
         x, y, w, h = rows[0].box
+        props = s.scalars(select(GlomerulusProposal).order_by(GlomerulusProposal.score.desc())).all()
+        assert [(p.status, p.reviewed_by) for p in props] == [("accepted", "alice")] * 2 + [("rejected", "alice")]
+        assert sorted(r.box for r in rows[1:]) == sorted(p.box for p in props[:2])
         assert 30 < w < 2220 and 30 < h < 2967 and x >= 0 and y >= 0
     engine.dispose()
