@@ -11,9 +11,9 @@ the next import when its process died (:func:`clean_abandoned`).
 
     batch = open_batch(session, "kidney", "import:csv")        # its own short transaction
     stage_rows(session, batch, images, labels)                  # one short transaction per chunk
-    claim_for_publish(session, batch)                            # the publish: one short transaction
+    claim_for_publish(session, batch)                           # the publish: one short transaction
     counts = publish_rows(session, batch, dataset_id, source="import:csv", skip_duplicates=False)
-    drop_batch(Session, batch)                                  # staged rows, then the batch row
+    delete_staged(Session, batch)                               # staged rows, then the batch row
 """
 
 from __future__ import annotations

@@ -181,11 +181,10 @@ def test_two_clinicians_label_by_keyboard_and_nothing_is_lost(app_url, store_url
         alice.keyboard.press("2")
         _wait_change(alice, now)
 
-        # A reload is a new browser session: it asks for the password again (no URL signs anyone
-        # in), and everything stored is still there.
+        # A reload is a new browser session: the signed session cookie keeps alice signed in
+        # without the password (no URL signs anyone in), and everything stored is still there.
         alice.reload()
-        alice.get_by_role("button", name="Sign in").wait_for(timeout=30_000)
-        _sign_in(alice, app_url, "alice")
+        alice.wait_for_selector(CAPTION, timeout=30_000)
         alice.get_by_text("5 / 789").wait_for(timeout=15_000)
         shot = tmp_path / "label_app.png"
         alice.wait_for_timeout(300)
