@@ -164,6 +164,7 @@ def publish_rows(session: Session, batch_id: int, dataset_id: int, *, source: st
     if dialect == "sqlite":
         # The new rows' index entries land all over the indexes (paths, hashes): with SQLite's
         # default 2 MiB page cache most of them would be a read from disk.
+        cache_size = session.execute(text("PRAGMA cache_size")).scalar()
         session.execute(text(f"PRAGMA cache_size = -{_SQLITE_PUBLISH_CACHE_KIB}"))
     if dialect == "postgresql":
         # Fresh statistics, or the planner takes the just-filled staging tables for empty ones.
@@ -241,6 +242,8 @@ def publish_rows(session: Session, batch_id: int, dataset_id: int, *, source: st
               "note": upsert.excluded.note, "updated_at": upsert.excluded.updated_at, **reset},
     )
     session.execute(upsert)
+    if dialect == "sqlite":  # the pooled connection lives on: give the memory back
+        session.execute(text(f"PRAGMA cache_size = {int(cache_size)}"))
     return counts
 
 
