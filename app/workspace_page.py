@@ -22,8 +22,17 @@ this slide, so moving around never reruns the page. OpenSeadragon is vendored
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import streamlit as st
 import streamlit.components.v1 as components
@@ -41,6 +50,7 @@ from core.slide_crops import (
     crop_into_dataset,
     export_boxes_geojson,
 )
+from core.slide_summary import summarize_slide
 from core.tile_service import sign_token
 from core.wsi import OPENSLIDE_FORMATS, list_slide_files, slide_name
 
@@ -292,6 +302,115 @@ def _crop_drawn(name: str, dataset_name: str, user: str) -> None:
                                             f"the Label queue."))
 
 
+# --- running the detector from the page --------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS_DIR = REPO / "runs"
+
+
+@dataclass
+class DetectRun:
+    """One ``glom detect`` subprocess for one slide (at most one per slide per server process)."""
+
+    slide: str
+    checkpoint: str
+    by: str
+    proc: subprocess.Popen
+    log_path: Path
+    started: float = field(default_factory=time.time)
+
+    def status(self) -> tuple[str, str]:
+        """("running" | "done" | "failed", the log's last line)."""
+        try:
+            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            lines = []
+        last = lines[-1][-300:] if lines else ""
+        code = self.proc.poll()
+        return ("running" if code is None else "done" if code == 0 else "failed"), last
+
+
+_RUNS: dict[str, DetectRun] = {}
+_RUNS_LOCK = threading.Lock()
+
+
+def detector_checkpoints(root: Path = RUNS_DIR) -> list[str]:
+    """Detector checkpoints (``kind: detector`` sidecars beside their weights) under ``runs/``."""
+    out = []
+    for sidecar in sorted(root.glob("*/*.json")) if root.is_dir() else []:
+        try:
+            kind = json.loads(sidecar.read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if kind == "detector" and sidecar.with_suffix(".safetensors").is_file():
+            out.append(str(sidecar.with_suffix("").relative_to(REPO)))
+    return out
+
+
+def start_detection(slide_path: Path, checkpoint: str, dataset: str, user: str, store: str) -> DetectRun:
+    """Start ``glom detect SLIDE --checkpoint C --dataset D`` in the background (its findings become
+    proposals; still-proposed ones of an earlier run are replaced, decisions are kept)."""
+    with _RUNS_LOCK:
+        run = _RUNS.get(str(slide_path))
+        if run is not None and run.proc.poll() is None:
+            return run
+        out = Path(tempfile.gettempdir()) / "glomlab-workspace-detect"  # the GeoJSON copies; the store holds the rest
+        out.mkdir(parents=True, exist_ok=True)
+        log_path = out / f"{slide_path.stem}.log"
+        argv = [sys.executable, "-m", "core.cli", "detect", str(slide_path), "--checkpoint", checkpoint,
+                "--dataset", dataset, "--db", store, "--out", str(out), "--no-resume", "--workers", "1",
+                "--threads", "1", "--device", "auto"]
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        run = DetectRun(str(slide_path), checkpoint, user, proc, log_path)
+        _RUNS[str(slide_path)] = run
+        return run
+
+
+@st.fragment(run_every=2)
+def _detect_status(slide_path: str) -> None:
+    run = _RUNS.get(slide_path)
+    if run is None:
+        return
+    state, last = run.status()
+    took = time.time() - run.started
+    if state == "running":
+        st.info(f"Detector running on this slide for {took:.0f} s (started by {run.by}) — keep reviewing; "
+                f"press **N** in the view when it is done. {last}", icon=":material/hourglass_top:")
+    elif state == "done":
+        st.success(f"Detector finished ({run.checkpoint}): new proposals are in — press **N** in the view.")
+    else:
+        st.error(f"The detector stopped on this slide: {last or 'see ' + str(run.log_path)}")
+
+
+def _glomeruli_summary(s, name: str, dataset) -> tuple[object, str] | None:
+    """The per-biopsy summary of this slide's cropped glomeruli (label, else predicted class) and
+    its CSV; None when none is cropped yet."""
+    from annotation_db.models import Image, Label, Prediction
+
+    slide = _slide_row(s, name)
+    if slide is None or dataset is None:
+        return None
+    ids = list(s.scalars(select(Image.id).where(Image.slide_id == slide.id, Image.dataset_id == dataset.id)))
+    if not ids:
+        return None
+    cls: dict[int, str] = {}
+    for p in s.scalars(select(Prediction).where(Prediction.image_id.in_(ids)).order_by(Prediction.id)):
+        cls[p.image_id] = p.predicted
+    for lab in s.scalars(select(Label).where(Label.image_id.in_(ids)).order_by(Label.updated_at)):
+        if lab.classes:
+            cls[lab.image_id] = lab.classes[0]  # a clinician's label over the model's class
+    summary = summarize_slide(slide.name, [cls[i] for i in ids if i in cls], dataset.keys)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["slide", "class", "count", "percent"])
+    for row in summary.rows({c.key: c.display_name for c in dataset.classes}):
+        w.writerow([slide.name, *row])
+    w.writerow([slide.name, "glomeruli cropped", len(ids), ""])
+    w.writerow([slide.name, "without label or prediction", len(ids) - len(cls), ""])
+    return summary, buf.getvalue()
+
+
 def page() -> None:
     me = who()
     dataset = current_dataset()
@@ -332,11 +451,41 @@ def page() -> None:
     c3.download_button("QuPath GeoJSON of the drawn boxes", json.dumps(geojson or {}, indent=1),
                        file_name=f"{slide_name(name)}.geojson", mime="application/geo+json", key="ws_geojson",
                        on_click="ignore", disabled=geojson is None, icon=":material/download:")
+    if dataset:
+        _detector_panel(svc.root / name, name, dataset.name, me.name)
+        with get_sessionmaker()() as s:
+            got = _glomeruli_summary(s, name, dataset)
+        if got is not None:
+            summary, csv_text = got
+            st.markdown(f"**Per-biopsy summary** · {summary.n_glomeruli} glomeruli with a label or a prediction")
+            st.dataframe([{"class": r[0], "count": r[1], "%": r[2]} for r in summary.rows(
+                {c.key: c.display_name for c in dataset.classes})], hide_index=True)
+            if summary.mestc is not None:
+                st.caption(f"{summary.mestc.code} — {summary.mestc.note}")
+            st.download_button("Summary CSV", csv_text, file_name=f"{slide_name(name)}-summary.csv", mime="text/csv",
+                               key="ws_summary_csv", on_click="ignore", icon=":material/download:")
     flash = st.session_state.pop("ws_flash", None)
     if flash:
         getattr(st, flash[0])(flash[1])
     st.button("Refresh counts", key="ws_refresh", type="tertiary", help="boxes drawn in the view are stored at once; "
               "this reruns the page to count them")
+
+
+def _detector_panel(path: Path, name: str, dataset_name: str, user: str) -> None:
+    from app.store_cache import store_url
+
+    ckpts = detector_checkpoints()
+    with st.expander("Find glomeruli with the detector", expanded=False):
+        if not ckpts:
+            st.caption("No detector checkpoint under runs/ yet: train one with `glom train-detector`.")
+            return
+        c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+        ckpt = c1.selectbox("Detector checkpoint", ckpts, key="ws_detector")
+        run = _RUNS.get(str(path))
+        busy = run is not None and run.proc.poll() is None
+        if c2.button("Run on this slide", key="ws_detect", disabled=busy, type="primary"):
+            start_detection(path, ckpt, dataset_name, user, store_url())
+        _detect_status(str(path))
 
 
 if __name__ == "__main__":
