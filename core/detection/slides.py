@@ -90,7 +90,7 @@ class SlideDetection:
     instances: list[Instance]
     slide_mpp: float
     work_mpp: float
-    tiles_total: int
+    tiles_total: int  # of a grid over the whole slide (tissue or not)
     tiles_read: int
     seconds: float
     forward_seconds: float = 0.0
@@ -304,7 +304,9 @@ def detect_in_reader(reader: Any, predictor: Predictor, settings: DetectSettings
             finalise(hb, final=True)
     finally:
         bar.close()
-    return SlideDetection(reader.name, found, slide_mpp, work_mpp, len(rows) * len(cols), len(tasks),
+    w0, h0 = reader.dimensions  # tiles a whole-slide grid would have read, for comparison
+    grid = len(tile_origins(int(w0 / f), t, settings.overlap_px)) * len(tile_origins(int(h0 / f), t, settings.overlap_px))
+    return SlideDetection(reader.name, found, slide_mpp, work_mpp, grid, len(tasks),
                           time.perf_counter() - t_start, forward_s,
                           timings={"tissue_mask_s": round(t_mask, 3), "postprocess_s": round(t_post, 3)})
 
