@@ -112,9 +112,14 @@ viewer.addHandler('tile-load-failed', e => { state.tileErrors++; msg('Some tiles
 const canvas = document.getElementById('ov'), ctx = canvas.getContext('2d');
 const colours = {}; CFG.classes.forEach((c, i) => colours[c.key] = CFG.palette[i % CFG.palette.length]);
 const display = k => (CFG.classes.find(c => c.key === k) || {display: k}).display;
-function imageZoom() { return viewer.viewport.viewportToImageZoom(viewer.viewport.getZoom(true)); }
-function toScreen(x, y) { return viewer.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y)); }
-function toImage(px, py) { return viewer.viewport.viewerElementToImageCoordinates(new OpenSeadragon.Point(px, py)); }
+function imageZoom() { return scale()[1]; }  // screen px per slide px
+// level-0 pixels <-> canvas pixels, from the viewport's current bounds (viewport units: the image is
+// 1 wide); CFG.offset is the slide's bounds offset that DeepZoomGenerator(limit_bounds) cuts away.
+function scale() { const b = viewer.viewport.getBounds(true); return [b, canvas.clientWidth / b.width / CFG.width]; }
+function toScreen(x, y) { const [b, k] = scale(); return {x: (x - CFG.offset[0]) * k - b.x * canvas.clientWidth / b.width,
+  y: (y - CFG.offset[1]) * k - b.y * canvas.clientWidth / b.width}; }
+function toImage(px, py) { const [b, k] = scale(); return {x: (px + b.x * canvas.clientWidth / b.width) / k + CFG.offset[0],
+  y: (py + b.y * canvas.clientWidth / b.width) / k + CFG.offset[1]}; }
 function colourOf(f) {
   const p = f.properties; if (p.layer === 'drawn') return CFG.drawn;
   if (p.layer === 'proposals') return STATUS[p.status] || '#ff9800';
@@ -169,7 +174,8 @@ function legend() {
 }
 let pending = null, seq = 0;
 async function fetchOverlays() {
-  const b = viewer.viewport.viewportToImageRectangle(viewer.viewport.getBounds(true));
+  const p0 = toImage(0, 0), p1 = toImage(canvas.clientWidth, canvas.clientHeight);
+  const b = {x: p0.x, y: p0.y, width: p1.x - p0.x, height: p1.y - p0.y};
   const my = ++seq;
   try {
     const r = await fetch(`${CFG.prefix}/overlays?` + q(`&x=${Math.floor(b.x)}&y=${Math.floor(b.y)}&w=${Math.ceil(b.width) + 1}&h=${Math.ceil(b.height) + 1}`));
@@ -201,7 +207,8 @@ function review() {
 function flyTo(i) {
   if (i < 0 || i >= state.proposals.length) return;
   state.current = i; const [x, y, w, h] = state.proposals[i].box, m = Math.max(w, h) * 1.5;
-  viewer.viewport.fitBounds(viewer.viewport.imageToViewportRectangle(x + w / 2 - m, y + h / 2 - m, 2 * m, 2 * m));
+  const u = v => v / CFG.width;  // level-0 px -> viewport units
+  viewer.viewport.fitBounds(new OpenSeadragon.Rect(u(x - CFG.offset[0] + w / 2 - m), u(y - CFG.offset[1] + h / 2 - m), u(2 * m), u(2 * m)));
   review(); draw();
 }
 function step(d) {
@@ -242,7 +249,7 @@ viewer.addHandler('animation-finish', scheduleOverlays);
 viewer.addHandler('open-failed', e => msg('The slide could not be opened: ' + (e.message || '')));
 new ResizeObserver(draw).observe(canvas);
 for (const id of ['l_drawn', 'l_glom', 'l_prop', 'colourby']) document.getElementById(id).addEventListener('change', draw);
-document.getElementById('b11').onclick = () => viewer.viewport.zoomTo(viewer.viewport.imageToViewportZoom(1));
+document.getElementById('b11').onclick = () => viewer.viewport.zoomTo(viewer.viewport.getZoom(true) / imageZoom());
 document.getElementById('bfit').onclick = () => viewer.viewport.goHome();
 let drawing = false, drag = null;
 function setDrawing(on) {
@@ -267,9 +274,10 @@ canvas.addEventListener('mouseup', async e => {
 
 def workspace_html(*, slide: str, token: str, width: int, height: int, mpp: float | None, tile_size: int,
                    overlap: int, classes: list[dict], draw_label: str | None, dataset_id: int | None = None,
+                   offset: tuple[int, int] = (0, 0),
                    height_px: int = VIEW_HEIGHT_PX) -> str:
     """The workspace document for one slide (all values JSON-encoded into the page)."""
-    cfg = {"slide": slide, "token": token, "dataset": dataset_id, "width": width, "height": height, "mpp": mpp, "tileSize": tile_size,
+    cfg = {"slide": slide, "token": token, "dataset": dataset_id, "offset": list(offset), "width": width, "height": height, "mpp": mpp, "tileSize": tile_size,
            "overlap": overlap, "prefix": PREFIX, "classes": classes, "palette": CLASS_COLOURS, "drawn": DRAWN,
            "drawLabel": draw_label}
     return (WORKSPACE_HTML.replace("__HEIGHT__", str(height_px)).replace("__PREFIX__", PREFIX)
@@ -439,7 +447,8 @@ def page() -> None:
                "**1:1** shows one slide pixel per screen pixel")
     components.html(workspace_html(slide=name, token=sign_token(me.name, name), width=info.width, height=info.height,
                                    mpp=info.mpp, tile_size=info.tile_size, overlap=info.overlap, classes=classes,
-                                   draw_label=draw_label, dataset_id=dataset.id if dataset else None),
+                                   draw_label=draw_label, dataset_id=dataset.id if dataset else None,
+                                   offset=info.offset),
                     height=VIEW_HEIGHT_PX + 8)
     with get_sessionmaker()() as s:
         slide = _slide_row(s, name)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] * 1000
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] * 1000
 
 
 def main() -> None:
@@ -47,7 +47,13 @@ def main() -> None:
     from openslide.deepzoom import DeepZoomGenerator
     from starlette.applications import Starlette
 
-    from core.tile_service import JPEG_QUALITY, TILE_OVERLAP, TILE_SIZE, encode_jpeg, sign_token
+    from core.tile_service import (
+        JPEG_QUALITY,
+        TILE_OVERLAP,
+        TILE_SIZE,
+        encode_jpeg,
+        sign_token,
+    )
 
     root = Path(tempfile.mkdtemp())
     name = Path(args.slide).name

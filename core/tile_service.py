@@ -128,6 +128,7 @@ class SlideInfo:
     level_count: int
     tile_size: int
     overlap: int
+    offset: tuple[int, int] = (0, 0)  # level-0 (x, y) of Deep Zoom pixel (0, 0): the slide's bounds
 
 
 class TileService:
@@ -173,7 +174,9 @@ class TileService:
     def info(self, name: str) -> SlideInfo:
         tiles = self.slide(name)
         w, h = tiles.generator.level_dimensions[-1]
-        return SlideInfo(name, w, h, tiles.slide.mpp, tiles.level_count, self.tile_size, self.overlap)
+        props = tiles.slide.properties
+        offset = (int(props.get("openslide.bounds-x", 0) or 0), int(props.get("openslide.bounds-y", 0) or 0))
+        return SlideInfo(name, w, h, tiles.slide.mpp, tiles.level_count, self.tile_size, self.overlap, offset)
 
     def dzi_xml(self, name: str) -> str:
         """The ``.dzi`` descriptor of slide ``name``, announcing JPEG tiles."""

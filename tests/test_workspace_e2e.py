@@ -146,6 +146,11 @@ def test_open_zoom_draw_reload(server):
         assert frame.evaluate("() => window.__glomWorkspace.proposals.map(p => p.status).join()") == "accepted,accepted,proposed"
         page.keyboard.press("r")
         frame.wait_for_function("() => window.__glomWorkspace.decisions === 4", timeout=10_000)
+        # the overlay sits on the tissue: level-0 -> screen -> level-0 is the identity, y grows downwards
+        ys = frame.evaluate("() => [0, 1000, 2000].map(y => toScreen(700, y).y)")
+        assert ys[0] < ys[1] < ys[2]
+        back = frame.evaluate("() => { const s = toScreen(700, 2000); return toImage(s.x, s.y); }")
+        assert abs(back["x"] - 700) < 1 and abs(back["y"] - 2000) < 1
         if os.environ.get("GLOM_UPDATE_SCREENSHOT") == "1":
             page.screenshot(path=str(SCREENSHOT))
 
