@@ -391,6 +391,7 @@ def import_staged(
         for done, (images, labels) in enumerate(chunks, 1):
             with session_factory() as s, s.begin():
                 staging.stage_rows(s, batch_id, images, labels)
+            staging.yield_to_writers(session_factory)  # also before the publish
             bar.update(1)
             if after_chunk is not None:
                 after_chunk(done, len(chunks))

@@ -117,6 +117,11 @@ def measure(kind: str, pg: str | None, folder: Path, annotators: int, think_ms: 
         "baseline": baseline,
         "during_import": during,
         "during_publish": publishing,
+        # when the import's phases began and when each click over 0.5 s started (s from the start)
+        "phase_starts_s": {k: round(v - marks["start"], 2) for k, v in marks.items() if isinstance(v, float)},
+        "slow_clicks": sorted((round(t - marks["start"], 2), ms) for w in clicks
+                              for t, ms in zip(w["starts_s"], w["latencies_ms"])
+                              if ms > 500 and marks["start"] <= t < marks["end"]),
     }
     print(f"  import {row['import_s']} s (read + hash {row['read_and_hash_s']} s, stage {row['stage_s']} s, "
           f"publish + exit {row['publish_s']} s): {row['import_report']}", flush=True)
