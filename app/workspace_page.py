@@ -107,6 +107,8 @@ const viewer = OpenSeadragon({
   tileSources: {width: CFG.width, height: CFG.height, tileSize: CFG.tileSize, tileOverlap: CFG.overlap,
     getTileUrl: (l, x, y) => `${CFG.prefix}/tile/${l}/${x}_${y}.jpeg?` + q()},
 });
+// OpenSeadragon's own keys (w/a/s/d pan, r rotates, f flips, 0 home...) would fight the review keys: off.
+viewer.addHandler('canvas-key', e => { e.preventDefaultAction = true; });
 viewer.addHandler('tile-loaded', () => { state.tilesLoaded++; });
 viewer.addHandler('tile-load-failed', e => { state.tileErrors++; msg('Some tiles could not be loaded: ' + (e.message || 'server error')); });
 const canvas = document.getElementById('ov'), ctx = canvas.getContext('2d');

@@ -146,11 +146,17 @@ def test_open_zoom_draw_reload(server):
         assert frame.evaluate("() => window.__glomWorkspace.proposals.map(p => p.status).join()") == "accepted,accepted,proposed"
         page.keyboard.press("r")
         frame.wait_for_function("() => window.__glomWorkspace.decisions === 4", timeout=10_000)
+        assert frame.evaluate("() => viewer.viewport.getRotation(true)") == 0  # the review keys are not OpenSeadragon's
         # the overlay sits on the tissue: level-0 -> screen -> level-0 is the identity, y grows downwards
         ys = frame.evaluate("() => [0, 1000, 2000].map(y => toScreen(700, y).y)")
         assert ys[0] < ys[1] < ys[2]
         back = frame.evaluate("() => { const s = toScreen(700, 2000); return toImage(s.x, s.y); }")
         assert abs(back["x"] - 700) < 1 and abs(back["y"] - 2000) < 1
+        # and agrees with where OpenSeadragon draws that point (viewport units: the image is 1 wide)
+        osd = frame.evaluate("() => viewer.viewport.viewportToViewerElementCoordinates("
+                             "new OpenSeadragon.Point(700 / 2220, 2000 / 2220), true)")
+        mine = frame.evaluate("() => toScreen(700, 2000)")
+        assert abs(osd["x"] - mine["x"]) < 1 and abs(osd["y"] - mine["y"]) < 1, (osd, mine)
         if os.environ.get("GLOM_UPDATE_SCREENSHOT") == "1":
             page.screenshot(path=str(SCREENSHOT))
 
