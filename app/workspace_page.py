@@ -56,6 +56,8 @@ from core.wsi import OPENSLIDE_FORMATS, list_slide_files, slide_name
 
 log = logging.getLogger(__name__)
 
+REPO = Path(__file__).resolve().parents[1]
+RUNS_DIR = REPO / "runs"  # checkpoints offered: detectors (find glomeruli) and classifiers (classify crops)
 VIEW_HEIGHT_PX = 640
 CLASS_COLOURS = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6"]
 DRAWN = "#00c8ff"
@@ -290,7 +292,44 @@ def _slide_row(s, name: str) -> Slide | None:
     return s.scalar(select(Slide).where(Slide.name == slide_name(name)))
 
 
-def _crop_drawn(name: str, dataset_name: str, user: str) -> None:
+def classifier_checkpoints(root: Path = RUNS_DIR) -> list[str]:
+    """Classifier checkpoints under ``runs/`` (sidecars with classes, not detectors), newest first."""
+    from core.diagnosis import find_checkpoints
+
+    out = []
+    for weights in find_checkpoints(root):
+        try:
+            meta = json.loads(weights.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("kind", "classifier") == "classifier" and meta.get("classes"):
+            out.append(str(weights.relative_to(REPO)))
+    return out
+
+
+def classify_crops(Session, image_ids: list[int], checkpoint: str) -> int:
+    """Predict the crops ``image_ids`` with ``checkpoint``; one ``Prediction`` row each (the
+    Label queue's model-uncertain order and this page's summary read them). How many were stored."""
+    from annotation_db.models import Image
+    from annotation_db.store import image_abspath
+    from core.diagnosis import load_viewer_checkpoint
+    from core.viewer_store import record_predictions
+
+    ckpt = load_viewer_checkpoint(REPO / checkpoint, RUNS_DIR)
+    with Session() as s:
+        images = [s.get(Image, i) for i in image_ids]
+        paths = [str(image_abspath(img.dataset, img)) for img in images]
+        unknown = set(ckpt.predictor.classes) - set(images[0].dataset.class_keys) if images else set()
+    if unknown:
+        raise GlomError(f"{checkpoint}: classes {sorted(unknown)} are none of the dataset's: pick another checkpoint")
+    with ckpt.lock:  # one request at a time on a shared model
+        results = ckpt.predictor.predict_paths(paths)
+    with Session() as s, s.begin():
+        return record_predictions(s, [(s.get(Image, i), r["probs"]) for i, r in zip(image_ids, results, strict=True)],
+                                  ckpt.id)
+
+
+def _crop_drawn(name: str, dataset_name: str, user: str, checkpoint: str | None = None) -> None:
     path = tile_service().resolve(name)
     try:
         with get_sessionmaker()() as s, s.begin():
@@ -308,15 +347,21 @@ def _crop_drawn(name: str, dataset_name: str, user: str) -> None:
         log.warning("workspace: store error while cropping %s: %s", name, e)
         st.session_state.ws_flash = ("error", "Nothing cropped — the annotation store could not be written; try again.")
         return
-    st.session_state.ws_flash = ("success", (f"{len(done.crops)} glomeruli cropped into {dataset_name}: they are in "
-                                            f"the Label queue."))
+    classified = ""
+    if checkpoint and done.crops:
+        try:
+            n_pred = classify_crops(get_sessionmaker(), [c.image_id for c in done.crops], checkpoint)
+            classified = f", {n_pred} classified with {checkpoint}"
+        except GlomError as e:  # the crops stay: say they were cut and why they are not classified
+            classified = f" (not classified — {e})"
+        except SQLAlchemyError as e:
+            log.warning("workspace: store error while storing predictions for %s: %s", name, e)
+            classified = " (not classified — the predictions could not be stored)"
+    st.session_state.ws_flash = ("success", (f"{len(done.crops)} glomeruli cropped into {dataset_name}{classified}: "
+                                             "they are in the Label queue."))
 
 
 # --- running the detector from the page --------------------------------------------------------
-
-REPO = Path(__file__).resolve().parents[1]
-RUNS_DIR = REPO / "runs"
-
 
 @dataclass
 class DetectRun:
@@ -457,8 +502,11 @@ def page() -> None:
         n_todo = len(box_store.list_boxes(s, slide, uncropped_only=True)) if slide else 0
         geojson = export_boxes_geojson(s, slide) if slide else None
     if dataset:
+        classifiers = classifier_checkpoints()
+        checkpoint = st.selectbox("Classify the crops with", [None, *classifiers], key="ws_classifier",
+                                  format_func=lambda c: "no model (label them yourself)" if c is None else c)
         c2.button(f"Crop {n_todo} drawn box(es) into {dataset.name}", key="ws_crop", disabled=not n_todo,
-                  on_click=_crop_drawn, args=(name, dataset.name, me.name), type="primary")
+                  on_click=_crop_drawn, args=(name, dataset.name, me.name, checkpoint), type="primary")
     c3.download_button("QuPath GeoJSON of the drawn boxes", json.dumps(geojson or {}, indent=1),
                        file_name=f"{slide_name(name)}.geojson", mime="application/geo+json", key="ws_geojson",
                        on_click="ignore", disabled=geojson is None, icon=":material/download:")
