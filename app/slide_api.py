@@ -14,7 +14,7 @@ cannot read (a message naming the slide, never a traceback).
     GET  /api/slides/overlays?slide&t&x&y&w&h[&dataset] FeatureCollection in the level-0 rectangle
     POST /api/slides/boxes?slide&t  {"box": [x, y, w, h], "label": key|null}   a drawn glomerulus
     GET  /api/slides/proposals?slide&t[&dataset]       the detector's proposals, best score first
-    POST /api/slides/proposals/{id}?slide&t  {"action": "accept"|"reject"|"undo", "label": key|null}
+    POST /api/slides/proposals/{id}?slide&t  {"action": "accept"|"reject"|"undo"|"fix", "label", "box"}
     GET  /api/slides/vendor/...                        OpenSeadragon (app/static/vendor/openseadragon)
 """
 
@@ -298,10 +298,13 @@ def proposals(request: Request) -> Response:
     return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
 
-def decide(session, name: str, proposal_id: int, action: str, user: str, label: str | None = None) -> dict:
-    """Apply a reviewer's ``action`` (accept / reject / undo) to a proposal of slide ``name`` and
-    return its new state. ``undo`` puts it back to proposed (removing the box an acceptance drew,
-    unless it was cropped already). A proposal of another slide is refused like a missing one."""
+def decide(session, name: str, proposal_id: int, action: str, user: str, label: str | None = None,
+           box: list | None = None) -> dict:
+    """Apply a reviewer's ``action`` (accept / reject / undo / fix) to a proposal of slide ``name``
+    and return its new state. ``undo`` puts it back to proposed (removing the box an acceptance
+    drew, unless it was cropped already); ``fix`` moves its box to ``box`` (level-0 x, y, w, h; the
+    outline becomes that rectangle, the box an acceptance drew follows, the fixer is recorded as
+    its reviewer). A proposal of another slide is refused like a missing one."""
     from annotation_db.models import GlomerulusProposal
     from annotation_db.proposals import ProposalError, accept_proposal, reject_proposal
 
@@ -312,6 +315,20 @@ def decide(session, name: str, proposal_id: int, action: str, user: str, label: 
         accept_proposal(session, proposal_id, reviewed_by=user, label=label)
     elif action == "reject":
         reject_proposal(session, proposal_id, reviewed_by=user)
+    elif action == "fix":
+        try:
+            x, y, w, h = (round(float(v)) for v in box)
+        except (TypeError, ValueError):
+            raise ValueError('fix needs "box": [x, y, w, h] in level-0 pixels') from None
+        if w < 4 or h < 4 or x + w <= 0 or y + h <= 0:
+            raise ValueError(f"fix: box {[x, y, w, h]} is empty or off the slide")
+        if p.slide_box is not None and p.slide_box.image_id is not None:
+            raise ProposalError(f"proposal {proposal_id} was cropped into the dataset already: its box is final")
+        p.x0, p.y0, p.box_w, p.box_h = x, y, w, h
+        p.polygon = [[x, y], [x + w, y], [x + w, y + h], [x, y + h]]
+        p.reviewed_by = user
+        if p.slide_box is not None:
+            p.slide_box.x0, p.slide_box.y0, p.slide_box.box_w, p.slide_box.box_h = x, y, w, h
     elif action == "undo":
         if p.slide_box is not None:
             if p.slide_box.image_id is not None:
@@ -321,7 +338,7 @@ def decide(session, name: str, proposal_id: int, action: str, user: str, label: 
             p.slide_box_id = None
         p.status, p.reviewed_by, p.reviewed_at = "proposed", None, None
     else:
-        raise ValueError(f"action must be accept, reject or undo, not {action!r}")
+        raise ValueError(f"action must be accept, reject, undo or fix, not {action!r}")
     session.flush()
     return {"id": p.id, "box": list(p.box), "score": round(p.score, 3), "status": p.status, "by": p.reviewed_by}
 
@@ -339,7 +356,7 @@ async def decision(request: Request) -> Response:
         def apply() -> dict:
             with _sessionmaker()() as s, s.begin():
                 return decide(s, name, int(request.path_params["pid"]), str(body.get("action")), user,
-                              body.get("label") or None)
+                              body.get("label") or None, body.get("box"))
 
         state = await run_in_threadpool(apply)
     except SQLAlchemyError as e:

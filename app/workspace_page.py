@@ -99,7 +99,7 @@ const q = s => `slide=${encodeURIComponent(CFG.slide)}&t=${encodeURIComponent(CF
   (CFG.dataset != null ? `&dataset=${CFG.dataset}` : '') + (s || '');
 const STATUS = {proposed: '#ff9800', accepted: '#2e7d32', rejected: '#9e9e9e'};
 const state = window.__glomWorkspace = {tilesLoaded: 0, tileErrors: 0, features: [], counts: {}, overlayFetches: 0,
-  drawn: 0, ready: false, proposals: [], current: -1, decisions: 0, undone: 0};
+  drawn: 0, ready: false, proposals: [], current: -1, decisions: 0, undone: 0, fixes: 0};
 const msg = t => { const m = document.getElementById('msg'); m.textContent = t; m.style.display = t ? 'block' : 'none'; };
 const viewer = OpenSeadragon({
   element: document.getElementById('osd'), prefixUrl: CFG.prefix + '/vendor/images/',
@@ -147,12 +147,15 @@ function draw() {
       ctx.closePath(); ctx.stroke(); ctx.lineWidth = 2;
       const a = toScreen(p.box[0], p.box[1]); ctx.fillStyle = ctx.strokeStyle; ctx.font = '12px system-ui';
       ctx.fillText(p.score.toFixed(2), a.x, a.y - 3);
+      if (cur && cur.id === p.id) for (const h of handles(p)) ctx.fillRect(h.x - 5, h.y - 5, 10, 10);
       continue;
     }
     const [x, y, w, h] = f.properties.box, a = toScreen(x, y), b = toScreen(x + w, y + h);
     ctx.strokeStyle = colourOf(f); ctx.setLineDash(f.properties.layer === 'drawn' ? [6, 4] : []);
     ctx.strokeRect(a.x, a.y, b.x - a.x, b.y - a.y);
   }
+  if (fixing) { const a = toScreen(fixing.box[0], fixing.box[1]), b = toScreen(fixing.box[0] + fixing.box[2], fixing.box[1] + fixing.box[3]);
+    ctx.setLineDash([]); ctx.strokeStyle = STATUS.proposed; ctx.strokeRect(a.x, a.y, b.x - a.x, b.y - a.y); }
   if (drag) { ctx.setLineDash([]); ctx.strokeStyle = CFG.drawn; ctx.strokeRect(drag.x0, drag.y0, drag.x1 - drag.x0, drag.y1 - drag.y0); }
   scaleBar(); legend();
   const z = imageZoom(); document.getElementById('zoom').textContent = z >= 1 ? `${z.toFixed(1)}:1` : `1:${(1 / z).toFixed(1)}`;
@@ -190,7 +193,7 @@ async function fetchOverlays() {
 }
 function scheduleOverlays() { clearTimeout(pending); pending = setTimeout(fetchOverlays, 120); }
 viewer.addHandler('open', () => { state.ready = true; fetchOverlays(); loadProposals(); });
-// --- proposal review: A accept, R reject, N / P next / previous (the view flies there), U undo ---
+// --- proposal review: A accept, R reject, N / P next / previous (the view flies there), U undo; drag a corner handle to fix the box ---
 async function loadProposals() {
   try {
     const r = await fetch(`${CFG.prefix}/proposals?` + q());
@@ -222,6 +225,46 @@ function step(d) {
   flyTo(Math.min(Math.max(state.current + d, 0), n - 1));  // all decided: plain stepping
 }
 const undoStack = [];
+let busy = false;
+// --- fixing a proposal's box: drag one of its corner handles (the current proposal's) ---
+let fixing = null;
+function handles(p) {  // corners in canvas px: 0 top-left, 1 top-right, 2 bottom-right, 3 bottom-left
+  const [x, y, w, h] = p.box;
+  return [[x, y], [x + w, y], [x + w, y + h], [x, y + h]].map(([u, v], i) => Object.assign(toScreen(u, v), {i}));
+}
+const wrapEl = document.getElementById('wrap');
+wrapEl.addEventListener('pointerdown', e => {
+  const p = state.proposals[state.current];
+  if (drawing || !p || !document.getElementById('l_prop').checked) return;
+  const r = canvas.getBoundingClientRect(), px = e.clientX - r.left, py = e.clientY - r.top;
+  const h = handles(p).find(h => Math.abs(h.x - px) <= 8 && Math.abs(h.y - py) <= 8);
+  if (!h) return;
+  e.stopPropagation(); e.preventDefault();  // the drag moves the corner, not the slide
+  fixing = {p, corner: h.i, box: p.box.slice()};
+}, true);
+document.addEventListener('pointermove', e => {
+  if (!fixing) return;
+  const r = canvas.getBoundingClientRect(), m = toImage(e.clientX - r.left, e.clientY - r.top);
+  const [x, y, w, h] = fixing.p.box, c = fixing.corner;
+  let x0 = x, y0 = y, x1 = x + w, y1 = y + h;
+  if (c === 0 || c === 3) x0 = m.x; else x1 = m.x;
+  if (c === 0 || c === 1) y0 = m.y; else y1 = m.y;
+  fixing.box = [Math.min(x0, x1), Math.min(y0, y1), Math.abs(x1 - x0), Math.abs(y1 - y0)];
+  draw();
+}, true);
+document.addEventListener('pointerup', async e => {
+  if (!fixing) return;
+  const f = fixing; fixing = null; e.stopPropagation();
+  if (busy || f.box.every((v, i) => Math.abs(v - f.p.box[i]) < 1)) { draw(); return; }
+  busy = true;
+  try {
+    const r = await fetch(`${CFG.prefix}/proposals/${f.p.id}?` + q(), {method: 'POST', headers: {'Content-Type': 'application/json'},
+      body: JSON.stringify({action: 'fix', box: f.box})});
+    if (!r.ok) { msg('Not stored: ' + await r.text()); return; }
+    Object.assign(f.p, await r.json()); state.fixes++; msg('');
+    await loadProposals(); fetchOverlays();
+  } finally { busy = false; }
+}, true);
 async function decideCurrent(action, id) {
   const p = id != null ? state.proposals.find(x => x.id === id) : state.proposals[state.current];
   if (!p) return;
@@ -234,7 +277,7 @@ async function decideCurrent(action, id) {
   if (action === 'undo') state.undone++;
   return true;
 }
-let busy = false;  // one decision at a time: a key pressed while one is stored is dropped, not raced
+busy = false;  // one decision at a time: a key pressed while one is stored is dropped, not raced
 document.addEventListener('keydown', async e => {
   if (busy) return;
   busy = true;

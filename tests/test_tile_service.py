@@ -260,6 +260,15 @@ def test_decisions_are_attributed_undone_and_seen_by_another_reviewer(client, tm
     with Session() as s:
         box = s.scalars(select(SlideBox)).one()
         assert (box.box, box.label, box.created_by) == ((100, 100, 80, 80), "a", "ana")
+    r = client.post(f"/api/slides/proposals/{first}", params={"slide": SLIDE, "t": bo},
+                    json={"action": "fix", "box": [90, 95, 100, 90.4]})
+    assert r.status_code == 200 and (r.json()["box"], r.json()["status"], r.json()["by"]) == ([90, 95, 100, 90], "accepted", "bo")
+    with Session() as s:
+        p = s.get(GlomerulusProposal, first)
+        assert p.polygon == [[90, 95], [190, 95], [190, 185], [90, 185]] and p.slide_box.box == (90, 95, 100, 90)
+    for bad in ([1, 2, 0, 5], [1, 2, 3], None, ["a", 1, 2, 3]):
+        assert client.post(f"/api/slides/proposals/{first}", params={"slide": SLIDE, "t": bo},
+                           json={"action": "fix", "box": bad}).status_code == 400, bad
     assert act(bo, first, "undo").json()["status"] == "proposed"
     with Session() as s:
         assert s.scalars(select(SlideBox)).all() == []  # the acceptance's box went with it

@@ -2,7 +2,7 @@
 the launcher's entry point). A pathologist signs in, opens the real slide ``cmu-1-small-region.svs``,
 sees Deep Zoom tiles load, zooms with the mouse wheel (more tiles, at a finer level), draws a
 missed glomerulus with the mouse (stored at once, attributed to her account), reviews three detector
-proposals by keyboard (N, A, A, R, U undo, R), reloads and finds her box and her decisions; the
+proposals by keyboard (N, A, A, R, U undo, R), fixes one box by dragging its corner, reloads and finds her box and her decisions; the
 store holds them, attributed. A tile URL without her token is refused.
 
 Needs Debian's ``chromium`` and the ``playwright`` package (the browser is never downloaded).
@@ -147,6 +147,22 @@ def test_open_zoom_draw_reload(server):
         page.keyboard.press("r")
         frame.wait_for_function("() => window.__glomWorkspace.decisions === 4", timeout=10_000)
         assert frame.evaluate("() => viewer.viewport.getRotation(true)") == 0  # the review keys are not OpenSeadragon's
+
+        # fix the second proposal's box (accepted): drag its bottom-right handle 60 px right, 45 px down
+        page.keyboard.press("p")
+        frame.wait_for_function("() => window.__glomWorkspace.current === 1", timeout=10_000)
+        page.wait_for_timeout(1500)  # the view flies there
+        corner = frame.evaluate("() => handles(window.__glomWorkspace.proposals[1])[2]")
+        k = frame.evaluate("() => imageZoom()")
+        fb = frame_el.bounding_box()
+        page.mouse.move(fb["x"] + corner["x"], fb["y"] + corner["y"])
+        page.mouse.down()
+        page.mouse.move(fb["x"] + corner["x"] + 30, fb["y"] + corner["y"] + 20, steps=3)
+        page.mouse.move(fb["x"] + corner["x"] + 60, fb["y"] + corner["y"] + 45, steps=3)
+        page.mouse.up()
+        frame.wait_for_function("() => window.__glomWorkspace.fixes === 1", timeout=10_000)
+        fixed = frame.evaluate("() => window.__glomWorkspace.proposals[1].box")
+        assert fixed[:2] == [1200, 900] and abs(fixed[2] - (160 + 60 / k)) < 3 and abs(fixed[3] - (140 + 45 / k)) < 3
         # the overlay sits on the tissue: level-0 -> screen -> level-0 is the identity, y grows downwards
         ys = frame.evaluate("() => [0, 1000, 2000].map(y => toScreen(700, y).y)")
         assert ys[0] < ys[1] < ys[2]
@@ -184,5 +200,6 @@ def test_open_zoom_draw_reload(server):
         props = s.scalars(select(GlomerulusProposal).order_by(GlomerulusProposal.score.desc())).all()
         assert [(p.status, p.reviewed_by) for p in props] == [("accepted", "alice")] * 2 + [("rejected", "alice")]
         assert sorted(r.box for r in rows[1:]) == sorted(p.box for p in props[:2])
+        assert props[1].box == tuple(fixed) and props[1].box[2] > 160  # the fixed box, and its accepted box follows
         assert 30 < w < 2220 and 30 < h < 2967 and x >= 0 and y >= 0
     engine.dispose()
