@@ -35,9 +35,11 @@ if __package__ in (None, ""):  # `python app/viewer.py`: make the repository imp
 
 import gradio as gr
 import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
 
 from annotation_db.db import StoreError, open_store
 from annotation_db.store import get_dataset, list_datasets
+from annotation_db.suggestions import active_checkpoint
 from annotation_db.users import authenticate, has_accounts, is_loopback, local_user_name
 from core.annotations import AnnotationFormatError
 from core.checkpoint import CheckpointError
@@ -287,9 +289,21 @@ def _store_image_for(session, ckpt: ViewerCheckpoint, crop: CheckedImage, ref: s
 # --- handlers (one per endpoint) -----------------------------------------------------------------
 
 
+def _active_models() -> dict[str, list[str]]:
+    """Checkpoint path → the datasets whose active model it is."""
+    out: dict[str, list[str]] = {}
+    with _sessionmaker()() as s:
+        for ds in list_datasets(s):
+            path = active_checkpoint(s, ds)
+            if path:
+                out.setdefault(str(Path(path).resolve()), []).append(ds.name)
+    return out
+
+
 @_clinician_errors
 def list_checkpoints() -> gr.Dropdown:
-    """Checkpoints under the runs folder (and the one given on the command line), newest first."""
+    """Checkpoints under the runs folder, newest first, the datasets' active models before the rest;
+    the one given on the command line first of all."""
     settings = current_settings()
     paths = find_checkpoints(settings.runs_dir)
     choices = []
@@ -298,6 +312,16 @@ def list_checkpoints() -> gr.Dropdown:
             choices.append((p.relative_to(settings.runs_dir).as_posix(), str(p)))
         except ValueError:
             choices.append((str(p), str(p)))
+    # The datasets' active models (set on the labeling app's Models page) come first, named so;
+    # one outside the runs folder, or gone, is not offered.
+    try:
+        active = _active_models()
+    except (StoreError, SQLAlchemyError):
+        log.warning("could not read the datasets' active models", exc_info=True)
+        active = {}
+    first = [(f"{label} (active model of {', '.join(active[str(Path(v).resolve())])})", v)
+             for label, v in choices if str(Path(v).resolve()) in active]
+    choices = first + [c for c in choices if str(Path(c[1]).resolve()) not in active]
     if settings.checkpoint is not None and str(settings.checkpoint) not in [v for _, v in choices]:
         choices.insert(0, (f"{settings.checkpoint} (command line)", str(settings.checkpoint)))
     value = str(settings.checkpoint) if settings.checkpoint else (choices[0][1] if choices else None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -410,3 +411,28 @@ def test_stored_uploads_are_bounded(world, tmp_path, monkeypatch):
         assert s.scalar(select(func.count()).select_from(Prediction)) == 4  # kept crops only, each predicted twice
     engine.dispose()
     assert len([f for f in (tmp_path / "data").rglob("*.png")]) == 2
+
+
+def test_a_datasets_active_model_is_offered_first(world):
+    """The Models page's "make active" reaches the viewer: that checkpoint comes first and is named
+    so, even when a newer one is under the runs folder."""
+    from annotation_db.store import get_dataset
+    from annotation_db.suggestions import set_active_checkpoint
+
+    newer = world["runs"] / "newer" / "best"
+    newer.parent.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(world["ckpt"].replace(".safetensors", suffix), newer.with_suffix(suffix))
+    try:
+        out = world["client"].predict(api_name="/checkpoints")
+        assert out["value"] == str(newer.with_suffix(".safetensors"))  # newest first while none is active
+        with world["Session"].begin() as s:
+            set_active_checkpoint(s, get_dataset(s, "demo"), world["ckpt"], "demo/best")
+        out = world["client"].predict(api_name="/checkpoints")
+        assert out["value"] == world["ckpt"]
+        assert out["choices"][0] == ["demo/best.safetensors (active model of demo)", world["ckpt"]]
+        assert [c[1] for c in out["choices"]].count(world["ckpt"]) == 1
+    finally:
+        with world["Session"].begin() as s:
+            set_active_checkpoint(s, get_dataset(s, "demo"), None, None)
+        shutil.rmtree(newer.parent)
