@@ -135,6 +135,7 @@ def test_a_typo_in_the_recipe_names_the_key() -> None:
 
     with pytest.raises(ConfigError, match="tile_sise"):
         load_detector_config("recipes/detector.yaml", ["tile_sise=256"])
+    assert load_detector_config("recipes/detector_gpu.yaml").model.encoder == "tu-efficientnet_lite2"
 
 
 def test_the_default_split_is_grouped_by_tile_and_by_slide() -> None:
