@@ -292,6 +292,8 @@ async function onKey(e) {
   else if (k === 'u' && undoStack.length) await decideCurrent('undo', undoStack.pop());
 }
 viewer.addHandler('update-viewport', draw);
+// Others' decisions and crops made from the page (which does not reload this view) show within 5 s.
+setInterval(() => { if (!document.hidden && !busy && !fixing && !drag && state.ready) { fetchOverlays(); loadProposals(); } }, 5000);
 viewer.addHandler('animation-finish', scheduleOverlays);
 viewer.addHandler('open-failed', e => msg('The slide could not be opened: ' + (e.message || '')));
 new ResizeObserver(draw).observe(canvas);
@@ -540,19 +542,21 @@ def page() -> None:
                                    draw_label=draw_label, dataset_id=dataset.id if dataset else None,
                                    offset=info.offset),
                     height=VIEW_HEIGHT_PX + 8)
-    with get_sessionmaker()() as s:
-        slide = _slide_row(s, name)
-        n_todo = len(box_store.list_boxes(s, slide, uncropped_only=True)) if slide else 0
-        geojson = export_boxes_geojson(s, slide) if slide else None
+    def geojson_now() -> str:  # read when clicked: boxes drawn in the view since the last rerun count too
+        with get_sessionmaker()() as s:
+            slide = _slide_row(s, name)
+            return json.dumps(export_boxes_geojson(s, slide) if slide else {"type": "FeatureCollection", "features": []},
+                              indent=1)
+
     if dataset:
         classifiers = classifier_checkpoints()
         checkpoint = st.selectbox("Classify the crops with", [None, *classifiers], key="ws_classifier",
                                   format_func=lambda c: "no model (label them yourself)" if c is None else c)
-        c2.button(f"Crop {n_todo} drawn box(es) into {dataset.name}", key="ws_crop", disabled=not n_todo,
-                  on_click=_crop_drawn, args=(name, dataset.name, me.name, checkpoint), type="primary")
-    c3.download_button("QuPath GeoJSON of the drawn boxes", json.dumps(geojson or {}, indent=1),
-                       file_name=f"{slide_name(name)}.geojson", mime="application/geo+json", key="ws_geojson",
-                       on_click="ignore", disabled=geojson is None, icon=":material/download:")
+        c2.button(f"Crop the drawn boxes into {dataset.name}", key="ws_crop", help="boxes drawn or accepted in the "
+                  "view and not cropped yet", on_click=_crop_drawn, args=(name, dataset.name, me.name, checkpoint),
+                  type="primary")
+    c3.download_button("QuPath GeoJSON of the drawn boxes", geojson_now, file_name=f"{slide_name(name)}.geojson",
+                       mime="application/geo+json", key="ws_geojson", on_click="ignore", icon=":material/download:")
     if dataset:
         _detector_panel(svc.root / name, name, dataset.name, me.name)
         with get_sessionmaker()() as s:
@@ -569,8 +573,6 @@ def page() -> None:
     flash = st.session_state.pop("ws_flash", None)
     if flash:
         getattr(st, flash[0])(flash[1])
-    st.button("Refresh counts", key="ws_refresh", type="tertiary", help="boxes drawn in the view are stored at once; "
-              "this reruns the page to count them")
 
 
 def _detector_panel(path: Path, name: str, dataset_name: str, user: str) -> None:

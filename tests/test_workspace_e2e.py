@@ -3,7 +3,8 @@ the launcher's entry point). A pathologist signs in, opens the real slide ``cmu-
 sees Deep Zoom tiles load, zooms with the mouse wheel (more tiles, at a finer level), draws a
 missed glomerulus with the mouse (stored at once, attributed to her account), reviews three detector
 proposals by keyboard (N, A, A, R, U undo, R), fixes one box by dragging its corner, reloads and finds her box and her decisions; the
-store holds them, attributed. A tile URL without her token is refused.
+store holds them, attributed. Then exports the QuPath GeoJSON, crops the boxes and finds the crops
+on the map and in the Label queue. A tile URL without her token is refused.
 
 Needs Debian's ``chromium`` and the ``playwright`` package (the browser is never downloaded).
 Set ``GLOM_UPDATE_SCREENSHOT=1`` to refresh ``docs/slide_workspace.png``.
@@ -11,6 +12,7 @@ Set ``GLOM_UPDATE_SCREENSHOT=1`` to refresh ``docs/slide_workspace.png``.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -25,6 +27,7 @@ from sqlalchemy import select
 from annotation_db import store
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
 from annotation_db.models import GlomerulusProposal, SlideBox
+from annotation_db.models import Image as ImageRow
 from annotation_db.proposals import replace_proposals
 from tests.servers import wait_until_healthy
 from tests.test_label_e2e import CHROMIUM, CHROMIUM_ARGS, E2E_PASSWORD, _accounts
@@ -190,6 +193,18 @@ def test_open_zoom_draw_reload(server):
                                 " && window.__glomWorkspace.proposals.length === 3", timeout=30_000)
         assert frame.evaluate("() => window.__glomWorkspace.proposals.map(p => p.status + ':' + p.by).join()") == \
             "accepted:alice,accepted:alice,rejected:alice"
+
+        # the QuPath GeoJSON holds the three boxes; crop them; they are glomeruli on the map and in the Label queue
+        with page.expect_download() as dl:
+            page.get_by_role("button", name="QuPath GeoJSON of the drawn boxes").click()
+        assert len(json.loads(Path(dl.value.path()).read_text())["features"]) == 3
+        page.get_by_role("button", name="Crop the drawn boxes into glom").click()
+        page.get_by_text("3 glomeruli cropped into glom").wait_for(timeout=30_000)
+        frame = page.wait_for_selector("iframe", timeout=30_000).content_frame()
+        frame.wait_for_function("() => window.__glomWorkspace && window.__glomWorkspace.counts.glomeruli === 3"
+                                " && window.__glomWorkspace.counts.drawn === 0", timeout=30_000)
+        page.get_by_role("link", name="Label").click()
+        page.locator(".st-key-crop img").first.wait_for(timeout=30_000)
         browser.close()
 
     engine = create_store_engine(url)
@@ -200,6 +215,8 @@ def test_open_zoom_draw_reload(server):
         props = s.scalars(select(GlomerulusProposal).order_by(GlomerulusProposal.score.desc())).all()
         assert [(p.status, p.reviewed_by) for p in props] == [("accepted", "alice")] * 2 + [("rejected", "alice")]
         assert sorted(r.box for r in rows[1:]) == sorted(p.box for p in props[:2])
+        assert len(s.scalars(select(ImageRow).where(ImageRow.slide_id.is_not(None))).all()) == 3
+        assert all(r.image_id is not None for r in rows)
         assert props[1].box == tuple(fixed) and props[1].box[2] > 160  # the fixed box, and its accepted box follows
         assert 30 < w < 2220 and 30 < h < 2967 and x >= 0 and y >= 0
     engine.dispose()
