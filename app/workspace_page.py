@@ -99,7 +99,7 @@ const q = s => `slide=${encodeURIComponent(CFG.slide)}&t=${encodeURIComponent(CF
   (CFG.dataset != null ? `&dataset=${CFG.dataset}` : '') + (s || '');
 const STATUS = {proposed: '#ff9800', accepted: '#2e7d32', rejected: '#9e9e9e'};
 const state = window.__glomWorkspace = {tilesLoaded: 0, tileErrors: 0, features: [], counts: {}, overlayFetches: 0,
-  drawn: 0, ready: false, proposals: [], current: -1, decisions: 0, undone: 0, fixes: 0};
+  drawn: 0, ready: false, proposals: [], current: -1, decisions: 0, undone: 0, fixes: 0, keyMs: [], storeMs: [], pending: 0};
 const msg = t => { const m = document.getElementById('msg'); m.textContent = t; m.style.display = t ? 'block' : 'none'; };
 const viewer = OpenSeadragon({
   element: document.getElementById('osd'), prefixUrl: CFG.prefix + '/vendor/images/',
@@ -195,11 +195,13 @@ function scheduleOverlays() { clearTimeout(pending); pending = setTimeout(fetchO
 viewer.addHandler('open', () => { state.ready = true; fetchOverlays(); loadProposals(); });
 // --- proposal review: A accept, R reject, N / P next / previous (the view flies there), U undo; drag a corner handle to fix the box ---
 async function loadProposals() {
+  if (state.pending) return;  // decisions on their way: the server's list would undo them on screen
   try {
     const r = await fetch(`${CFG.prefix}/proposals?` + q());
     if (!r.ok) { msg('Proposals: ' + await r.text()); return; }
-    const keep = state.proposals[state.current];
-    state.proposals = await r.json();
+    const keep = state.proposals[state.current], fresh = await r.json();
+    if (state.pending) return;
+    state.proposals = fresh;
     state.current = keep ? state.proposals.findIndex(p => p.id === keep.id) : -1;
     review(); draw();
   } catch (e) { msg('Proposals could not be loaded: ' + e); }
@@ -265,35 +267,56 @@ document.addEventListener('pointerup', async e => {
     await loadProposals(); fetchOverlays();
   } finally { busy = false; }
 }, true);
-async function decideCurrent(action, id) {
+// A decision shows at once and is stored right away; stores run one after another in key order
+// (a queue), and one the server refuses is put back and said on the page.
+let storing = Promise.resolve();
+const SHOWN = {accept: 'accepted', reject: 'rejected', undo: 'proposed'};
+function decideCurrent(action, id) {
   const p = id != null ? state.proposals.find(x => x.id === id) : state.proposals[state.current];
-  if (!p) return;
-  const r = await fetch(`${CFG.prefix}/proposals/${p.id}?` + q(), {method: 'POST', headers: {'Content-Type': 'application/json'},
-    body: JSON.stringify({action, label: CFG.drawLabel})});
-  if (!r.ok) { msg('Not stored: ' + await r.text()); return false; }
-  Object.assign(p, await r.json()); msg('');
+  if (!p) return false;
+  const before = {status: p.status, by: p.by};
+  p.status = SHOWN[action]; p.by = action === 'undo' ? null : CFG.user;
   if (action !== 'undo') undoStack.push(p.id);
-  await loadProposals(); fetchOverlays();
-  if (action === 'undo') state.undone++;
+  state.pending++;
+  storing = storing.then(async () => {
+    const t0 = performance.now();
+    try {
+      const r = await fetch(`${CFG.prefix}/proposals/${p.id}?` + q(), {method: 'POST',
+        headers: {'Content-Type': 'application/json'}, body: JSON.stringify({action, label: CFG.drawLabel})});
+      if (!r.ok) throw new Error(await r.text());
+      Object.assign(p, await r.json()); msg('');
+      state.storeMs.push(performance.now() - t0);
+      if (action === 'undo') state.undone++; else state.decisions++;
+    } catch (err) {
+      Object.assign(p, before); msg('Not stored: ' + err.message);
+    } finally {
+      state.pending--;
+      if (!state.pending) fetchOverlays();
+      review(); draw();
+    }
+  });
+  review(); draw();
   return true;
 }
-busy = false;  // one decision at a time: a key pressed while one is stored is dropped, not raced
+// keys are handled one at a time (a box being fixed holds them); decisions queue, see decideCurrent
 document.addEventListener('keydown', async e => {
   if (busy) return;
   busy = true;
+  const t0 = performance.now(), k = e.key.toLowerCase();
   try { await onKey(e); } finally { busy = false; }
+  // key press -> decision stored, list re-read, next proposal drawn (the fly animation then runs)
+  if ('arnp'.includes(k) && k) requestAnimationFrame(() => state.keyMs.push(performance.now() - t0));
 });
 async function onKey(e) {
-  if (e.ctrlKey || e.metaKey || e.altKey) { if ((e.key === 'z' || e.key === 'Z') && undoStack.length) await decideCurrent('undo', undoStack.pop()); return; }
+  if (e.ctrlKey || e.metaKey || e.altKey) { if ((e.key === 'z' || e.key === 'Z') && undoStack.length) decideCurrent('undo', undoStack.pop()); return; }
   const k = e.key.toLowerCase();
-  if (k === 'n') { await loadProposals(); step(1); }
-  else if (k === 'p') { await loadProposals(); step(-1); }
-  else if (k === 'a' || k === 'r') { if (await decideCurrent(k === 'a' ? 'accept' : 'reject')) { step(1); state.decisions++; } }
-  else if (k === 'u' && undoStack.length) await decideCurrent('undo', undoStack.pop());
+  if (k === 'n' || k === 'p') { step(k === 'n' ? 1 : -1); if (!state.pending) loadProposals(); }  // others' decisions
+  else if (k === 'a' || k === 'r') { if (decideCurrent(k === 'a' ? 'accept' : 'reject')) step(1); }
+  else if (k === 'u' && undoStack.length) decideCurrent('undo', undoStack.pop());
 }
 viewer.addHandler('update-viewport', draw);
 // Others' decisions and crops made from the page (which does not reload this view) show within 5 s.
-setInterval(() => { if (!document.hidden && !busy && !fixing && !drag && state.ready) { fetchOverlays(); loadProposals(); } }, 5000);
+setInterval(() => { if (!document.hidden && !busy && !fixing && !drag && !state.pending && state.ready) { fetchOverlays(); loadProposals(); } }, 5000);
 viewer.addHandler('animation-finish', scheduleOverlays);
 viewer.addHandler('open-failed', e => msg('The slide could not be opened: ' + (e.message || '')));
 new ResizeObserver(draw).observe(canvas);
@@ -323,10 +346,10 @@ canvas.addEventListener('mouseup', async e => {
 
 def workspace_html(*, slide: str, token: str, width: int, height: int, mpp: float | None, tile_size: int,
                    overlap: int, classes: list[dict], draw_label: str | None, dataset_id: int | None = None,
-                   offset: tuple[int, int] = (0, 0),
+                   offset: tuple[int, int] = (0, 0), user: str = "",
                    height_px: int = VIEW_HEIGHT_PX) -> str:
     """The workspace document for one slide (all values JSON-encoded into the page)."""
-    cfg = {"slide": slide, "token": token, "dataset": dataset_id, "offset": list(offset), "width": width, "height": height, "mpp": mpp, "tileSize": tile_size,
+    cfg = {"slide": slide, "token": token, "user": user, "dataset": dataset_id, "offset": list(offset), "width": width, "height": height, "mpp": mpp, "tileSize": tile_size,
            "overlap": overlap, "prefix": PREFIX, "classes": classes, "palette": CLASS_COLOURS, "drawn": DRAWN,
            "drawLabel": draw_label}
     return (WORKSPACE_HTML.replace("__HEIGHT__", str(height_px)).replace("__PREFIX__", PREFIX)
@@ -540,7 +563,7 @@ def page() -> None:
     components.html(workspace_html(slide=name, token=sign_token(me.name, name), width=info.width, height=info.height,
                                    mpp=info.mpp, tile_size=info.tile_size, overlap=info.overlap, classes=classes,
                                    draw_label=draw_label, dataset_id=dataset.id if dataset else None,
-                                   offset=info.offset),
+                                   offset=info.offset, user=me.name),
                     height=VIEW_HEIGHT_PX + 8)
     def geojson_now() -> str:  # read when clicked: boxes drawn in the view since the last rerun count too
         with get_sessionmaker()() as s:
