@@ -195,6 +195,32 @@ def test_detect_resumes_and_redoes_only_when_the_settings_change(tiny_detector: 
     assert json.loads(result.read_text())["glomlab"]["settings"]["threshold"] == 0.6
 
 
+def test_detect_stores_its_findings_as_proposals(tiny_detector: Path, test_slide, tmp_path: Path, capsys) -> None:
+    from annotation_db import store
+    from annotation_db.db import open_store
+    from annotation_db.proposals import list_proposals
+
+    path, _ = test_slide
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    Session = open_store(url)
+    with Session() as s, s.begin():
+        store.get_or_create_dataset(s, "biopsies", ["globally_sclerotic", "non_globally_sclerotic"],
+                                    root=tmp_path / "ds")
+    args = ["detect", str(path), "--db", url, "--checkpoint", str(tiny_detector), "--out", str(tmp_path / "o"),
+            "--dataset", "biopsies", "--no-progress"]
+    for _ in range(2):  # the second time replaces the proposals instead of adding to them
+        assert glom(args) == 0
+        n = len(json.loads((tmp_path / "o" / "three_tiles.geojson").read_text())["features"])
+        with Session() as s:
+            props = list_proposals(s, "three_tiles", "biopsies")
+            assert len(props) == n and {p.status for p in props} == {"proposed"}
+            assert {p.source for p in props} == {"model:best"} and props[0].slide.path == str(path.resolve())
+    capsys.readouterr()
+    assert glom(args[:-3] + ["--dataset", "nope", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "three_tiles.tif" in err and "nope" in err
+
+
 def test_detect_names_the_slide_that_fails(tiny_detector: Path, test_slide, tmp_path: Path, capsys) -> None:
     path, _ = test_slide
     bad = tmp_path / "broken.tif"
