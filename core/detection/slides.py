@@ -380,7 +380,12 @@ def detect_slide(path: str | Path, predictor: Predictor, settings: DetectSetting
         with open_slide(path, fallback_mpp=slide_mpp) as reader:
             det = detect_in_reader(reader, predictor, settings, progress=progress, position=position)
     except (SlideError, DetectorError, OSError, ValueError, RuntimeError) as e:
-        raise DetectSlideError(f"{path}: {e}") from e
+        from core.wsi import MissingMppError
+
+        msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+        if isinstance(e, MissingMppError):
+            msg += " For glom detect: --mpp 0.25 (µm per level-0 pixel of slides that record none)."
+        raise DetectSlideError(msg) from e
     write_geojson(out, det, run_info)
     return det, out
 
