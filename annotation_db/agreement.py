@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy.orm import Session
 
+from annotation_db.label_resolution import dataset_images, labels_per_annotator
 from annotation_db.models import Dataset
-from annotation_db.store import dataset_images, labels_per_annotator
 
 
 def cohen_kappa(a: Sequence, b: Sequence) -> float:
@@ -239,8 +239,8 @@ def suggestion_report(session: Session, dataset: Dataset, checkpoint_id: str | N
     uncertain-only labels are left out."""
     from sqlalchemy import select
 
+    from annotation_db.label_resolution import MODEL_ANNOTATOR_PREFIX
     from annotation_db.models import Adjudication, Annotator, Image, Label, Prediction
-    from annotation_db.store import MODEL_ANNOTATOR_PREFIX
     from annotation_db.suggestions import is_blind, suggestion_checkpoint
 
     ckpt = checkpoint_id or suggestion_checkpoint(session, dataset)

@@ -1,4 +1,10 @@
-"""Label text → class key: the one rule every path that reads class names from a file uses.
+"""Class schemas: the classes a dataset has, and the one rule that turns label text into a class key.
+
+A schema is an ordered list of :class:`ClassSpec` (key, display name, hotkey);
+:data:`GLOMERULUS_CLASSES` is the default one. :func:`validate_classes` checks the class keys of a
+label against a dataset's schema.
+
+Label text → class key is what every path that reads class names from a file uses.
 
 A class may be named by its key (``crescent``) or its display name (``新月体形成``, ``Crescent``
 when a schema displays it so), in any case and with surrounding spaces: QuPath, ImageScope and
@@ -15,11 +21,68 @@ raises :class:`UnknownClassError`, with the same message on every path (``glom i
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from annotation_db.store import GLOMERULUS_CLASSES, ClassSpec, InvalidLabelError
+from annotation_db.db import StoreError
+from annotation_db.models import Dataset
 
-__all__ = ["ClassKeys", "UnknownClassError", "schema_for"]
+__all__ = [
+    "GLOMERULUS_CLASSES",
+    "ClassKeys",
+    "ClassSpec",
+    "InvalidLabelError",
+    "UnknownClassError",
+    "default_hotkey",
+    "schema_for",
+    "validate_classes",
+]
+
+
+class InvalidLabelError(StoreError):
+    """A label, class schema or annotator the store refuses (unknown class, two classes on a
+    single-label dataset, duplicate keys)."""
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """One class of a schema: the key labels store, the name people see, its hotkey."""
+
+    key: str
+    display_name: str
+    hotkey: str | None = None
+
+
+GLOMERULUS_CLASSES: tuple[ClassSpec, ...] = (
+    ClassSpec("normal", "正常肾小球", "1"),
+    ClassSpec("segmental_sclerosis", "节段性硬化", "2"),
+    ClassSpec("mesangial_proliferation", "系膜细胞增生", "3"),
+    ClassSpec("crescent", "新月体形成", "4"),
+)
+
+
+def default_hotkey(position: int) -> str | None:
+    """1-9 for the first nine classes, 0 for the tenth, none after."""
+    return str(position + 1) if position < 9 else ("0" if position == 9 else None)
+
+
+def validate_classes(dataset: Dataset, classes: Iterable[str], *, where: str = "") -> list[str]:
+    """Class keys checked against the schema and returned in schema order."""
+    keys = dataset.class_keys
+    wanted = list(dict.fromkeys(classes))
+    unknown = [c for c in wanted if c not in keys]
+    prefix = f"{where}: " if where else ""
+    if unknown:
+        raise InvalidLabelError(
+            f"{prefix}unknown class {', '.join(map(repr, unknown))} for dataset {dataset.name!r} "
+            f"(its classes: {', '.join(keys)})"
+        )
+    if not dataset.multi_label and len(wanted) > 1:
+        raise InvalidLabelError(
+            f"{prefix}dataset {dataset.name!r} is single-label but got {len(wanted)} classes {wanted}"
+        )
+    return [k for k in keys if k in wanted]
+
 
 
 class _Class(Protocol):

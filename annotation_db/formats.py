@@ -28,8 +28,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from annotation_db.db import StoreError
+from annotation_db.images import IMAGE_SUFFIXES
+from annotation_db.label_resolution import dataset_images, resolve_labels
 from annotation_db.models import Dataset, Slide
-from annotation_db.store import IMAGE_SUFFIXES, dataset_images, resolve_labels
 
 FORMATS = ("jsonl", "csv", "folders", "labelstudio")
 JSONL_IMAGE_KEY = "image_name"

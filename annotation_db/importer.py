@@ -21,27 +21,26 @@ from sqlalchemy.orm import Session, sessionmaker
 from tqdm.auto import tqdm
 
 from annotation_db import formats, staging
-from annotation_db.classes import ClassKeys, schema_for
+from annotation_db.classes import ClassKeys, ClassSpec, InvalidLabelError, default_hotkey, schema_for
 from annotation_db.db import StoreError
 from annotation_db.formats import FormatError, Record
-from annotation_db.models import ClassDef, Dataset, Image, Slide, Stain, utcnow
-from annotation_db.paths import is_within
-from annotation_db.store import (
-    ClassSpec,
-    DatasetNotFoundError,
+from annotation_db.images import (
     ImageFileError,
     ImageLimits,
     ImageMeta,
-    InvalidLabelError,
+    normalize_rel_path,
+    read_image_meta,
+    resolve_in_root,
+)
+from annotation_db.models import ClassDef, Dataset, Image, Slide, Stain, utcnow
+from annotation_db.paths import is_within
+from annotation_db.store import (
+    DatasetNotFoundError,
     create_dataset,
-    default_hotkey,
     get_dataset,
     get_or_create_annotator,
     get_or_create_dataset,
     get_or_create_slide,
-    normalize_rel_path,
-    read_image_meta,
-    resolve_in_root,
 )
 
 log = logging.getLogger(__name__)

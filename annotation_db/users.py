@@ -31,8 +31,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from annotation_db.db import StoreError
+from annotation_db.label_resolution import MODEL_ANNOTATOR_PREFIX, is_model_annotator
 from annotation_db.models import Annotator
-from annotation_db.store import MODEL_ANNOTATOR_PREFIX, is_model_annotator
 
 __all__ = ["ROLES", "PERMISSIONS", "AccountError", "hash_password", "verify_password", "add_user",
            "set_password", "set_role", "authenticate", "has_accounts", "role_of", "may", "list_users",

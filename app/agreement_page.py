@@ -9,6 +9,7 @@ import streamlit as st
 from sqlalchemy.exc import SQLAlchemyError
 
 from annotation_db import agreement, queues, store
+from annotation_db.label_resolution import dataset_stats
 from annotation_db.models import Annotator, Image
 from app.session import current_dataset, is_adjudicator, who
 from app.store_cache import DatasetView, crop_bytes, get_sessionmaker, store_url
@@ -33,7 +34,7 @@ def _suggestion_report(url: str, dataset_name: str) -> dict:
 @st.cache_data(ttl=15, show_spinner=False)
 def _annotators(url: str, dataset_name: str) -> list[str]:
     with get_sessionmaker()() as s:
-        return sorted(store.dataset_stats(s, store.get_dataset(s, dataset_name))["labels_per_annotator"])
+        return sorted(dataset_stats(s, store.get_dataset(s, dataset_name))["labels_per_annotator"])
 
 
 def on_decide(image_id: int) -> None:

@@ -378,8 +378,8 @@ def classifier_checkpoints(root: Path = RUNS_DIR) -> list[str]:
 def classify_crops(Session, image_ids: list[int], checkpoint: str) -> int:
     """Predict the crops ``image_ids`` with ``checkpoint``; one ``Prediction`` row each (the
     Label queue's model-uncertain order and this page's summary read them). How many were stored."""
+    from annotation_db.images import image_abspath
     from annotation_db.models import Image
-    from annotation_db.store import image_abspath
     from core.diagnosis import load_viewer_checkpoint
     from core.viewer_store import record_predictions
 

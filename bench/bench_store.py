@@ -26,9 +26,10 @@ from pathlib import Path
 from PIL import Image as PILImage
 
 from annotation_db import formats, importer, store
+from annotation_db.classes import GLOMERULUS_CLASSES
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
 
-CLASSES = [c.display_name for c in store.GLOMERULUS_CLASSES]
+CLASSES = [c.display_name for c in GLOMERULUS_CLASSES]
 CACHE = Path(__file__).resolve().parents[1] / ".bench" / "store"
 
 

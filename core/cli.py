@@ -143,10 +143,11 @@ def cmd_agreement(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from annotation_db import store
+    from annotation_db.label_resolution import dataset_stats
 
     with _session(args) as session, session.begin():
         datasets = [store.get_dataset(session, args.dataset)] if args.dataset else store.list_datasets(session)
-        stats = [store.dataset_stats(session, d) for d in datasets]
+        stats = [dataset_stats(session, d) for d in datasets]
     if args.json:
         print(json.dumps(stats, ensure_ascii=False, indent=2))
         return 0

@@ -289,7 +289,8 @@ def predict_dataset(Session: sessionmaker[Session], dataset_name: str, checkpoin
     """Predict every image of ``dataset_name`` with ``checkpoint``; one ``Prediction`` row each,
     written a batch per transaction; how many were written. Images whose file is missing are
     skipped (and counted in the log)."""
-    from annotation_db.store import get_dataset, image_abspath
+    from annotation_db.images import image_abspath
+    from annotation_db.store import get_dataset
     from core.predict import Predictor
 
     predictor = Predictor.from_checkpoint(checkpoint, device)

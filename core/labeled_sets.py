@@ -155,7 +155,8 @@ def load_from_store(dataset: str, source: str = "majority", db_url: str | None =
     """Images of a store dataset with labels from ``source``: ``majority``, ``adjudicated``, ``final``
     (adjudicated where decided, else majority) or ``annotator:NAME``."""
     from annotation_db.db import open_store
-    from annotation_db.store import get_dataset, labeled_items
+    from annotation_db.label_resolution import labeled_items
+    from annotation_db.store import get_dataset
 
     Session = open_store(db_url)
     with Session() as session:

@@ -31,7 +31,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from annotation_db import store
 from annotation_db.boxes import list_boxes
-from annotation_db.classes import ClassKeys, schema_for
+from annotation_db.classes import GLOMERULUS_CLASSES, ClassKeys, schema_for, validate_classes
+from annotation_db.images import normalize_rel_path
 from annotation_db.models import Dataset, Image, Label, Slide, SlideBox
 from core.annotations import (
     Annotation,
@@ -148,7 +149,7 @@ def register_crops(
     slide = store.get_or_create_slide(session, info.name, path=str(info.path), stain=stain, mpp=info.mpp)
     images, n_new = [], 0
     for job in jobs:
-        rel = store.normalize_rel_path(dataset, job.path)
+        rel = normalize_rel_path(dataset, job.path)
         image = store.find_image(session, dataset, rel)
         if image is None:
             image = store.add_image(session, dataset, rel, slide=slide, box=job.box)
@@ -165,7 +166,7 @@ def register_crops(
             )
         )
         rows = [
-            (img.id, who.id, store.validate_classes(dataset, [job.label], where=str(job.path)), False, "")
+            (img.id, who.id, validate_classes(dataset, [job.label], where=str(job.path)), False, "")
             for job, img in labelled
             if img.id not in have
         ]
@@ -209,7 +210,7 @@ def prepare_dataset(
     """
     out_dir = Path(out_dir).resolve()
     labels = [a.label for a in annotations if a.label]
-    schema = schema_for(list(classes or dict.fromkeys(labels))) or list(store.GLOMERULUS_CLASSES)
+    schema = schema_for(list(classes or dict.fromkeys(labels))) or list(GLOMERULUS_CLASSES)
     dataset = store.get_or_create_dataset(session, name, schema, root=out_dir)
     root = Path(dataset.root or ".").resolve()
     if not out_dir.is_relative_to(root):

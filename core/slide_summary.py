@@ -20,7 +20,7 @@ DECISION_SUPPORT_NOTE = (
     "glomeruli only (one class per glomerulus); E and T are not assessed. Review every crop."
 )
 
-# Class keys the rules read (the glomerulus schema of annotation_db.store.GLOMERULUS_CLASSES).
+# Class keys the rules read (the glomerulus schema of annotation_db.classes.GLOMERULUS_CLASSES).
 MESTC_CLASSES = ("mesangial_proliferation", "segmental_sclerosis", "crescent")
 
 

@@ -27,21 +27,12 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from annotation_db.classes import GLOMERULUS_CLASSES, ClassSpec, InvalidLabelError
 from annotation_db.db import StoreError
+from annotation_db.images import image_abspath
+from annotation_db.label_resolution import MODEL_ANNOTATOR_PREFIX, is_model_annotator
 from annotation_db.models import Annotator, Dataset, Image, Label, Slide
-from annotation_db.store import (
-    GLOMERULUS_CLASSES,
-    MODEL_ANNOTATOR_PREFIX,
-    ClassSpec,
-    InvalidLabelError,
-    add_image,
-    add_prediction,
-    get_dataset,
-    get_or_create_dataset,
-    image_abspath,
-    is_model_annotator,
-    set_label,
-)
+from annotation_db.store import add_image, add_prediction, get_dataset, get_or_create_dataset, set_label
 from core.annotations import Annotation
 from core.extract import CropSettings, ExtractError
 from core.slide_crops import SLIDE_CROP_SETTINGS, SlideCrops, crop_into_dataset

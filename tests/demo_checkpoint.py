@@ -97,7 +97,7 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 @lru_cache(maxsize=1)
 def _shared_demo_checkpoint() -> tuple[torch.nn.Module, Path]:
-    from annotation_db.store import GLOMERULUS_CLASSES
+    from annotation_db.classes import GLOMERULUS_CLASSES
 
     root = Path(tempfile.mkdtemp(prefix="glom-demo-ckpt-"))
     atexit.register(shutil.rmtree, root, True)

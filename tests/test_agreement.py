@@ -8,6 +8,7 @@ from PIL import Image as PILImage
 from sklearn.metrics import cohen_kappa_score
 
 from annotation_db import agreement, store
+from annotation_db.classes import GLOMERULUS_CLASSES
 
 
 def test_cohen_kappa_matches_sklearn():
@@ -41,7 +42,7 @@ def labeled(SqliteSession, tmp_path):
     b = ["normal", "crescent", "crescent", "crescent", "normal", "normal"]
     c = ["normal", "crescent", "crescent", "normal", "mesangial_proliferation", "normal"]
     with SqliteSession() as s, s.begin():
-        ds = store.create_dataset(s, "g", store.GLOMERULUS_CLASSES, root=tmp_path)
+        ds = store.create_dataset(s, "g", GLOMERULUS_CLASSES, root=tmp_path)
         for i in range(6):
             img = store.add_image(s, ds, f"{i}.png")
             for who, labels in (("a", a), ("b", b), ("c", c)):
@@ -58,7 +59,7 @@ def test_two_annotator_report(labeled):
     assert r.per_class_kappa["crescent"] == pytest.approx(
         cohen_kappa_score([x == "crescent" for x in a], [x == "crescent" for x in b])
     )
-    keys = store.GLOMERULUS_CLASSES
+    keys = GLOMERULUS_CLASSES
     idx = {c.key: i for i, c in enumerate(keys)}
     expected = np.zeros((4, 4), int)
     for x, y in zip(a, b):

@@ -17,10 +17,10 @@ from PIL import Image
 from sqlalchemy import select
 
 from annotation_db import store
-from annotation_db.classes import ClassKeys, UnknownClassError, schema_for
+from annotation_db.classes import ClassKeys, ClassSpec, UnknownClassError, schema_for
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
+from annotation_db.label_resolution import labeled_items
 from annotation_db.models import Image as ImageRow
-from annotation_db.store import ClassSpec
 from core.annotations import Annotation, write_geojson
 from core.cli import main as glom
 from core.slide_crops import slide_annotations
@@ -65,7 +65,7 @@ def _keys_in(url: str, dataset: str) -> list[str]:
     try:
         with make_sessionmaker(engine)() as s:
             ds = store.get_dataset(s, dataset)
-            items = {i.image_id: i.classes for i in store.labeled_items(s, dataset)}
+            items = {i.image_id: i.classes for i in labeled_items(s, dataset)}
             ids = s.scalars(select(ImageRow.id).where(ImageRow.dataset_id == ds.id).order_by(ImageRow.id)).all()
             return [items[i][0] for i in ids]
     finally:

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from annotation_db import store
 from annotation_db.boxes import add_box, list_boxes
 from annotation_db.classes import UnknownClassError
+from annotation_db.label_resolution import labeled_items
 from annotation_db.models import Image as ImageRow
 from annotation_db.models import LabelEvent, Slide
 from core import cli_extract
@@ -300,7 +301,7 @@ def test_crops_are_registered_with_slide_box_and_label(tmp_path: Path, wsi_dir: 
         assert rows[0].slide.name == "cmu-1-small-region" and rows[0].slide.mpp == pytest.approx(0.499)
         assert rows[0].slide.stain.value == "PAS"
         assert rows[0].path == "cmu-1-small-region/cmu-1-small-region_x100_y200_w90_h80_mpp0.499.png"
-        items = store.labeled_items(s, "glom", "annotator:dr-a")
+        items = labeled_items(s, "glom", "annotator:dr-a")
         assert [(i.rel_path, i.classes, i.slide) for i in items] == [(rows[0].path, ["crescent"], "cmu-1-small-region")]
         assert s.scalar(select(func.count()).select_from(LabelEvent)) == 1
 
@@ -345,7 +346,7 @@ def test_drawn_boxes_round_trip_through_geojson_and_crop_into_dataset(
         assert (first.x0, first.y0, first.box_w, first.box_h) == (120, 80, 96, 72)
         np.testing.assert_array_equal(rgb(root / first.path), openslide_rgb(tiff, (120, 80), 0, (96, 72)))
         assert drawn[1].image.box_w == 44 and drawn[1].image.box_h == 68  # clipped to the slide
-        queue = store.labeled_items(s, "glom", "annotator:dr-a")
+        queue = labeled_items(s, "glom", "annotator:dr-a")
         assert [i.classes for i in queue] == [["crescent"]]
 
 

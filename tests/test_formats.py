@@ -12,7 +12,10 @@ from PIL import Image as PILImage
 from sqlalchemy import func, select
 
 from annotation_db import formats, importer, store
+from annotation_db.classes import GLOMERULUS_CLASSES, InvalidLabelError
 from annotation_db.formats import FormatError
+from annotation_db.images import ImageFileError
+from annotation_db.label_resolution import dataset_images, labels_per_annotator, resolve_labels
 from annotation_db.models import Dataset, Image, Label
 
 SEED_CLASSES = ["正常肾小球", "节段性硬化", "系膜细胞增生", "新月体形成"]
@@ -36,15 +39,15 @@ def _export(Session, fmt, out, dataset="d", **kw):
 def _labels_by_path(Session, dataset="d", source="majority"):
     with Session() as s, s.begin():
         ds = store.get_dataset(s, dataset)
-        by_id = store.resolve_labels(s, ds, source).by_image
-        return {img.path: by_id.get(img.id) for img, _ in store.dataset_images(s, ds)}
+        by_id = resolve_labels(s, ds, source).by_image
+        return {img.path: by_id.get(img.id) for img, _ in dataset_images(s, ds)}
 
 
 def _labels_by_hash(Session, dataset="d"):
     with Session() as s, s.begin():
         ds = store.get_dataset(s, dataset)
-        by_id = store.resolve_labels(s, ds).by_image
-        return {img.sha256: by_id.get(img.id) for img, _ in store.dataset_images(s, ds)}
+        by_id = resolve_labels(s, ds).by_image
+        return {img.sha256: by_id.get(img.id) for img, _ in dataset_images(s, ds)}
 
 
 def _count(Session, table):
@@ -133,23 +136,23 @@ def test_csv_keeps_slides_and_annotators(SqliteSession, seed_dir, tmp_path):
         encoding="utf-8",
     )
     with SqliteSession() as s, s.begin():
-        store.create_dataset(s, "d", store.GLOMERULUS_CLASSES, root=seed_dir)
+        store.create_dataset(s, "d", GLOMERULUS_CLASSES, root=seed_dir)
     _import(SqliteSession, "csv", f, root=seed_dir)
     with SqliteSession() as s:
         ds = store.get_dataset(s, "d")
-        votes = store.labels_per_annotator(s, ds)
+        votes = labels_per_annotator(s, ds)
         assert sorted(votes.values(), key=len) == [
             {"dr_li": ["normal"]},
             {"dr_li": ["normal"], "dr_wang": ["crescent"]},
         ]
-        assert [slide for _, slide in store.dataset_images(s, ds)] == ["S1", None]
+        assert [slide for _, slide in dataset_images(s, ds)] == ["S1", None]
 
 
 def test_multi_label_csv_and_jsonl(SqliteSession, seed_dir, tmp_path):
     f = tmp_path / "m.csv"
     f.write_text("image,label\n0496052bb_0.png,crescent;segmental_sclerosis\n", encoding="utf-8")
     with SqliteSession() as s, s.begin():
-        store.create_dataset(s, "d", store.GLOMERULUS_CLASSES, root=seed_dir, multi_label=True)
+        store.create_dataset(s, "d", GLOMERULUS_CLASSES, root=seed_dir, multi_label=True)
     _import(SqliteSession, "csv", f, root=seed_dir)
     out = tmp_path / "m.jsonl"
     _export(SqliteSession, "jsonl", out, labeled_only=True)
@@ -187,17 +190,17 @@ def _assert_nothing_stored(Session):
 
 def test_unknown_class_aborts_the_whole_import(SqliteSession, seed_dir, tmp_path):
     with SqliteSession() as s, s.begin():
-        store.create_dataset(s, "d", store.GLOMERULUS_CLASSES, root=seed_dir)
+        store.create_dataset(s, "d", GLOMERULUS_CLASSES, root=seed_dir)
     f = tmp_path / "l.csv"
     f.write_text("image,label\n0496052bb_0.png,normal\n0496052bb_1.png,globally_sclerotic\n")
-    with pytest.raises(store.InvalidLabelError, match=r"l\.csv:3: field 'label': unknown class 'globally_sclerotic'"):
+    with pytest.raises(InvalidLabelError, match=r"l\.csv:3: field 'label': unknown class 'globally_sclerotic'"):
         _import(SqliteSession, "csv", f, root=seed_dir)
     _assert_nothing_stored(SqliteSession)
 
 
 def test_missing_file_aborts_or_is_skipped_and_reported(Session, seed_dir):
     (seed_dir / "0496052bb_4.png").unlink()
-    with pytest.raises(store.ImageFileError, match=r"labels\.jsonl:5: field 'image': 0496052bb_4\.png not found"):
+    with pytest.raises(ImageFileError, match=r"labels\.jsonl:5: field 'image': 0496052bb_4\.png not found"):
         _import(Session, "jsonl", seed_dir / "labels.jsonl")
     _assert_nothing_stored(Session)
     with Session() as s:
@@ -210,12 +213,12 @@ def test_image_outside_root_and_non_image_are_refused(SqliteSession, seed_dir, t
     f = tmp_path / "l.csv"
     f.write_text("image,label\n../elsewhere.png,normal\n")
     with SqliteSession() as s, s.begin():
-        store.create_dataset(s, "d", store.GLOMERULUS_CLASSES, root=seed_dir)
-    with pytest.raises(store.ImageFileError, match=r"l\.csv:2: field 'image': .*outside the data root"):
+        store.create_dataset(s, "d", GLOMERULUS_CLASSES, root=seed_dir)
+    with pytest.raises(ImageFileError, match=r"l\.csv:2: field 'image': .*outside the data root"):
         _import(SqliteSession, "csv", f, root=seed_dir)
     (seed_dir / "fake.png").write_text("hello")
     f.write_text("image,label\n0496052bb_0.png,normal\nfake.png,normal\n")
-    with pytest.raises(store.ImageFileError, match=r"l\.csv:3: .*fake\.png: not an image"):
+    with pytest.raises(ImageFileError, match=r"l\.csv:3: .*fake\.png: not an image"):
         _import(SqliteSession, "csv", f, root=seed_dir)
     _assert_nothing_stored(SqliteSession)
 
@@ -270,7 +273,7 @@ def test_label_studio_export_matches_its_config_and_reimports_annotators(SqliteS
 
 def test_exports_choose_whose_labels(SqliteSession, seed_dir, tmp_path):
     with SqliteSession() as s, s.begin():
-        ds = store.create_dataset(s, "d", store.GLOMERULUS_CLASSES, root=seed_dir)
+        ds = store.create_dataset(s, "d", GLOMERULUS_CLASSES, root=seed_dir)
         img = store.add_image(s, ds, "0496052bb_0.png")
         store.set_label(s, img, "a", ["normal"])
         store.set_label(s, img, "b", ["crescent"])

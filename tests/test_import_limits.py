@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from annotation_db import formats, importer, store
+from annotation_db import formats, importer
+from annotation_db.classes import InvalidLabelError
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
 from annotation_db.formats import FormatError
+from annotation_db.images import ImageTooLargeError, read_image_meta
 from annotation_db.models import Image, Label, LabelEvent
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +69,7 @@ def test_a_144_megapixel_png_is_refused_at_import_as_a_named_error(Session, crop
     (crops / "huge.png").write_bytes(png_header(12_000, 12_000))
     labels = tmp_path / "labels.csv"
     labels.write_text("image,label\nc0.png,normal\nhuge.png,crescent\n")
-    with pytest.raises(store.ImageTooLargeError, match=r"labels\.csv:3: field 'image': .*12000×12000 pixels is over"):
+    with pytest.raises(ImageTooLargeError, match=r"labels\.csv:3: field 'image': .*12000×12000 pixels is over"):
         _import_csv(Session, labels, crops)
     assert _counts(Session) == (0, 0, 0)
     monkeypatch.setenv("GLOM_IMPORT_MAX_PIXELS", "200000000")  # configurable: a site with big crops
@@ -79,7 +81,7 @@ def test_a_decompression_bomb_is_a_named_error_not_a_traceback(Session, crops, t
     (crops / "bomb.png").write_bytes(png_header(30_000, 30_000))
     labels = tmp_path / "labels.csv"
     labels.write_text("image,label\nbomb.png,normal\n")
-    with pytest.raises(store.ImageTooLargeError, match=r"labels\.csv:2: field 'image': .*over the limit"):
+    with pytest.raises(ImageTooLargeError, match=r"labels\.csv:2: field 'image': .*over the limit"):
         _import_csv(Session, labels, crops)
     out = subprocess.run([sys.executable, "-m", "core.cli", "--db", f"sqlite:///{tmp_path / 'cli.db'}", "import",
                           "csv", str(labels), "--dataset", "d", "--root", str(crops), "--classes", "normal,crescent"],
@@ -91,7 +93,7 @@ def test_a_decompression_bomb_is_a_named_error_not_a_traceback(Session, crops, t
 def _meta_in_small_memory(path: Path) -> subprocess.CompletedProcess:
     """read_image_meta(path) in a process that may use at most 1 GiB of address space."""
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
-            "from pathlib import Path; from annotation_db.store import read_image_meta, ImageFileError\n"
+            "from pathlib import Path; from annotation_db.images import read_image_meta, ImageFileError\n"
             "try:\n    read_image_meta(Path(sys.argv[1]))\nexcept ImageFileError as e:\n"
             "    print(type(e).__name__, e)\n")
     return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
@@ -118,7 +120,7 @@ def test_a_3_gb_file_is_judged_by_its_header_not_read_whole(tmp_path):
 def test_the_streamed_hash_is_the_hash_of_the_bytes(crops):
     import hashlib
 
-    meta = store.read_image_meta(crops / "c0.png")
+    meta = read_image_meta(crops / "c0.png")
     assert meta.sha256 == hashlib.sha256((crops / "c0.png").read_bytes()).hexdigest()
     assert (meta.width, meta.height) == (224, 224)
 
@@ -205,7 +207,7 @@ def test_label_studio_bad_bytes_and_long_names(tmp_path):
 def test_two_lines_giving_one_image_different_labels_are_refused(Session, crops, tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("image,label\nc0.png,normal\nc1.png,normal\nc0.png,crescent\n")
-    with pytest.raises(store.InvalidLabelError) as err:
+    with pytest.raises(InvalidLabelError) as err:
         _import_csv(Session, labels, crops)
     message = str(err.value)
     assert f"{labels}:4: field 'label'" in message and f"{labels}:2" in message and "--keep-last" in message

@@ -12,6 +12,7 @@ from sqlalchemy import func, select, text
 
 from annotation_db import store
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
+from annotation_db.images import read_image_meta
 from annotation_db.models import Image
 from core.cli import main as glom
 
@@ -33,7 +34,7 @@ def test_hashing_happens_before_the_write_lock_is_taken(tmp_path, crops, monkeyp
     with make_sessionmaker(engine)() as s, s.begin():
         store.create_dataset(s, "other", ["a"], root=crops)
     hashing, release = threading.Event(), threading.Event()
-    real = store.read_image_meta
+    real = read_image_meta
 
     def slow_meta(path, limits=None):  # noqa: ANN001, ANN202
         hashing.set()

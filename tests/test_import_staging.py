@@ -18,6 +18,7 @@ from sqlalchemy import func, select, text
 from annotation_db import importer, staging, store
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
 from annotation_db.formats import read_csv
+from annotation_db.label_resolution import labels_per_annotator
 from annotation_db.models import (
     Base,
     Image,
@@ -173,7 +174,7 @@ def test_a_click_commits_while_an_import_is_half_way(store_url, Session, bueno_d
     with Session() as s:
         ds = store.get_dataset(s, "bueno")
         assert s.scalar(select(func.count()).select_from(Image).where(Image.dataset_id == ds.id)) == 789
-        votes = store.labels_per_annotator(s, ds)
+        votes = labels_per_annotator(s, ds)
         assert sum("dr_wang" in v for v in votes.values()) == 1  # the click survived the publish
     assert _staged(Session) == (0, 0, 0)
 
@@ -276,5 +277,5 @@ def test_two_imports_into_one_new_dataset_at_once(Session, bueno_dir, tmp_path):
     with Session() as s:
         ds = store.get_dataset(s, "both")
         assert s.scalar(select(func.count()).select_from(Image).where(Image.dataset_id == ds.id)) == 789
-        assert len(store.labels_per_annotator(s, ds)) == 789
+        assert len(labels_per_annotator(s, ds)) == 789
         assert s.execute(text("SELECT count(*) FROM label_event")).scalar() == 789  # the overlap's labels once

@@ -14,6 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from annotation_db import store, users
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
+from annotation_db.label_resolution import dataset_stats
 from annotation_db.models import Adjudication, Annotator, Image, Label, LabelEvent
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "label.py")
@@ -311,7 +312,7 @@ def test_import_a_label_file_from_the_server(app_store, bueno_dir, monkeypatch):
     assert any("789 images added" in m.value for m in at.success)
     with Session() as s:
         ds = store.get_dataset(s, "bueno-labeled")
-        assert store.dataset_stats(s, ds)["labels_per_annotator"] == {"imported": 789}
+        assert dataset_stats(s, ds)["labels_per_annotator"] == {"imported": 789}
 
 
 def test_slide_thumbnail_shows_where_the_crop_lies(app_store, crops, wsi_dir):

@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import func, select
 
 from annotation_db import importer, store
+from annotation_db.classes import InvalidLabelError
 from annotation_db.formats import export_csv, read_csv
 from annotation_db.models import Label, Slide
-from annotation_db.store import InvalidLabelError
 from core.cli import main as glom
 from core.labeled_sets import load_from_csv, load_from_store
 from core.splits import split_grouped

@@ -5,6 +5,9 @@ from PIL import Image as PILImage
 from sqlalchemy import func, select
 
 from annotation_db import store
+from annotation_db.classes import GLOMERULUS_CLASSES, InvalidLabelError
+from annotation_db.images import ImageFileError
+from annotation_db.label_resolution import dataset_stats, labeled_items, labels_per_annotator, resolve_labels
 from annotation_db.models import LabelEvent
 
 
@@ -18,7 +21,7 @@ def crops(tmp_path):
 
 
 def _dataset(s, root, multi=False):
-    return store.create_dataset(s, "glom", store.GLOMERULUS_CLASSES, multi_label=multi, root=root)
+    return store.create_dataset(s, "glom", GLOMERULUS_CLASSES, multi_label=multi, root=root)
 
 
 def test_relabel_keeps_one_current_label_and_the_whole_history(Session, crops):
@@ -31,7 +34,7 @@ def test_relabel_keeps_one_current_label_and_the_whole_history(Session, crops):
     with Session() as s, s.begin():
         ds = store.get_dataset(s, "glom")
         img = store.find_image(s, ds, "c0.png")
-        assert store.labels_per_annotator(s, ds)[img.id] == {"dr_li": ["crescent"], "dr_wang": ["normal"]}
+        assert labels_per_annotator(s, ds)[img.id] == {"dr_li": ["crescent"], "dr_wang": ["normal"]}
         history = store.label_history(s, img)
         assert [(e.action, e.classes) for e in history] == [
             ("set", ["normal"]),
@@ -58,11 +61,11 @@ def test_bad_labels_are_refused_with_the_reason(Session, crops):
     with Session() as s, s.begin():
         ds = _dataset(s, crops)
         img = store.add_image(s, ds, "c0.png")
-        with pytest.raises(store.InvalidLabelError, match="unknown class 'sclerosis'"):
+        with pytest.raises(InvalidLabelError, match="unknown class 'sclerosis'"):
             store.set_label(s, img, "a", ["sclerosis"])
-        with pytest.raises(store.InvalidLabelError, match="single-label"):
+        with pytest.raises(InvalidLabelError, match="single-label"):
             store.set_label(s, img, "a", ["normal", "crescent"])
-        with pytest.raises(store.InvalidLabelError, match="needs a class"):
+        with pytest.raises(InvalidLabelError, match="needs a class"):
             store.set_label(s, img, "a", [])
 
 
@@ -79,11 +82,11 @@ def test_images_outside_the_root_or_not_images_are_refused(Session, crops, tmp_p
     (crops / "notes.png").write_text("not a picture")
     with Session() as s, s.begin():
         ds = _dataset(s, crops)
-        with pytest.raises(store.ImageFileError, match="outside the data root"):
+        with pytest.raises(ImageFileError, match="outside the data root"):
             store.add_image(s, ds, "../outside.png")
-        with pytest.raises(store.ImageFileError, match="not an image"):
+        with pytest.raises(ImageFileError, match="not an image"):
             store.add_image(s, ds, "notes.png")
-        with pytest.raises(store.ImageFileError, match="not found"):
+        with pytest.raises(ImageFileError, match="not found"):
             store.add_image(s, ds, "gone.png")
 
 
@@ -101,20 +104,20 @@ def test_label_sources_majority_adjudicated_final(Session, crops):
         ids = [i.id for i in imgs]
     with Session() as s, s.begin():
         ds = store.get_dataset(s, "glom")
-        maj = store.resolve_labels(s, ds, "majority")
+        maj = resolve_labels(s, ds, "majority")
         assert maj.by_image == {ids[0]: ["normal"], ids[2]: ["crescent"]} and maj.undecided == [ids[1]]
-        assert store.resolve_labels(s, ds, "adjudicated").by_image == {ids[1]: ["crescent"]}
-        final = store.resolve_labels(s, ds, "final").by_image
+        assert resolve_labels(s, ds, "adjudicated").by_image == {ids[1]: ["crescent"]}
+        final = resolve_labels(s, ds, "final").by_image
         assert final == {ids[0]: ["normal"], ids[1]: ["crescent"], ids[2]: ["crescent"]}
-        assert store.resolve_labels(s, ds, "annotator:b").by_image == {ids[0]: ["normal"], ids[1]: ["crescent"]}
+        assert resolve_labels(s, ds, "annotator:b").by_image == {ids[0]: ["normal"], ids[1]: ["crescent"]}
         with pytest.raises(store.StoreError, match="No annotator named 'zed'"):
-            store.resolve_labels(s, ds, "annotator:zed")
-        items = store.labeled_items(s, "glom", "final")
+            resolve_labels(s, ds, "annotator:zed")
+        items = labeled_items(s, "glom", "final")
         assert [(i.rel_path, i.classes) for i in items] == [
             ("c0.png", ["normal"]), ("c1.png", ["crescent"]), ("c2.png", ["crescent"])
         ]
         assert items[0].path == str(crops.resolve() / "c0.png")
-        stats = store.dataset_stats(s, ds)
+        stats = dataset_stats(s, ds)
         assert stats["images"] == 3 and stats["adjudicated"] == 1
         assert stats["final_per_class"]["crescent"] == 2
 
@@ -125,7 +128,7 @@ def test_predictions_are_stored_with_the_argmax(Session, crops):
         img = store.add_image(s, ds, "c0.png")
         p = store.add_prediction(s, img, "run1/best", {"normal": 0.2, "crescent": 0.7, "segmental_sclerosis": 0.1})
         assert p.predicted == "crescent"
-        with pytest.raises(store.InvalidLabelError):
+        with pytest.raises(InvalidLabelError):
             store.add_prediction(s, img, "run1/best", {"bogus": 1.0})
 
 
@@ -147,8 +150,8 @@ def test_a_models_call_is_not_a_vote(Session, crops):
         store.set_label(s, img, "model:run2/best@def", ["normal"])
     with Session() as s:
         ds = store.get_dataset(s, "glom")
-        assert list(store.resolve_labels(s, ds, "majority").by_image.values()) == [["crescent"]]
-        assert len(store.labels_per_annotator(s, ds)[img.id]) == 3  # still visible to queues
+        assert list(resolve_labels(s, ds, "majority").by_image.values()) == [["crescent"]]
+        assert len(labels_per_annotator(s, ds)[img.id]) == 3  # still visible to queues
         from annotation_db.agreement import agreement_report
 
         assert agreement_report(s, ds).items == 0  # one person: nothing to agree on

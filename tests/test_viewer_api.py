@@ -14,11 +14,12 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
+from annotation_db.classes import GLOMERULUS_CLASSES
 from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
 from annotation_db.boxes import add_box
 from annotation_db.models import Annotator, Image, Label, Prediction, SlideBox
 from annotation_db.queues import QueueSpec, next_image_ids
-from annotation_db.store import GLOMERULUS_CLASSES, add_image, create_dataset, get_dataset, get_or_create_slide
+from annotation_db.store import add_image, create_dataset, get_dataset, get_or_create_slide
 from annotation_db.users import add_user
 from core.annotations import Annotation, write_geojson
 from core.demo import DEMO_CLASSES

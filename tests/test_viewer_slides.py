@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from annotation_db import store
 from annotation_db.boxes import add_box
+from annotation_db.classes import GLOMERULUS_CLASSES
 from annotation_db.models import Image as ImageRow
 from annotation_db.models import Label, Slide, SlideBox
 from core.annotations import Annotation, AnnotationFormatError, write_geojson
@@ -22,8 +23,8 @@ from core.viewer_store import SLIDES_DATASET, crop_slide_for_viewer
 from core.wsi import SlideError
 
 CMU = "cmu-1-small-region.svs"
-CLASSES = [c.key for c in store.GLOMERULUS_CLASSES]
-NAMES = {c.key: c.display_name for c in store.GLOMERULUS_CLASSES}
+CLASSES = [c.key for c in GLOMERULUS_CLASSES]
+NAMES = {c.key: c.display_name for c in GLOMERULUS_CLASSES}
 SETTINGS = CropSettings(mpp=0.5, pad_px=16)
 assert SETTINGS == SLIDE_CROP_SETTINGS  # the apps' crops; the expected boxes below are worked out for it
 
