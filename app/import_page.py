@@ -12,7 +12,7 @@ from pathlib import Path
 import streamlit as st
 from sqlalchemy.exc import SQLAlchemyError
 
-from annotation_db import importer, store
+from annotation_db import importer
 from app.session import who
 from app.store_cache import dataset_names, dataset_view, get_sessionmaker, store_url
 from core.errors import GlomError
