@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -95,17 +96,24 @@ def _alembic_config(engine: Engine):
     return cfg
 
 
+# Alembic's command API works through module-level proxies (``alembic.context``), so two threads
+# migrating at once in one process break each other (KeyError: 'config'). One at a time.
+_MIGRATE_LOCK = threading.RLock()
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Create or migrate the schema to ``revision`` (Alembic); safe to run repeatedly."""
+    """Create or migrate the schema to ``revision`` (Alembic); safe to run repeatedly, from any thread."""
     from alembic import command
 
-    command.upgrade(_alembic_config(engine), revision)
+    with _MIGRATE_LOCK:
+        command.upgrade(_alembic_config(engine), revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
     from alembic import command
 
-    command.downgrade(_alembic_config(engine), revision)
+    with _MIGRATE_LOCK:
+        command.downgrade(_alembic_config(engine), revision)
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -136,15 +144,27 @@ def has_tables(engine: Engine) -> bool:
     return inspect(engine).has_table("dataset")
 
 
-@lru_cache(maxsize=8)
 def open_store(url: str | None = None, create: bool = True) -> sessionmaker[Session]:
     """A sessionmaker for the store at ``url``, migrating it first when ``create``.
 
-    Cached per URL, so apps and the command line share one engine (and its pool).
+    Cached per URL, so apps and the command line share one engine (and its pool). Threads that
+    ask at once (a page's first requests) wait for the first one: one engine, one migration.
     """
+    with _OPEN_LOCK:
+        return _open_store(url, create)
+
+
+_OPEN_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=8)
+def _open_store(url: str | None, create: bool) -> sessionmaker[Session]:
     engine = create_store_engine(url)
     if create:
         upgrade(engine)
     else:
         check_schema(engine)
     return make_sessionmaker(engine)
+
+
+open_store.cache_clear = _open_store.cache_clear  # type: ignore[attr-defined]  # tests and benches start afresh

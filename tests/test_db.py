@@ -92,3 +92,32 @@ def test_migration_0004_computes_the_margin_of_stored_predictions(store_url):
         margins = conn.execute(sa.text("SELECT margin FROM prediction ORDER BY image_id")).scalars().all()
     engine.dispose()
     assert margins == [pytest.approx(0.5), 0.0, 0.0]
+
+
+def test_open_store_from_many_threads_at_once_migrates_once(tmp_path):
+    """A page's first requests open the store from several threads at once (the viewer's checkpoint
+    and dataset lists): Alembic's module-level context must not be entered twice."""
+    import threading
+
+    from annotation_db.db import open_store
+
+    errors: list[BaseException] = []
+    makers = []
+    for k in range(3):
+        url = f"sqlite:///{tmp_path / f'store{k}.db'}"
+        barrier = threading.Barrier(6)
+
+        def go(url=url, barrier=barrier):
+            barrier.wait()
+            try:
+                makers.append(open_store(url))
+            except Exception as e:  # noqa: BLE001 - any failure is the finding
+                errors.append(e)
+
+        threads = [threading.Thread(target=go) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert len({id(m) for m in makers}) == 3  # one engine per store
