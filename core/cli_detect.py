@@ -183,7 +183,7 @@ def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.
     """Add ``train-detector``, ``evaluate-detector`` and ``detect``."""
     parents = list(parents)
     p = subparsers.add_parser("train-detector", parents=parents, help="train the glomerulus detector from a recipe")
-    p.add_argument("--recipe", help="recipes/detector.yaml (defaults for every key otherwise)")
+    p.add_argument("--recipe", help="recipes/detector/cpu.yaml (defaults for every key otherwise)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set train.epochs=30 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")

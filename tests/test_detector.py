@@ -67,7 +67,7 @@ def tiny_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A detector trained here on three real tiles (the ones the test slide is made of)."""
     root = tmp_path_factory.mktemp("detector")
     (root / "split.json").write_text(json.dumps(SPLIT))
-    cfg = load_detector_config("recipes/detector.yaml", [
+    cfg = load_detector_config("recipes/detector/cpu.yaml", [
         f"output_dir={root}", "name=tiny", "mpp=2.0", "tile_size=128", f"data.tiles={TILES}",
         f"data.split_file={root / 'split.json'}", "data.crops_csv=", "train.epochs=5",
         "train.samples_per_epoch=40", "train.batch_size=8", "train.lr=0.003", "train.early_stopping_patience=0",
@@ -134,12 +134,12 @@ def test_a_typo_in_the_recipe_names_the_key() -> None:
     from core.config import ConfigError
 
     with pytest.raises(ConfigError, match="tile_sise"):
-        load_detector_config("recipes/detector.yaml", ["tile_sise=256"])
-    assert load_detector_config("recipes/detector_gpu.yaml").model.encoder == "tu-efficientnet_lite2"
+        load_detector_config("recipes/detector/cpu.yaml", ["tile_sise=256"])
+    assert load_detector_config("recipes/detector/gpu.yaml").model.encoder == "tu-efficientnet_lite2"
 
 
 def test_the_default_split_is_grouped_by_tile_and_by_slide() -> None:
-    cfg = load_detector_config("recipes/detector.yaml")
+    cfg = load_detector_config("recipes/detector/cpu.yaml")
     s = split_detector_data(cfg)
     parts = [set(s.train_tiles), set(s.val_tiles), set(s.test_tiles)]
     assert sum(len(p) for p in parts) == 24 and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])

@@ -1,4 +1,4 @@
-"""Typed detector recipe (``recipes/detector.yaml``), read by the same machinery as ``glom train``.
+"""Typed detector recipe (``recipes/detector/cpu.yaml``), read by the same machinery as ``glom train``.
 
 Unknown keys are errors naming the key, ``--set key=value`` overrides work the same way.
 """
