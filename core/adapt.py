@@ -87,10 +87,10 @@ def adapt_checkpoint(checkpoint: str | Path, sample: Sequence[Sample], out: str 
               "before": before, "after": after, "ridge": ridge}
     if out is None:
         return None, report
-    from core.checkpoint import _paths, write_meta
+    from core.checkpoint import checkpoint_files, write_meta
 
-    src_w, _ = _paths(checkpoint)
-    dst_w, dst_j = _paths(out)
+    src_w, _ = checkpoint_files(checkpoint)
+    dst_w, dst_j = checkpoint_files(out)
     if dst_w.resolve() == src_w.resolve():
         raise DataError("--out must name a new checkpoint; the original is kept as trained")
     dst_w.parent.mkdir(parents=True, exist_ok=True)

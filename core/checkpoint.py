@@ -26,7 +26,7 @@ from core.errors import GlomError
 log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "CheckpointMeta", "save_checkpoint", "load_checkpoint", "read_meta", "write_meta",
-           "code_revision", "FORMAT_VERSION"]
+           "code_revision", "checkpoint_files", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
@@ -79,7 +79,8 @@ def code_revision(repo: str | Path | None = None) -> str:
         return "unknown"
 
 
-def _paths(stem: str | Path) -> tuple[Path, Path]:
+def checkpoint_files(stem: str | Path) -> tuple[Path, Path]:
+    """``(<stem>.safetensors, <stem>.json)`` for a stem or either file's path."""
     stem = Path(stem)
     if stem.suffix in (".safetensors", ".json"):
         stem = stem.with_suffix("")
@@ -88,7 +89,7 @@ def _paths(stem: str | Path) -> tuple[Path, Path]:
 
 def save_checkpoint(model: nn.Module, stem: str | Path, meta: CheckpointMeta) -> Path:
     """Write ``<stem>.safetensors`` and ``<stem>.json``; returns the weights path."""
-    weights, sidecar = _paths(stem)
+    weights, sidecar = checkpoint_files(stem)
     weights.parent.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DDP
     meta.created_at = meta.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -105,7 +106,7 @@ def save_checkpoint(model: nn.Module, stem: str | Path, meta: CheckpointMeta) ->
 
 def write_meta(stem: str | Path, meta: CheckpointMeta) -> Path:
     """Write only the sidecar ``<stem>.json`` (e.g. a copy of the weights with a new operating point)."""
-    _, sidecar = _paths(stem)
+    _, sidecar = checkpoint_files(stem)
     sidecar.write_text(json.dumps(meta.to_dict(), indent=1, ensure_ascii=False, default=_json_default))
     return sidecar
 
@@ -130,7 +131,7 @@ def _json_default(o: Any) -> Any:
 
 def read_meta(stem: str | Path) -> CheckpointMeta:
     """Read only the sidecar."""
-    _, sidecar = _paths(stem)
+    _, sidecar = checkpoint_files(stem)
     if not sidecar.is_file():
         raise CheckpointError(f"no sidecar {sidecar}: a checkpoint is a .safetensors file plus its .json")
     d = json.loads(sidecar.read_text())
@@ -157,7 +158,7 @@ def build_model_from_meta(meta: CheckpointMeta) -> nn.Module:
 
 def load_checkpoint(stem: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
     """Rebuild the model from the sidecar and load the safetensors weights (strict); eval mode."""
-    weights, _ = _paths(stem)
+    weights, _ = checkpoint_files(stem)
     meta = read_meta(stem)
     if not weights.is_file():
         raise CheckpointError(f"weights file {weights} is missing")

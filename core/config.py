@@ -269,18 +269,30 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a recipe (or start from defaults) and apply ``--set`` overrides."""
+def read_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A recipe file (or nothing: defaults) as a nested dict, ``--set`` overrides applied; every
+    recipe kind (classifier, detector) reads its file here."""
     d: dict[str, Any] = {}
     if path:
         try:
             d = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as e:
             raise ConfigError(f"cannot read recipe {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"recipe {path} must be a YAML mapping")
-    apply_overrides(d, overrides or [])
-    return config_from_dict(d)
+    return apply_overrides(d, overrides or [])
+
+
+def build_config(cls: type, d: dict[str, Any]) -> Any:
+    """An instance of the dataclass ``cls`` from ``d``, checking key names and value types."""
+    return _build(cls, d or {}, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a classifier recipe (or start from defaults) and apply ``--set`` overrides."""
+    return config_from_dict(read_recipe(path, overrides))
 
 
 def validate_config(cfg: TrainConfig) -> None:

@@ -10,12 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from core.config import (  # one parser for every recipe
+from core.config import (  # one reader and parser for every recipe
     ConfigError,
-    _build,
-    apply_overrides,
+    build_config,
+    read_recipe,
 )
 
 __all__ = [
@@ -23,10 +21,30 @@ __all__ = [
     "DetectorConfig",
     "DetectorDataConfig",
     "DetectorModelConfig",
+    "DetectorStoreConfig",
     "DetectorTrainConfig",
     "PostprocessConfig",
     "load_detector_config",
 ]
+
+
+@dataclass
+class DetectorStoreConfig:
+    """Glomeruli stored on slides (drawn boxes, accepted proposals), read through OpenSlide at ``mpp``.
+
+    ``db: ""`` turns this source off. See docs/DETECTION.md ("Glomeruli from the store").
+    """
+
+    db: str = ""  # store URL (sqlite:///path, postgresql://...)
+    datasets: list[str] = field(default_factory=list)  # proposals of these datasets only ([] = every dataset)
+    slides: list[str] = field(default_factory=list)  # these slide names only ([] = every slide with one)
+    slides_root: str = ""  # folder holding slides whose stored path is missing: <root>/<file name or slide name.*>
+    slide_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test, grouped by slide
+    positives_per_glomerulus: int = 1  # windows around each stored glomerulus
+    negatives_per_slide: int = 8  # windows elsewhere on tissue, on fully reviewed slides only
+    hard_negatives: bool = True  # a window around each rejected proposal
+    max_windows_per_slide: int = 400  # memory bound: windows are held in memory as tiles
+    window_scale: float = 1.5  # window side = tile_size × this (room for the sampler's offsets and zoom)
 
 
 @dataclass
@@ -39,6 +57,7 @@ class DetectorDataConfig:
     crop_slide_ratios: list[float] = field(default_factory=lambda: [0.8, 0.2])  # train/held-out slides
     seed: int = 0
     split_file: str = ""  # a saved split.json (train/val/test tiles, crop slides) instead of drawing one
+    store: DetectorStoreConfig = field(default_factory=DetectorStoreConfig)  # glomeruli stored on slides
 
 
 @dataclass
@@ -107,19 +126,16 @@ class DetectorConfig:
 
 def load_detector_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DetectorConfig:
     """Read a detector recipe (or defaults) and apply ``--set`` overrides; unknown keys are errors."""
-    d: dict[str, Any] = {}
-    if path:
-        try:
-            d = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read recipe {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"recipe {path} must be a YAML mapping")
-    apply_overrides(d, overrides or [])
-    cfg = _build(DetectorConfig, d, "")
+    cfg = build_config(DetectorConfig, read_recipe(path, overrides))
     if cfg.mpp <= 0 or cfg.tile_size < 32 or cfg.tile_size % 32:
         raise ConfigError(f"mpp must be > 0 and tile_size a multiple of 32 ≥ 32 (got mpp={cfg.mpp}, "
                           f"tile_size={cfg.tile_size})")
+    st = cfg.data.store
+    r = st.slide_ratios
+    if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1) > 1e-6:
+        raise ConfigError(f"data.store.slide_ratios must be three non-negative train/val/test shares summing to 1, "
+                          f"got {r}")
+    if st.window_scale < 1 or min(st.positives_per_glomerulus, st.negatives_per_slide, st.max_windows_per_slide) < 0:
+        raise ConfigError("data.store: window_scale must be ≥ 1 and positives_per_glomerulus, negatives_per_slide, "
+                          "max_windows_per_slide ≥ 0")
     return cfg

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
-from core.checkpoint import CheckpointError, code_revision
+from core.checkpoint import CheckpointError, checkpoint_files, code_revision
 from core.errors import GlomError
 
 log = logging.getLogger(__name__)
@@ -108,19 +108,12 @@ def _load_encoder_weights(model: nn.Module, encoder: str, spec: str) -> None:
     log.info("encoder %s: %d ImageNet tensors from %s", encoder, len(usable), path)
 
 
-def _paths(stem: str | Path) -> tuple[Path, Path]:
-    stem = Path(stem)
-    if stem.suffix in (".safetensors", ".json"):
-        stem = stem.with_suffix("")
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-
-
 def save_detector(model: nn.Module, stem: str | Path, meta: DetectorMeta) -> Path:
     """Write ``<stem>.safetensors`` and ``<stem>.json`` (atomically each); returns the weights path."""
     import segmentation_models_pytorch as smp
     import timm
 
-    weights, sidecar = _paths(stem)
+    weights, sidecar = checkpoint_files(stem)
     weights.parent.mkdir(parents=True, exist_ok=True)
     meta.created_at = meta.created_at or datetime.now(UTC).isoformat(timespec="seconds")
     meta.code_revision = meta.code_revision or code_revision()
@@ -149,7 +142,7 @@ def _contiguous_copy(model: nn.Module) -> nn.Module:
 
 def read_detector_meta(stem: str | Path) -> DetectorMeta:
     """Read only the sidecar; refuse a classifier checkpoint with a clear message."""
-    _, sidecar = _paths(stem)
+    _, sidecar = checkpoint_files(stem)
     if not sidecar.is_file():
         raise CheckpointError(f"no sidecar {sidecar}: a detector checkpoint is a .safetensors file plus its .json")
     try:
@@ -170,7 +163,7 @@ def read_detector_meta(stem: str | Path) -> DetectorMeta:
 
 def load_detector(stem: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, DetectorMeta]:
     """Rebuild the segmenter from the sidecar, load the weights (strict), eval mode."""
-    weights, _ = _paths(stem)
+    weights, _ = checkpoint_files(stem)
     meta = read_detector_meta(stem)
     if not weights.is_file():
         raise CheckpointError(f"weights file {weights} is missing")
