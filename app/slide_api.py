@@ -13,6 +13,7 @@ cannot read (a message naming the slide, never a traceback).
     GET  /api/slides/tile/{level}/{col}_{row}.jpeg?slide&t
     GET  /api/slides/overlays?slide&t&x&y&w&h[&dataset] FeatureCollection in the level-0 rectangle
     POST /api/slides/boxes?slide&t  {"box": [x, y, w, h], "label": key|null}   a drawn glomerulus
+    DELETE /api/slides/boxes/{id}?slide&t              remove a drawn box not cropped yet
     GET  /api/slides/proposals?slide&t[&dataset]       the detector's proposals, best score first
     POST /api/slides/proposals/{id}?slide&t  {"action": "accept"|"reject"|"undo"|"fix", "label", "box"}
     GET  /api/slides/vendor/...                        OpenSeadragon (app/static/vendor/openseadragon)
@@ -253,16 +254,69 @@ async def add_box(request: Request) -> Response:
 def _store_box(path: Path, box: list, label: str | None, user: str) -> int:
     from annotation_db import boxes as box_store
     from annotation_db import store
+    from core.extract import clip_box
 
     svc = tile_service()
     tiles = svc.slide(str(path.relative_to(svc.root)))
-    w0, h0 = tiles.slide.dimensions
-    x, y, w, h = (round(float(v)) for v in box)
-    x, y = max(0, x), max(0, y)
-    w, h = min(w, w0 - x), min(h, h0 - y)
+    try:
+        drawn = tuple(round(float(v)) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"box must be four numbers (level-0 x, y, w, h), got {box!r}") from None
+    if drawn[2] <= 0 or drawn[3] <= 0:
+        raise ValueError(f"box {list(drawn)} is empty (width and height must be > 0)")
+    clipped = clip_box(drawn, tiles.slide.dimensions)
+    if clipped is None:
+        raise ValueError(f"box {list(drawn)} lies wholly off the slide ({tiles.slide.dimensions[0]}×"
+                         f"{tiles.slide.dimensions[1]} px)")
     with _sessionmaker()() as s, s.begin():
         slide = store.get_or_create_slide(s, slide_name(path), path=str(path), mpp=tiles.slide.mpp)
-        return box_store.add_box(s, slide, (x, y, w, h), created_by=user, label=label).id
+        return box_store.add_box(s, slide, clipped, created_by=user, label=label).id
+
+
+def remove_box(session, name: str, box_id: int, user: str) -> dict:
+    """Delete drawn box ``box_id`` of slide ``name`` for ``user`` (logged with their name). A box of
+    another slide is refused like a missing one; a box cropped into a dataset already, or drawn by
+    accepting a detector proposal (undo or reject the proposal instead), is refused."""
+    from annotation_db.boxes import BoxError
+    from annotation_db.models import GlomerulusProposal, SlideBox
+
+    box = session.get(SlideBox, box_id)
+    if box is None or box.slide.name != slide_name(name):
+        raise TileNotFound(f"no drawn box {box_id} on slide {name!r}")
+    if box.image_id is not None:
+        raise BoxError(f"box {box_id} was cropped into the dataset already (image {box.image_id}): "
+                       "remove the crop there instead")
+    proposal = session.scalar(select(GlomerulusProposal.id).where(GlomerulusProposal.slide_box_id == box_id))
+    if proposal is not None:
+        raise BoxError(f"box {box_id} is the acceptance of proposal {proposal}: undo (U) or reject the proposal instead")
+    gone = {"id": box.id, "box": list(box.box), "label": box.label, "by": box.created_by, "deleted_by": user}
+    session.delete(box)
+    session.flush()
+    log.info("slide %s: drawn box %d %s (by %s) deleted by %s", slide_name(name), box_id, gone["box"],
+             gone["by"], user)
+    return gone
+
+
+async def delete_box(request: Request) -> Response:
+    """A drawn box removed in the workspace (Delete key on the selected box), attributed to the token's user."""
+    from starlette.concurrency import run_in_threadpool
+
+    name = request.query_params.get("slide", "")
+    try:
+        _, user = _authorised(request)
+        tile_service().resolve(name)
+
+        def apply() -> dict:
+            with _sessionmaker()() as s, s.begin():
+                return remove_box(s, name, int(request.path_params["bid"]), user)
+
+        gone = await run_in_threadpool(apply)
+    except SQLAlchemyError as e:
+        log.warning("slide api: store error deleting a box on %r: %s", name, e)
+        return PlainTextResponse("the annotation store could not be written", status_code=503)
+    except Exception as e:  # noqa: BLE001
+        return _error(e, name)
+    return JSONResponse(gone)
 
 
 def proposal_list(session, name: str, dataset_id: int | None) -> list[dict]:
@@ -374,6 +428,7 @@ def routes() -> list:
         Route(f"{PREFIX}/tile/{{level:int}}/{{col:int}}_{{row:int}}.jpeg", tile),
         Route(f"{PREFIX}/overlays", overlays),
         Route(f"{PREFIX}/boxes", add_box, methods=["POST"]),
+        Route(f"{PREFIX}/boxes/{{bid:int}}", delete_box, methods=["DELETE"]),
         Route(f"{PREFIX}/proposals", proposals),
         Route(f"{PREFIX}/proposals/{{pid:int}}", decision, methods=["POST"]),
         Mount(f"{PREFIX}/vendor", app=StaticFiles(directory=VENDOR_DIR, check_dir=False), name="osd"),

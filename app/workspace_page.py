@@ -6,7 +6,9 @@ the slide's µm/px) and a scale bar in µm. Overlays are fetched as GeoJSON for 
 each move: boxes drawn and not cropped yet, and glomeruli cropped into a dataset, coloured by
 their label or by the model's predicted class; each layer can be hidden, the legend counts them.
 **D** (or the Draw button) draws a missed glomerulus with the mouse: the box is stored at once,
-attributed to the signed-in user, and cropped into the dataset from this page.
+attributed to the signed-in user, and cropped into the dataset from this page. A click on a drawn
+box selects it; **Delete** (or the Delete box button) removes it while it is not cropped yet. A
+slide whose file records no µm/px asks for it (the scale bar and the crops need it).
 
 The detector's proposals (``glom detect --dataset``, :mod:`annotation_db.proposals`) show dashed
 with their score; **N** / **P** fly to the next / previous one still to review, **A** accepts
@@ -40,7 +42,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from annotation_db import boxes as box_store
-from annotation_db.models import Slide
+from annotation_db import store
+from annotation_db.models import Slide, Stain
 from app.session import current_dataset, who
 from app.slide_api import PREFIX, tile_service
 from app.store_cache import get_sessionmaker
@@ -85,6 +88,7 @@ html,body{margin:0;height:100%;font:13px system-ui,sans-serif;color:#222}
 <div id="osd"></div><canvas id="ov"></canvas>
 <div id="bar"><button id="b11" title="one slide pixel per screen pixel">1:1</button>
 <button id="bfit" title="whole slide">Fit</button><button id="bdraw" title="draw a missed glomerulus (D)">Draw</button>
+<button id="bdel" title="delete the selected drawn box (Delete)" disabled>Delete box</button><span id="sel"></span>
 <label><input type="checkbox" id="l_drawn" checked> drawn</label>
 <label><input type="checkbox" id="l_glom" checked> glomeruli</label>
 <label><input type="checkbox" id="l_prop" checked> proposals</label>
@@ -99,7 +103,7 @@ const q = s => `slide=${encodeURIComponent(CFG.slide)}&t=${encodeURIComponent(CF
   (CFG.dataset != null ? `&dataset=${CFG.dataset}` : '') + (s || '');
 const STATUS = {proposed: '#ff9800', accepted: '#2e7d32', rejected: '#9e9e9e'};
 const state = window.__glomWorkspace = {tilesLoaded: 0, tileErrors: 0, features: [], counts: {}, overlayFetches: 0,
-  drawn: 0, ready: false, proposals: [], current: -1, decisions: 0, undone: 0, fixes: 0, keyMs: [], storeMs: [], pending: 0};
+  drawn: 0, deleted: 0, selected: null, ready: false, proposals: [], current: -1, decisions: 0, undone: 0, fixes: 0, keyMs: [], storeMs: [], pending: 0};
 const msg = t => { const m = document.getElementById('msg'); m.textContent = t; m.style.display = t ? 'block' : 'none'; };
 const viewer = OpenSeadragon({
   element: document.getElementById('osd'), prefixUrl: CFG.prefix + '/vendor/images/',
@@ -152,7 +156,9 @@ function draw() {
     }
     const [x, y, w, h] = f.properties.box, a = toScreen(x, y), b = toScreen(x + w, y + h);
     ctx.strokeStyle = colourOf(f); ctx.setLineDash(f.properties.layer === 'drawn' ? [6, 4] : []);
-    ctx.strokeRect(a.x, a.y, b.x - a.x, b.y - a.y);
+    const chosen = f.properties.layer === 'drawn' && f.properties.id === state.selected;
+    if (chosen) { ctx.lineWidth = 4; ctx.setLineDash([]); }
+    ctx.strokeRect(a.x, a.y, b.x - a.x, b.y - a.y); ctx.lineWidth = 2;
   }
   if (fixing) { const a = toScreen(fixing.box[0], fixing.box[1]), b = toScreen(fixing.box[0] + fixing.box[2], fixing.box[1] + fixing.box[3]);
     ctx.setLineDash([]); ctx.strokeStyle = STATUS.proposed; ctx.strokeRect(a.x, a.y, b.x - a.x, b.y - a.y); }
@@ -188,7 +194,9 @@ async function fetchOverlays() {
     const r = await fetch(`${CFG.prefix}/overlays?` + q(`&x=${Math.floor(b.x)}&y=${Math.floor(b.y)}&w=${Math.ceil(b.width) + 1}&h=${Math.ceil(b.height) + 1}`));
     if (!r.ok) { msg('Overlays: ' + await r.text()); return; }
     const body = await r.json(); if (my !== seq) return;
-    state.features = body.features; state.counts = body.counts; state.overlayFetches++; msg(''); draw();
+    state.features = body.features; state.counts = body.counts; state.overlayFetches++; msg('');
+    if (state.selected != null && !drawnBox(state.selected)) select(null);  // cropped or deleted meanwhile
+    draw();
   } catch (e) { msg('Overlays could not be loaded: ' + e); }
 }
 function scheduleOverlays() { clearTimeout(pending); pending = setTimeout(fetchOverlays, 120); }
@@ -313,7 +321,32 @@ async function onKey(e) {
   if (k === 'n' || k === 'p') { step(k === 'n' ? 1 : -1); if (!state.pending) loadProposals(); }  // others' decisions
   else if (k === 'a' || k === 'r') { if (decideCurrent(k === 'a' ? 'accept' : 'reject')) step(1); }
   else if (k === 'u' && undoStack.length) decideCurrent('undo', undoStack.pop());
+  else if ((e.key === 'Delete' || e.key === 'Backspace') && state.selected != null) await deleteSelected();
 }
+// --- a drawn box: a click selects it, Delete removes it (the server refuses a cropped one) ---
+const drawnBox = id => state.features.find(f => f.properties.layer === 'drawn' && f.properties.id === id);
+function select(id) {
+  state.selected = id; const f = id != null && drawnBox(id);
+  document.getElementById('bdel').disabled = !f;
+  document.getElementById('sel').textContent = f ? `box #${id} · ${f.properties.label ? display(f.properties.label) : 'no class'}` +
+    ` · by ${f.properties.by}` : '';
+  draw();
+}
+viewer.addHandler('canvas-click', e => {
+  if (!e.quick || drawing || !document.getElementById('l_drawn').checked) return;
+  const m = toImage(e.position.x, e.position.y);
+  const hit = state.features.filter(f => f.properties.layer === 'drawn').find(f => {
+    const [x, y, w, h] = f.properties.box; return m.x >= x && m.x <= x + w && m.y >= y && m.y <= y + h; });
+  select(hit ? hit.properties.id : null);
+});
+async function deleteSelected() {
+  const id = state.selected; if (id == null) return;
+  const r = await fetch(`${CFG.prefix}/boxes/${id}?` + q(), {method: 'DELETE'});
+  if (!r.ok) { msg('Not deleted: ' + await r.text()); return; }
+  state.deleted++; msg(''); state.features = state.features.filter(f => !(f.properties.layer === 'drawn' && f.properties.id === id));
+  select(null); await fetchOverlays();
+}
+document.getElementById('bdel').onclick = () => deleteSelected();
 viewer.addHandler('update-viewport', draw);
 // Others' decisions and crops made from the page (which does not reload this view) show within 5 s.
 setInterval(() => { if (!document.hidden && !busy && !fixing && !drag && !state.pending && state.ready) { fetchOverlays(); loadProposals(); } }, 5000);
@@ -397,7 +430,45 @@ def classify_crops(Session, image_ids: list[int], checkpoint: str) -> int:
                                   ckpt.id)
 
 
-def _crop_drawn(name: str, dataset_name: str, user: str, checkpoint: str | None = None) -> None:
+def _mpp_key(name: str) -> str:
+    return f"ws_mpp_{name}"  # one per slide: a value typed for one slide never applies to another
+
+
+def record_mpp(name: str, mpp: float | None) -> None:
+    """Store ``mpp`` (µm/px typed on the page) as slide ``name``'s, for a slide file that records none."""
+    path = tile_service().resolve(name)
+    with get_sessionmaker()() as s, s.begin():
+        store.get_or_create_slide(s, slide_name(name), path=str(path)).mpp = mpp
+
+
+def _on_mpp(name: str) -> None:
+    try:
+        record_mpp(name, st.session_state.get(_mpp_key(name)))
+    except (GlomError, SQLAlchemyError) as e:
+        st.session_state.ws_flash = ("error", f"µm/px not stored — {e}")
+
+
+def mpp_panel(name: str, col) -> float | None:
+    """The µm/px of a slide whose file records none: typed on the page (the store keeps it, so the
+    next visit and other users see it). None until it is given."""
+    key = _mpp_key(name)
+    if key not in st.session_state:
+        with get_sessionmaker()() as s:
+            row = _slide_row(s, name)
+            st.session_state[key] = row.mpp if row is not None else None
+    col.number_input("µm per pixel of this slide", key=key, min_value=0.01, max_value=20.0, step=0.01,
+                     format="%.4f", placeholder="e.g. 0.25", on_change=_on_mpp, args=(name,))
+    mpp = st.session_state.get(key)
+    if not mpp:
+        st.warning("This slide does not record its µm per pixel. Enter it (from the scanner's report): the scale "
+                   f"bar needs it, and crops are cut at {SLIDE_CROP_SETTINGS.mpp} µm/px.")
+    return mpp or None
+
+
+def _crop_drawn(name: str, dataset_name: str, user: str, checkpoint: str | None = None, mpp: float | None = None,
+                stain: str | None = None) -> None:
+    """Crop the slide's drawn boxes into the dataset. ``mpp``: typed µm/px of a slide whose file has none
+    (stored as the slide's); ``stain``: recorded on the slide and its crops."""
     path = tile_service().resolve(name)
     try:
         with get_sessionmaker()() as s, s.begin():
@@ -406,8 +477,10 @@ def _crop_drawn(name: str, dataset_name: str, user: str, checkpoint: str | None 
             if not todo:
                 st.session_state.ws_flash = ("info", "No drawn box waits to be cropped.")
                 return
+            if mpp:
+                slide.mpp = mpp
             done = crop_into_dataset(s, dataset_name, path, todo, annotator=user, settings=SLIDE_CROP_SETTINGS,
-                                     source="app:workspace")
+                                     mpp=mpp, stain=stain, source="app:workspace")
     except GlomError as e:
         st.session_state.ws_flash = ("error", f"Nothing cropped — {e}")
         return
@@ -427,6 +500,7 @@ def _crop_drawn(name: str, dataset_name: str, user: str, checkpoint: str | None 
             classified = " (not classified — the predictions could not be stored)"
     st.session_state.ws_flash = ("success", (f"{len(done.crops)} glomeruli cropped into {dataset_name}{classified}: "
                                              "they are in the Label queue."))
+    st.session_state.ws_warnings = [str(p) for p in done.report.clipped + done.report.refused]
 
 
 # --- running the detector from the page --------------------------------------------------------
@@ -547,7 +621,10 @@ def page() -> None:
     if not names:
         st.info(f"No slide ({OPENSLIDE_FORMATS}) in {svc.root}.")
         return
+    if "ws_slide" not in st.session_state and st.session_state.get("ws_slide_kept") in names:
+        st.session_state.ws_slide = st.session_state.ws_slide_kept  # Streamlit drops a widget's key on another page
     name = st.selectbox("Slide", names, key="ws_slide")
+    st.session_state.ws_slide_kept = name
     try:
         info = svc.info(name)
     except GlomError as e:
@@ -557,11 +634,16 @@ def page() -> None:
     c1, c2, c3 = st.columns([2, 2, 3], vertical_alignment="bottom")
     draw_label = c1.selectbox("Class of boxes you draw or accept", [None, *[c["key"] for c in classes]], key="ws_draw_label",
                               format_func=lambda k: "no class (label later)" if k is None else dataset.display(k))
-    mpp_text = f"{info.mpp:.3f} µm/px" if info.mpp else "no µm/px recorded"
+    o1, o2 = st.columns([2, 5], vertical_alignment="bottom")
+    stains = [s.value for s in Stain]
+    stain = o1.selectbox("Stain (recorded with the crops)", stains, key="ws_stain", index=stains.index(Stain.PAS.value))
+    mpp = info.mpp or mpp_panel(name, o2)
+    mpp_text = (f"{info.mpp:.3f} µm/px" if info.mpp else f"{mpp:.4f} µm/px (entered)" if mpp
+                else "no µm/px recorded")
     st.caption(f"{info.width:,} × {info.height:,} px · {mpp_text} · wheel zooms, drag pans, **D** draws a box, "
                "**1:1** shows one slide pixel per screen pixel")
     components.html(workspace_html(slide=name, token=sign_token(me.name, name), width=info.width, height=info.height,
-                                   mpp=info.mpp, tile_size=info.tile_size, overlap=info.overlap, classes=classes,
+                                   mpp=mpp, tile_size=info.tile_size, overlap=info.overlap, classes=classes,
                                    draw_label=draw_label, dataset_id=dataset.id if dataset else None,
                                    offset=info.offset, user=me.name),
                     height=VIEW_HEIGHT_PX + 8)
@@ -576,8 +658,9 @@ def page() -> None:
         checkpoint = st.selectbox("Classify the crops with", [None, *classifiers], key="ws_classifier",
                                   format_func=lambda c: "no model (label them yourself)" if c is None else c)
         c2.button(f"Crop the drawn boxes into {dataset.name}", key="ws_crop", help="boxes drawn or accepted in the "
-                  "view and not cropped yet", on_click=_crop_drawn, args=(name, dataset.name, me.name, checkpoint),
-                  type="primary")
+                  "view and not cropped yet" + ("" if mpp else " (enter the slide's µm per pixel first)"),
+                  on_click=_crop_drawn, args=(name, dataset.name, me.name, checkpoint, None if info.mpp else mpp, stain),
+                  type="primary", disabled=not mpp)
     c3.download_button("QuPath GeoJSON of the drawn boxes", geojson_now, file_name=f"{slide_name(name)}.geojson",
                        mime="application/geo+json", key="ws_geojson", on_click="ignore", icon=":material/download:")
     if dataset:
@@ -596,6 +679,8 @@ def page() -> None:
     flash = st.session_state.pop("ws_flash", None)
     if flash:
         getattr(st, flash[0])(flash[1])
+    for warning in st.session_state.pop("ws_warnings", []):
+        st.warning(warning)
 
 
 def _detector_panel(path: Path, name: str, dataset_name: str, user: str) -> None:

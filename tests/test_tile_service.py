@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,7 @@ def client(slides: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setattr(slide_api, "_sessionmakers", {})
     with TestClient(Starlette(routes=slide_api.routes()), raise_server_exceptions=False) as c:
         c.store_url = url
+        c.slides = slides
         yield c
 
 
@@ -280,3 +282,82 @@ def test_decisions_are_attributed_undone_and_seen_by_another_reviewer(client, tm
     assert [(f["properties"]["layer"], f["properties"]["id"]) for f in feats["features"]] == [("proposals", first)]
     assert feats["counts"]["proposals_proposed"] == 1 and feats["counts"]["proposals_rejected"] == 1
     engine.dispose()
+
+
+def test_a_drawn_box_is_clipped_to_the_slide_and_deleted_by_its_route_not_once_cropped(client, tmp_path):
+    """POST /boxes keeps a level-0 box clipped to the slide (2220 × 2967 px); DELETE /boxes/{id}
+    removes a drawn box of that slide, attributed in the answer, and refuses a cropped one, one of
+    another slide, the acceptance of a proposal, and a bad token."""
+    from dataclasses import dataclass
+
+    from annotation_db.models import GlomerulusProposal
+    from annotation_db.proposals import accept_proposal, replace_proposals
+    from core.slide_crops import crop_into_dataset
+
+    t = sign_token("ana", SLIDE)
+    params = {"slide": SLIDE, "t": t}
+    engine = create_store_engine(client.store_url)
+    Session = make_sessionmaker(engine)
+    with Session() as s, s.begin():
+        ds = store.create_dataset(s, "glom", ["a", "b"], root=tmp_path / "ds")
+    posted = {}
+    for key, box in {"left": [-50, 10, 100, 80.6], "right": [2100, 2900, 300, 300], "inside": [500, 600, 120, 110],
+                     "kept": [900, 900, 150, 150], "crop": [1200, 1500, 200, 180]}.items():
+        r = client.post("/api/slides/boxes", params=params, json={"box": box, "label": None})
+        assert r.status_code == 201, (key, r.text)
+        posted[key] = r.json()["id"]
+    for off in ([2300, 10, 50, 50], [10, 3000, 50, 50], [-80, 10, 50, 50]):  # wholly off the slide
+        r = client.post("/api/slides/boxes", params=params, json={"box": off})
+        assert r.status_code == 400 and "off the slide" in r.text, (off, r.text)
+    with Session() as s, s.begin():
+        rows = {k: s.get(SlideBox, i) for k, i in posted.items()}
+        assert rows["left"].box == (0, 10, 50, 81) and rows["right"].box == (2100, 2900, 120, 67)
+        crop_into_dataset(s, "glom", client.slides / SLIDE, [rows["crop"]], annotator="ana")
+        replace_proposals(s, ds, "cmu-1-small-region", [_Finding((1700, 300, 90, 90), 0.9)], source="model:x")
+        pid = s.scalar(select(GlomerulusProposal.id))
+        accept_proposal(s, pid, reviewed_by="bo")
+        accepted = s.get(GlomerulusProposal, pid).slide_box_id
+        other = store.get_or_create_slide(s, "another-slide", path="another.svs")
+        elsewhere = box_store.add_box(s, other, (1, 1, 40, 40), created_by="bo").id
+
+    r = client.delete(f"/api/slides/boxes/{posted['inside']}", params={"slide": SLIDE, "t": sign_token("bo", SLIDE)})
+    assert r.status_code == 200, r.text
+    assert (r.json()["box"], r.json()["by"], r.json()["deleted_by"]) == ([500, 600, 120, 110], "ana", "bo")
+    assert client.delete(f"/api/slides/boxes/{posted['inside']}", params=params).status_code == 404  # gone
+    r = client.delete(f"/api/slides/boxes/{posted['crop']}", params=params)
+    assert r.status_code == 400 and "cropped" in r.text
+    r = client.delete(f"/api/slides/boxes/{accepted}", params=params)
+    assert r.status_code == 400 and f"proposal {pid}" in r.text
+    assert client.delete(f"/api/slides/boxes/{elsewhere}", params=params).status_code == 404
+    assert client.delete(f"/api/slides/boxes/{posted['kept']}", params={"slide": SLIDE, "t": "forged"}).status_code == 403
+    assert client.delete(f"/api/slides/boxes/{posted['kept']}",
+                         params={"slide": "sub/again.svs", "t": sign_token("ana", "sub/again.svs")}).status_code == 404
+    with Session() as s:
+        left = set(s.scalars(select(SlideBox.id)))
+        assert posted["inside"] not in left and {posted["kept"], posted["crop"], accepted, elsewhere} <= left
+        assert s.get(SlideBox, posted["crop"]).image_id is not None
+    engine.dispose()
+
+
+@dataclass
+class _Finding:  # a detector finding as annotation_db.proposals takes it
+    box: tuple
+    score: float
+    area_um2: float = 1.0
+
+    @property
+    def polygon(self):
+        x, y, w, h = self.box
+        return [(x, y), (x + w, y), (x + w, y + h), (x, y + h)]
+
+
+def test_the_slides_folder_lists_only_files_openslide_opens(wsi_dir: Path, tmp_path: Path):
+    """What the workspace's slide picker offers (core.wsi.list_slide_files): slides OpenSlide
+    recognises, not every file with a slide's suffix."""
+    from core.wsi import list_slide_files
+
+    assert list_slide_files(wsi_dir) == ["cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs"]
+    shutil.copy(wsi_dir / SLIDE, tmp_path / SLIDE)
+    (tmp_path / "notes.svs").write_text("not a slide")
+    (tmp_path / "readme.txt").write_text("x")
+    assert list_slide_files(tmp_path) == [SLIDE]

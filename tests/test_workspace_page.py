@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from app import workspace_page
 
 
@@ -70,3 +72,104 @@ def test_drawn_boxes_cropped_then_classified_with_the_chosen_checkpoint(tmp_path
         assert [p.image_id for p in preds] == sorted(ids)
         assert all(p.predicted in DEMO_CLASSES and p.checkpoint_id.startswith("demo/best@") for p in preds)
     engine.dispose()
+
+
+# --- the page through Streamlit's AppTest (the view itself is tested in real Chromium, test_workspace_e2e.py) ---
+
+PAGE = str(Path(__file__).resolve().parents[1] / "app" / "workspace_page.py")
+NO_MPP = "tcga-cr-7395-01a-01-ts1.svs"  # its file records no µm/px
+
+
+@pytest.fixture
+def Session(tmp_path: Path, monkeypatch, wsi_dir: Path):  # noqa: N802
+    from annotation_db import store
+    from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
+    from app import slide_api
+
+    url = f"sqlite:///{tmp_path / 'ws.db'}"
+    engine = create_store_engine(url)
+    upgrade(engine)
+    Session = make_sessionmaker(engine)
+    with Session() as s, s.begin():
+        store.create_dataset(s, "glom", ["globally_sclerotic", "non_globally_sclerotic"], root=tmp_path / "dataset")
+        store.get_or_create_annotator(s, "alice")
+    monkeypatch.setenv("GLOM_DB", url)
+    monkeypatch.setenv("GLOM_SLIDES_DIR", str(wsi_dir))
+    monkeypatch.setattr(slide_api, "_service", None)
+    yield Session
+    engine.dispose()
+
+
+def _signed_in(Session, script: str = PAGE):  # noqa: N803
+    from sqlalchemy import select
+    from streamlit.testing.v1 import AppTest
+
+    from annotation_db.models import Annotator
+
+    with Session() as s:
+        alice = s.scalar(select(Annotator).where(Annotator.name == "alice"))
+    at = AppTest.from_file(script, default_timeout=60)
+    at.session_state["annotator_id"], at.session_state["annotator_name"] = alice.id, "alice"
+    at.session_state["dataset_name"] = "glom"
+    return at
+
+
+def _cfg(at) -> dict:
+    """The workspace's configuration as embedded in the page's iframe."""
+    html = next(el.proto.srcdoc for el in at.get("iframe"))
+    return json.loads(html.split("const CFG = ", 1)[1].split(";\n", 1)[0])
+
+
+def test_a_slide_without_mpp_asks_for_it_before_cropping(Session):  # noqa: N803
+    from sqlalchemy import select
+
+    from annotation_db import boxes as box_store
+    from annotation_db import store
+    from annotation_db.models import Image, Slide, SlideBox
+
+    at = _signed_in(Session)
+    at.run()
+    at.selectbox(key="ws_slide").select(NO_MPP).run()
+    assert not at.exception, at.exception
+    assert any("does not record its µm per pixel" in w.value for w in at.warning)
+    assert at.button(key="ws_crop").disabled and _cfg(at)["mpp"] is None  # no scale bar without it
+    with Session() as s, s.begin():
+        row = store.get_or_create_slide(s, "tcga-cr-7395-01a-01-ts1", path=NO_MPP)
+        box_store.add_box(s, row, (1500, 1500, 300, 300), created_by="alice", label="non_globally_sclerotic")
+    at.number_input(key=f"ws_mpp_{NO_MPP}").set_value(0.25).run()
+    assert not at.exception, at.exception
+    assert not any("does not record" in w.value for w in at.warning)
+    assert not at.button(key="ws_crop").disabled and _cfg(at)["mpp"] == 0.25  # the scale bar's µm/px
+    with Session() as s:  # stored at once: the next visit (or another user) finds it
+        assert s.scalar(select(Slide.mpp).where(Slide.name == "tcga-cr-7395-01a-01-ts1")) == 0.25
+    at.selectbox(key="ws_stain").select("HE").run()
+    at.button(key="ws_crop").click().run()
+    assert any("1 glomeruli cropped into glom" in m.value for m in at.success), [e.value for e in at.error]
+    with Session() as s:
+        image = s.scalar(select(Image))
+        assert (image.x0, image.y0, image.box_w, image.box_h) == (1484, 1484, 332, 332)
+        assert image.width == 166  # 332 level-0 px at 0.25 µm/px, cut at 0.5 µm/px
+        slide = s.get(Slide, image.slide_id)
+        assert slide.mpp == 0.25 and slide.stain.value == "HE"
+        assert s.scalar(select(SlideBox.image_id)) == image.id
+
+    fresh = _signed_in(Session)  # a new session: the stored µm/px is offered, cropping is open
+    fresh.run()
+    fresh.selectbox(key="ws_slide").select(NO_MPP).run()
+    assert fresh.number_input(key=f"ws_mpp_{NO_MPP}").value == 0.25 and not fresh.button(key="ws_crop").disabled
+
+
+def test_a_slide_with_mpp_asks_nothing_and_the_pick_survives_another_page(Session):  # noqa: N803
+    at = _signed_in(Session, str(Path(PAGE).with_name("label.py")))
+    at.run()
+    at.switch_page("workspace_page.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="ws_slide").value == "cmu-1-small-region.svs"  # the first slide
+    assert not at.number_input and not any("µm per pixel" in w.value for w in at.warning)
+    assert _cfg(at)["mpp"] == pytest.approx(0.499, abs=0.001)
+    at.selectbox(key="ws_slide").select(NO_MPP).run()
+    at.switch_page("labeling_page.py").run()
+    assert "ws_slide" not in at.session_state  # what Streamlit does to a widget's key on another page
+    at.switch_page("workspace_page.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="ws_slide").value == NO_MPP
