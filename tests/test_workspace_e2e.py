@@ -1,7 +1,8 @@
 """End to end in real Chromium: the slide workspace served by the app's own server (app/asgi.py,
 the launcher's entry point). A pathologist signs in, opens the real slide ``cmu-1-small-region.svs``,
 sees Deep Zoom tiles load, zooms with the mouse wheel (more tiles, at a finer level), draws a
-missed glomerulus with the mouse (stored at once, attributed to her account), reviews three detector
+missed glomerulus with the mouse (stored at once, attributed to her account) and a slip she
+selects with a click and deletes with the Delete key, reviews three detector
 proposals by keyboard (N, A, A, R, U undo, R), fixes one box by dragging its corner, reloads and finds her box and her decisions; the
 store holds them, attributed. Then exports the QuPath GeoJSON, crops the boxes and finds the crops
 on the map and in the Label queue. A tile URL without her token is refused.
@@ -134,7 +135,21 @@ def test_open_zoom_draw_reload(server):
         page.mouse.up()
         frame.wait_for_function("() => window.__glomWorkspace.drawn === 1 && window.__glomWorkspace.counts.drawn === 1",
                                 timeout=15_000)
-        frame.click("#bdraw")  # drawing off: keys go to the review
+        # a slip: a second box, selected with a click and removed with the Delete key
+        page.mouse.move(cx + 90, cy - 40)
+        page.mouse.down()
+        page.mouse.move(cx + 150, cy + 20, steps=4)
+        page.mouse.up()
+        frame.wait_for_function("() => window.__glomWorkspace.drawn === 2 && window.__glomWorkspace.counts.drawn === 2",
+                                timeout=15_000)
+        frame.click("#bdraw")  # drawing off: a click selects, keys go to the review
+        page.mouse.click(cx + 120, cy - 10)
+        frame.wait_for_function("() => window.__glomWorkspace.selected != null", timeout=10_000)
+        slip = frame.evaluate("() => drawnBox(window.__glomWorkspace.selected).properties.box")
+        assert "box #" in frame.evaluate("() => document.getElementById('sel').textContent")
+        page.keyboard.press("Delete")
+        frame.wait_for_function("() => window.__glomWorkspace.deleted === 1 && window.__glomWorkspace.counts.drawn === 1"
+                                " && window.__glomWorkspace.selected === null", timeout=15_000)
 
         # review: N flies to the best proposal, A A R decides the three (each advances)
         frame.wait_for_function("() => window.__glomWorkspace.proposals.length === 3", timeout=15_000)
@@ -211,6 +226,7 @@ def test_open_zoom_draw_reload(server):
     with make_sessionmaker(engine)() as s:
         rows = s.scalars(select(SlideBox).order_by(SlideBox.id)).all()
         assert [r.created_by for r in rows] == ["alice"] * 3
+        assert tuple(slip) not in [r.box for r in rows]  # the slip is gone (SQLite may give its id to a later box)
         x, y, w, h = rows[0].box
         props = s.scalars(select(GlomerulusProposal).order_by(GlomerulusProposal.score.desc())).all()
         assert [(p.status, p.reviewed_by) for p in props] == [("accepted", "alice")] * 2 + [("rejected", "alice")]
