@@ -2,7 +2,7 @@
 #   docker build -t glomlab .
 #   docker run -p 127.0.0.1:8501:8501 -v "$PWD/data:/app/data" glomlab           # labeling app
 #   docker run -p 127.0.0.1:7860:7860 -v "$PWD/data:/app/data" -v "$PWD/runs:/app/runs" glomlab viewer
-# Whole-slide images for the Slides page and the viewer: add -v /path/to/slides:/app/slides:ro
+# Whole-slide images for the Slide workspace and the viewer: add -v /path/to/slides:/app/slides:ro
 # (read from GLOM_SLIDES_DIR, set below).
 # Inside the container the servers listen on 0.0.0.0 so the published port reaches them; publish
 # to 127.0.0.1 on the host (as above) unless the network is meant to see them.

@@ -1,7 +1,7 @@
 """GlomLab labeling app: ``streamlit run app/label.py [-- --db URL]`` (else ``$GLOM_DB``).
 
 A thin page over ``annotation_db``: sign in, pick a dataset and a queue in the sidebar, label by
-keyboard. Pages are listed in ``PAGES``; a new page (e.g. "Slides") is one module with a
+keyboard. Pages are listed in ``PAGES``; a new page (e.g. "Slide workspace") is one module with a
 ``page()`` function run under ``if __name__ == "__main__"``, and one line here.
 """
 
@@ -44,7 +44,6 @@ PAGES = {
     "Data": [
         st.Page(APP_DIR / "import_page.py", title="Import", icon=":material/upload:", url_path="import"),
         st.Page(APP_DIR / "export_page.py", title="Export", icon=":material/download:", url_path="export"),
-        st.Page(APP_DIR / "slides_page.py", title="Slides", icon=":material/biotech:", url_path="slides"),
         st.Page(APP_DIR / "workspace_page.py", title="Slide workspace", icon=":material/zoom_in:", url_path="workspace"),
     ],
 }

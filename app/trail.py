@@ -29,7 +29,7 @@ class Trail:
         """The image to show, fetching from the queue when past the end; None when done.
 
         A finished queue is asked again on every call (one indexed query from the cursor): crops
-        added meanwhile — cropped on the Slides page, imported, another clinician's skip — show up
+        added meanwhile — cropped in the Slide workspace, imported, another clinician's skip — show up
         without a restart.
         """
         while self.pos >= len(self.ids):

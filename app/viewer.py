@@ -686,7 +686,7 @@ with gr.Blocks(title="GlomLab · Diagnosis viewer", analytics_enabled=False) as 
                     wsi_btn = gr.Button("Cut and predict the slide's glomeruli", elem_id="wsi-run")
             gr.Markdown("<span class='glom-note'>Whole slide: annotations from QuPath (GeoJSON), Aperio ImageScope or "
                         "ASAP (XML) or a CSV of boxes; without a file, the boxes drawn on the slide in the labeling "
-                        "app's Slides page. Its glomeruli are cut at 0.5 µm/px and kept in the store (dataset "
+                        "app's Slide workspace. Its glomeruli are cut at 0.5 µm/px and kept in the store (dataset "
                         "`viewer-slides`) with their slide and position. Larger runs: `glom extract`, then pick the "
                         "dataset above.</span>")
             batch_method = gr.Dropdown(label="Heatmap in gallery", value="gradcam",

@@ -389,6 +389,18 @@ def workspace_html(*, slide: str, token: str, width: int, height: int, mpp: floa
             .replace("__CFG__", json.dumps(cfg).replace("</", "<\\/")))
 
 
+def slide_names(svc) -> list[str]:
+    """The slides of the slides folder OpenSlide opens, less links that lead out of it."""
+    out = []
+    for name in list_slide_files(svc.root):
+        try:
+            svc.resolve(name)
+        except GlomError:
+            continue
+        out.append(name)
+    return out
+
+
 def _slide_row(s, name: str) -> Slide | None:
     return s.scalar(select(Slide).where(Slide.name == slide_name(name)))
 
@@ -617,7 +629,7 @@ def page() -> None:
     except GlomError as e:
         st.info(f"{e}. Set $GLOM_SLIDES_DIR to the folder of your slides ({OPENSLIDE_FORMATS}).")
         return
-    names = list_slide_files(svc.root)
+    names = slide_names(svc)
     if not names:
         st.info(f"No slide ({OPENSLIDE_FORMATS}) in {svc.root}.")
         return

@@ -1,8 +1,8 @@
 """Server folders a web user may name: everything they type is confined to a configured root.
 
-The labeling app's Import and Slides pages and the viewer's slide picker take paths from the
-browser. A path is used only when it resolves (symbolic links followed) inside its root:
-``$GLOM_DATA_ROOT`` (default ``./data``) for imports, ``$GLOM_SLIDES_DIR`` for slides. A refusal
+The labeling app's Import page, the Slide workspace's routes and the viewer's slide picker take
+paths from the browser. A path is used only when it resolves (symbolic links followed) inside its
+root: ``$GLOM_DATA_ROOT`` (default ``./data``) for imports, ``$GLOM_SLIDES_DIR`` for slides. A refusal
 says the same whatever the path is, so it reveals neither a file's content nor whether it exists.
 """
 

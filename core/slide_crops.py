@@ -3,7 +3,7 @@
 What lies between the extraction engine (:mod:`core.extract`, which cuts files) and the store:
 
 - :data:`SLIDE_CROP_SETTINGS`: how the apps cut a glomerulus (0.5 µm/px, 16 px margin), the one
-  setting the labeling app's Slides page and the diagnosis viewer share.
+  setting the labeling app's Slide workspace and the diagnosis viewer share.
 - :func:`slide_box_annotation` / :func:`boxes_to_geojson`: boxes drawn in the labeling app
   (``SlideBox`` rows) as annotations, and as QuPath GeoJSON.
 - :func:`slide_annotations`: a slide's annotations from a file, else its drawn boxes.
@@ -11,8 +11,8 @@ What lies between the extraction engine (:mod:`core.extract`, which cuts files) 
   the store's one rule (:class:`annotation_db.classes.ClassKeys`).
 - :func:`prepare_dataset`, :func:`register_crops`, :class:`StoreRegistrar`: the dataset crops
   go to, and their registration (slide, level-0 box, label), for ``glom extract``.
-- :func:`crop_into_dataset`: cut one slide's boxes into a dataset now; the Slides page's "crop"
-  button and the viewer's whole-slide batch both call it.
+- :func:`crop_into_dataset`: cut one slide's boxes into a dataset now; the Slide workspace's
+  "crop" button and the viewer's whole-slide batch both call it.
 
 Functions take a session; the caller owns the transaction.
 """
@@ -84,7 +84,7 @@ def slide_annotations(session: Session | None, slide_path: str | Path,
                       annotation_file: str | Path | None) -> tuple[list[Annotation], str]:
     """The annotations of one slide and where they came from: those of ``annotation_file``
     (QuPath GeoJSON, ImageScope/ASAP XML, CSV) that belong to the slide, else the boxes drawn on
-    it in the labeling app's Slides page. Raises :class:`AnnotationFormatError` saying what is
+    it in the labeling app's Slide workspace. Raises :class:`AnnotationFormatError` saying what is
     missing or wrong."""
     slide_path = Path(slide_path)
     if annotation_file:
@@ -103,7 +103,7 @@ def slide_annotations(session: Session | None, slide_path: str | Path,
     if not boxes:
         raise AnnotationFormatError(
             f"slide {slide_path.name} has no annotations: upload its annotation file (QuPath GeoJSON, Aperio "
-            "ImageScope or ASAP XML, CSV of boxes) or draw boxes on it in the labeling app's Slides page")
+            "ImageScope or ASAP XML, CSV of boxes) or draw boxes on it in the labeling app's Slide workspace")
     return [slide_box_annotation(b) for b in boxes], f"{len(boxes)} boxes drawn in the labeling app"
 
 

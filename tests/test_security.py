@@ -5,6 +5,7 @@ launcher's bind address from any working directory. Each test failed before issu
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -251,24 +252,31 @@ def test_the_launcher_refuses_single_user_mode_beyond_loopback():
     assert out.returncode == 2 and "loopback" in out.stderr
 
 
-def test_the_slides_page_stays_in_the_slides_folder(app_store, tmp_path, wsi_dir, monkeypatch):
+def test_the_slide_workspace_lists_only_slides_inside_the_slides_folder(app_store, tmp_path, wsi_dir, monkeypatch):
+    """The workspace's picker offers the slides of $GLOM_SLIDES_DIR only: a link in it to a slide
+    elsewhere is not listed (and its routes answer 404, tests/test_tile_service.py)."""
+    from app import slide_api
+
     Session, _ = app_store
-    monkeypatch.setenv("GLOM_SLIDES_DIR", str(wsi_dir))
+    root = tmp_path / "slides"
+    root.mkdir()
+    shutil.copy(wsi_dir / "cmu-1-small-region.svs", root / "cmu-1-small-region.svs")
+    (root / "again.svs").symlink_to(root / "cmu-1-small-region.svs")  # a link to a slide inside is fine
     outside = tmp_path / "private-slides"
     outside.mkdir()
-    (outside / "patient-x.svs").symlink_to(wsi_dir / "cmu-1-small-region.svs")
+    shutil.copy(wsi_dir / "cmu-1-small-region.svs", outside / "patient-x.svs")
+    (root / "patient-x.svs").symlink_to(outside / "patient-x.svs")
+    monkeypatch.setenv("GLOM_SLIDES_DIR", str(root))
+    monkeypatch.setattr(slide_api, "_service", None)
     with Session() as s:
         me = s.scalar(select(Annotator).where(Annotator.name == "dr_li"))
-    at = AppTest.from_file(str(REPO / "app" / "slides_page.py"), default_timeout=60)
+    at = AppTest.from_file(str(REPO / "app" / "workspace_page.py"), default_timeout=60)
     at.session_state["annotator_id"], at.session_state["annotator_name"] = me.id, "dr_li"
     at.session_state["dataset_name"] = "bueno"
     at.run()
-    assert at.selectbox(key="slides_file").options == ["cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs"]
-    for folder in (str(outside), str(wsi_dir / ".." / ".."), "/"):
-        at.text_input(key="slides_dir").input(folder).run()
-        assert any("refused" in e.value for e in at.error), folder
-        assert not [b for b in at.selectbox if b.key == "slides_file"], f"{folder} was listed"
-        assert not any("patient-x" in str(x.value) for x in (*at.error, *at.info))
+    assert not at.exception, at.exception
+    assert not at.error and not at.info, [m.value for m in (*at.error, *at.info)]
+    assert at.selectbox(key="ws_slide").options == ["again.svs", "cmu-1-small-region.svs"]
 
 
 def test_repeated_wrong_passwords_make_the_next_attempt_wait(app_store):

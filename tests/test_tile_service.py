@@ -288,8 +288,6 @@ def test_a_drawn_box_is_clipped_to_the_slide_and_deleted_by_its_route_not_once_c
     """POST /boxes keeps a level-0 box clipped to the slide (2220 × 2967 px); DELETE /boxes/{id}
     removes a drawn box of that slide, attributed in the answer, and refuses a cropped one, one of
     another slide, the acceptance of a proposal, and a bad token."""
-    from dataclasses import dataclass
-
     from annotation_db.models import GlomerulusProposal
     from annotation_db.proposals import accept_proposal, replace_proposals
     from core.slide_crops import crop_into_dataset

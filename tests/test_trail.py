@@ -13,5 +13,5 @@ def test_a_finished_queue_shows_crops_added_later():
     assert trail.current(fetch) == 101
     trail.forward()
     assert trail.current(fetch) is None and trail.exhausted
-    queue.append((2, 102))  # e.g. cropped on the Slides page meanwhile
+    queue.append((2, 102))  # e.g. cropped in the Slide workspace meanwhile
     assert trail.current(fetch) == 102 and not trail.exhausted

@@ -81,7 +81,7 @@ NO_MPP = "tcga-cr-7395-01a-01-ts1.svs"  # its file records no µm/px
 
 
 @pytest.fixture
-def Session(tmp_path: Path, monkeypatch, wsi_dir: Path):  # noqa: N802
+def Session(tmp_path: Path, monkeypatch, wsi_dir: Path):
     from annotation_db import store
     from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
     from app import slide_api
@@ -100,7 +100,7 @@ def Session(tmp_path: Path, monkeypatch, wsi_dir: Path):  # noqa: N802
     engine.dispose()
 
 
-def _signed_in(Session, script: str = PAGE):  # noqa: N803
+def _signed_in(Session, script: str = PAGE):
     from sqlalchemy import select
     from streamlit.testing.v1 import AppTest
 
@@ -120,7 +120,7 @@ def _cfg(at) -> dict:
     return json.loads(html.split("const CFG = ", 1)[1].split(";\n", 1)[0])
 
 
-def test_a_slide_without_mpp_asks_for_it_before_cropping(Session):  # noqa: N803
+def test_a_slide_without_mpp_asks_for_it_before_cropping(Session):
     from sqlalchemy import select
 
     from annotation_db import boxes as box_store
@@ -159,7 +159,7 @@ def test_a_slide_without_mpp_asks_for_it_before_cropping(Session):  # noqa: N803
     assert fresh.number_input(key=f"ws_mpp_{NO_MPP}").value == 0.25 and not fresh.button(key="ws_crop").disabled
 
 
-def test_a_slide_with_mpp_asks_nothing_and_the_pick_survives_another_page(Session):  # noqa: N803
+def test_a_slide_with_mpp_asks_nothing_and_the_pick_survives_another_page(Session):
     at = _signed_in(Session, str(Path(PAGE).with_name("label.py")))
     at.run()
     at.switch_page("workspace_page.py").run()

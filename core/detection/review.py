@@ -1,7 +1,7 @@
 """Accepting a detector's proposal crops it into its dataset exactly like a box drawn by hand.
 
 :func:`annotation_db.proposals.accept_proposal` turns the proposal into a ``SlideBox``;
-:func:`core.slide_crops.crop_into_dataset` (the Slides page's crop path) cuts and registers it.
+:func:`core.slide_crops.crop_into_dataset` (the Slide workspace's crop path) cuts and registers it.
 """
 
 from __future__ import annotations
