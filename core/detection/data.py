@@ -6,9 +6,14 @@
   places, sizes and orientations, so the model sees glomeruli anywhere in a tile, several at a
   time, touching the border, and not only the tiles' own 28.
 
-Splits are grouped: tiles by tile (each is its own group), crops by slide. A training sample is a
-random ``tile_size`` window (sometimes centred on a glomerulus) of a training tile, plus pasted
-crops, rotated/flipped, stain (HED) and colour jittered, sometimes blurred.
+- Glomeruli stored on slides (``data.store``: boxes drawn in the app and accepted proposals) are
+  read through OpenSlide at the working resolution as windows around them, around rejected
+  proposals (hard negatives) and elsewhere on the tissue of fully reviewed slides; the windows
+  join the tiles (:func:`load_store_windows`; the rules are in docs/DETECTION.md).
+
+Splits are grouped: tiles by tile (each is its own group), crops and stored slides by slide. A
+training sample is a random ``tile_size`` window (sometimes centred on a glomerulus) of a training
+tile, plus pasted crops, rotated/flipped, stain (HED) and colour jittered, sometimes blurred.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import csv
 import logging
 import os
 import random
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +31,11 @@ import torch
 from PIL import Image, ImageFilter
 from scipy import ndimage as ndi
 
-from core.detection.config import DetectorAugmentConfig, DetectorConfig
+from core.detection.config import (
+    DetectorAugmentConfig,
+    DetectorConfig,
+    DetectorStoreConfig,
+)
 from core.detection.model import DetectorError
 
 log = logging.getLogger(__name__)
@@ -34,10 +44,17 @@ __all__ = [
     "DetectorSplit",
     "DetectorTrainingSet",
     "GlomerulusCrop",
+    "StoreWindow",
+    "StoredGlomerulus",
+    "StoredSlide",
     "TileImage",
     "hed_jitter",
     "load_crops",
+    "load_store_windows",
     "load_tiles",
+    "rasterise_glomeruli",
+    "read_slide_windows",
+    "read_stored_slides",
     "resolve_data_path",
     "split_detector_data",
 ]
@@ -131,6 +148,9 @@ class DetectorSplit:
     test_tiles: list[str]
     train_slides: list[str]
     heldout_slides: list[str]
+    store_train_slides: list[str] = field(default_factory=list)  # slides of ``data.store``, grouped by slide
+    store_val_slides: list[str] = field(default_factory=list)
+    store_test_slides: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, list[str]]:
         return dict(self.__dict__)
@@ -144,9 +164,13 @@ def split_detector_data(cfg: DetectorConfig) -> DetectorSplit:
         path = resolve_data_path(cfg.data.split_file)
         try:
             d = json.loads(path.read_text())
-            return DetectorSplit(**{k: list(d.get(k, [])) for k in DetectorSplit.__dataclass_fields__})
+            split = DetectorSplit(**{k: list(d.get(k, [])) for k in DetectorSplit.__dataclass_fields__})
         except (OSError, json.JSONDecodeError, TypeError) as e:
             raise DetectorError(f"data.split_file {path}: {e}") from None
+        if cfg.data.store.db and not any(k in d for k in _STORE_SPLIT_KEYS):
+            raise DetectorError(f"data.split_file {path} has no {', '.join(_STORE_SPLIT_KEYS)} lists, yet "
+                                "data.store.db is set: add them (slide names) or drop data.split_file")
+        return split
     folder = resolve_data_path(cfg.data.tiles)
     names = sorted(p.stem for p in (folder / "images").glob("*.png"))
     n_val, n_test = cfg.data.val_tiles, cfg.data.test_tiles
@@ -163,8 +187,277 @@ def split_detector_data(cfg: DetectorConfig) -> DetectorSplit:
             slides = sorted({r["slide_id"] for r in csv.DictReader(f)})
         rng.shuffle(slides)
     n_train_slides = round(len(slides) * cfg.data.crop_slide_ratios[0])
-    return DetectorSplit(sorted(train), sorted(val), sorted(test), sorted(slides[:n_train_slides]),
-                         sorted(slides[n_train_slides:]))
+    split = DetectorSplit(sorted(train), sorted(val), sorted(test), sorted(slides[:n_train_slides]),
+                          sorted(slides[n_train_slides:]))
+    if cfg.data.store.db:
+        split.store_train_slides, split.store_val_slides, split.store_test_slides = _split_store_slides(
+            [sl.name for sl in read_stored_slides(cfg.data.store)], cfg.data.store.slide_ratios, cfg.data.seed)
+    return split
+
+
+def _split_store_slides(names: list[str], ratios: list[float], seed: int) -> tuple[list[str], list[str], list[str]]:
+    """Stored slides into train/val/test by ``ratios`` (each slide on one side only), deterministic in ``seed``."""
+    shuffled = sorted(names)
+    random.Random(f"store:{seed}").shuffle(shuffled)  # its own stream: the tile and crop split stay as they were
+    n_test, n_val = round(len(shuffled) * ratios[2]), round(len(shuffled) * ratios[1])
+    if shuffled and n_test + n_val >= len(shuffled):
+        raise DetectorError(f"data.store.slide_ratios {ratios} leave none of the {len(shuffled)} stored slides "
+                            "for training")
+    test, val, train = shuffled[:n_test], shuffled[n_test:n_test + n_val], shuffled[n_test + n_val:]
+    return sorted(train), sorted(val), sorted(test)
+
+
+# --- glomeruli stored on slides ------------------------------------------------------------------
+
+_STORE_SPLIT_KEYS = ("store_train_slides", "store_val_slides", "store_test_slides")
+Box = tuple[int, int, int, int]
+
+
+@dataclass
+class StoredGlomerulus:
+    """A glomerulus stored on a slide, in level-0 pixels: its box, and its outline when the store has one."""
+
+    box: Box
+    polygon: list[tuple[float, float]] | None  # None: a drawn box only (rasterised as its inscribed ellipse)
+    source: str  # "box:<id>" or "proposal:<id>"
+
+
+@dataclass
+class StoredSlide:
+    """What the store knows of one slide's glomeruli (level-0 boxes)."""
+
+    name: str
+    path: str | None
+    mpp: float | None
+    glomeruli: list[StoredGlomerulus]
+    rejected: list[Box]  # rejected proposals: not glomeruli
+    undecided: list[Box]  # proposals still ``proposed``: nobody said yet
+    detected: bool  # a detector ran over it (it has proposals, in the datasets asked for)
+
+    @property
+    def fully_reviewed(self) -> bool:
+        """A detector ran over it and every one of its findings was accepted or rejected."""
+        return self.detected and not self.undecided
+
+
+@dataclass
+class StoreWindow:
+    """A window read from a stored slide at the working resolution, as a tile (its mask rasterised)."""
+
+    slide: str
+    kind: str  # "glomerulus" (around a stored one), "rejected" (around a rejected proposal), "tissue"
+    box: Box  # level-0 box read
+    tile: TileImage
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for messages: never print what may hold a password
+        return "data.store.db"
+
+
+def read_stored_slides(st: DetectorStoreConfig) -> list[StoredSlide]:
+    """Slides of the store at ``st.db`` with a stored glomerulus or a rejected proposal, by name.
+
+    Glomeruli are the slide's drawn boxes (an accepted proposal's box included: it is drawn when
+    accepted, and then carries the proposal's polygon) and accepted proposals whose box is gone.
+    ``st.datasets`` restricts the proposals (boxes belong to no dataset); ``st.slides`` the slides.
+    """
+    from sqlalchemy import select
+
+    from annotation_db.db import StoreError, open_store
+    from annotation_db.models import Dataset, GlomerulusProposal, Slide, SlideBox
+
+    where = _safe_url(st.db)
+    try:
+        Session = open_store(st.db, create=False)
+    except StoreError as e:
+        raise DetectorError(f"data.store.db {where}: {e}") from None
+    out = []
+    with Session() as s:
+        ds_ids = None
+        if st.datasets:
+            found = {d.name: d.id for d in s.scalars(select(Dataset).where(Dataset.name.in_(st.datasets)))}
+            if missing := sorted(set(st.datasets) - set(found)):
+                raise DetectorError(f"data.store.datasets: no dataset {', '.join(missing)} in {where}")
+            ds_ids = list(found.values())
+        slides = list(s.scalars(select(Slide).order_by(Slide.name)))
+        if st.slides:
+            if missing := sorted(set(st.slides) - {sl.name for sl in slides}):
+                raise DetectorError(f"data.store.slides: no slide {', '.join(missing)} in {where}")
+            slides = [sl for sl in slides if sl.name in set(st.slides)]
+        for sl in slides:
+            q = select(GlomerulusProposal).where(GlomerulusProposal.slide_id == sl.id)
+            if ds_ids is not None:
+                q = q.where(GlomerulusProposal.dataset_id.in_(ds_ids))
+            props = list(s.scalars(q.order_by(GlomerulusProposal.id)))
+            boxes = list(s.scalars(select(SlideBox).where(SlideBox.slide_id == sl.id).order_by(SlideBox.id)))
+            accepted = [p for p in props if p.status == "accepted"]
+            by_box = {p.slide_box_id: p for p in accepted if p.slide_box_id is not None}
+            glomeruli = []
+            for b in boxes:
+                p = by_box.get(b.id)
+                poly = [(float(x), float(y)) for x, y in p.polygon] if p is not None and len(p.polygon or []) >= 3 else None
+                glomeruli.append(StoredGlomerulus(b.box, poly, f"box:{b.id}"))
+            box_ids = {b.id for b in boxes}
+            for p in accepted:
+                if p.slide_box_id not in box_ids:  # accepted, its box since deleted or never drawn
+                    poly = [(float(x), float(y)) for x, y in p.polygon] if len(p.polygon or []) >= 3 else None
+                    glomeruli.append(StoredGlomerulus(p.box, poly, f"proposal:{p.id}"))
+            rejected = [p.box for p in props if p.status == "rejected"]
+            if not glomeruli and not rejected:
+                continue
+            out.append(StoredSlide(sl.name, sl.path, sl.mpp, glomeruli, rejected,
+                                   [p.box for p in props if p.status == "proposed"], bool(props)))
+    if not out:
+        raise DetectorError(f"data.store.db {where}: no slide has a stored glomerulus or a rejected proposal"
+                            + (f" (slides {st.slides})" if st.slides else "")
+                            + (f" (datasets {st.datasets})" if st.datasets else ""))
+    return out
+
+
+def _slide_file(slide: StoredSlide, root: str) -> Path:
+    """The slide's file: its stored path, else ``<root>/<file name>`` or ``<root>/<slide name>.*``."""
+    from core.wsi import is_slide_file
+
+    if slide.path and Path(slide.path).is_file():
+        return Path(slide.path)
+    if root:
+        r = resolve_data_path(root)
+        candidates = [r / Path(slide.path).name] if slide.path else []
+        candidates += sorted(p for p in r.glob("*") if p.stem == slide.name)
+        for c in candidates:
+            if is_slide_file(c):
+                return c
+    raise DetectorError(f"slide {slide.name}: its file {slide.path or '(no path stored)'} does not exist"
+                        + (f" and {root} holds no {slide.name}.*" if root else "; set data.store.slides_root"))
+
+
+def rasterise_glomeruli(glomeruli: list[StoredGlomerulus], box: Box, scale: float, side: int) -> np.ndarray:
+    """Bool ``side``² mask of the glomeruli in the level-0 ``box``, ``scale`` = working px per level-0 px.
+
+    An outline is filled as drawn; a box alone becomes the ellipse inscribed in it (an
+    approximation: a glomerulus is roughly elliptical, its box corners are not glomerulus).
+    """
+    from PIL import ImageDraw
+
+    x0, y0, bw, bh = box
+    img = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(img)
+    for g in glomeruli:
+        gx, gy, gw, gh = g.box
+        if gx >= x0 + bw or gy >= y0 + bh or gx + gw <= x0 or gy + gh <= y0:
+            continue
+        if g.polygon is not None:
+            draw.polygon([((x - x0) * scale, (y - y0) * scale) for x, y in g.polygon], fill=255)
+        else:
+            draw.ellipse([(gx - x0) * scale, (gy - y0) * scale, (gx + gw - x0) * scale - 1,
+                          (gy + gh - y0) * scale - 1], fill=255)
+    return np.asarray(img) > 127
+
+
+def _overlaps(a: Box, b: Box) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def read_slide_windows(slide: StoredSlide, path: str | Path, mpp: float, tile_size: int, st: DetectorStoreConfig,
+                       rng: np.random.Generator) -> list[StoreWindow]:
+    """Windows of ``tile_size × st.window_scale`` working px read from the slide at ``mpp``.
+
+    Around each stored glomerulus (``st.positives_per_glomerulus``, offset at random by up to a
+    quarter window), around each rejected proposal (``st.hard_negatives``), and, on a fully
+    reviewed slide only, centred on random tissue (``st.negatives_per_slide``, Otsu on a thumbnail).
+    A window touching a still-proposed finding is dropped: nobody has said what it is.
+    """
+    from core.detection.slides import tissue_mask
+    from core.wsi import SlideError, open_slide
+
+    side = round(tile_size * st.window_scale)
+    try:
+        reader = open_slide(path, fallback_mpp=slide.mpp)
+    except SlideError as e:
+        raise DetectorError(f"slide {slide.name}: {e}") from None
+    with reader:
+        try:
+            base = reader.require_mpp()
+        except SlideError as e:
+            raise DetectorError(f"slide {slide.name}: {e}") from None
+        side0 = side * mpp / base  # level-0 px
+        jitter = side0 / 4
+        centres: list[tuple[str, float, float]] = []
+        for g in slide.glomeruli:
+            for _ in range(st.positives_per_glomerulus):
+                dx, dy = rng.uniform(-jitter, jitter, 2)
+                centres.append(("glomerulus", g.box[0] + g.box[2] / 2 + dx, g.box[1] + g.box[3] / 2 + dy))
+        if st.hard_negatives:
+            for b in slide.rejected:
+                dx, dy = rng.uniform(-jitter, jitter, 2)
+                centres.append(("rejected", b[0] + b[2] / 2 + dx, b[1] + b[3] / 2 + dy))
+        if st.negatives_per_slide and slide.fully_reviewed:
+            thumb = reader.thumbnail(1024)
+            ys, xs = np.nonzero(tissue_mask(thumb))
+            if len(ys):
+                fx, fy = reader.dimensions[0] / thumb.shape[1], reader.dimensions[1] / thumb.shape[0]
+                n, tries = 0, 0
+                while n < st.negatives_per_slide and tries < 20 * st.negatives_per_slide:
+                    tries += 1
+                    i = int(rng.integers(len(ys)))
+                    cx, cy = (xs[i] + rng.random()) * fx, (ys[i] + rng.random()) * fy
+                    if not any(_overlaps(_window_box(cx, cy, side0), u) for u in slide.undecided):
+                        centres.append(("tissue", cx, cy))
+                        n += 1
+        windows = []
+        for kind, cx, cy in centres:
+            box = _window_box(cx, cy, side0)
+            if any(_overlaps(box, u) for u in slide.undecided):
+                continue
+            windows.append((kind, box))
+        if len(windows) > st.max_windows_per_slide:
+            keep = sorted(rng.choice(len(windows), st.max_windows_per_slide, replace=False))
+            windows = [windows[i] for i in keep]
+        out = []
+        for i, (kind, box) in enumerate(windows):
+            try:
+                rgb = reader.read_region(box[:2], (side, side), mpp=mpp)
+            except SlideError as e:
+                raise DetectorError(f"slide {slide.name}: window {box}: {e}") from None
+            mask = rasterise_glomeruli(slide.glomeruli, box, base / mpp, side)
+            out.append(StoreWindow(slide.name, kind, box, TileImage(f"{slide.name}#{kind}{i}", rgb, mask)))
+    return out
+
+
+def _window_box(cx: float, cy: float, side0: float) -> Box:
+    s = max(1, round(side0))
+    return (round(cx - side0 / 2), round(cy - side0 / 2), s, s)
+
+
+def load_store_windows(cfg: DetectorConfig, split: DetectorSplit) -> dict[str, list[StoreWindow]]:
+    """The windows of the split's stored slides, per part (``train``, ``val``, ``test``).
+
+    Deterministic in ``data.seed`` and the slide name. Every slide of the split must still have
+    stored glomeruli (or rejected proposals): an error names the one that has none.
+    """
+    st = cfg.data.store
+    if not st.db:
+        return {"train": [], "val": [], "test": []}
+    slides = {sl.name: sl for sl in read_stored_slides(st)}
+    out: dict[str, list[StoreWindow]] = {}
+    for part, names in (("train", split.store_train_slides), ("val", split.store_val_slides),
+                        ("test", split.store_test_slides)):
+        out[part] = []
+        for name in names:
+            if name not in slides:
+                raise DetectorError(f"slide {name} (split, {part}) has no stored glomerulus or rejected proposal "
+                                    f"in {_safe_url(st.db)}")
+            sl = slides[name]
+            rng = np.random.default_rng([cfg.data.seed, zlib.crc32(name.encode())])
+            out[part] += read_slide_windows(sl, _slide_file(sl, st.slides_root), cfg.mpp, cfg.tile_size, st, rng)
+        log.info("store %s: %d windows from %d slides (%s)", part, len(out[part]), len(names),
+                 ", ".join(f"{k} {sum(w.kind == k for w in out[part])}" for k in ("glomerulus", "rejected", "tissue")))
+    return out
 
 
 # --- augmentation ---------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from core.detection.data import (
     DetectorTrainingSet,
     TileImage,
     load_crops,
+    load_store_windows,
     load_tiles,
     resolve_data_path,
     split_detector_data,
@@ -121,6 +122,10 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
     val_tiles = load_tiles(tiles_dir, cfg.data.tiles_mpp, cfg.mpp, split.val_tiles)
     test_tiles = load_tiles(tiles_dir, cfg.data.tiles_mpp, cfg.mpp, split.test_tiles)
     crops = load_crops(cfg.data.crops_csv, set(split.train_slides)) if cfg.data.crops_csv else []
+    stored = load_store_windows(cfg, split)  # glomeruli stored on slides, as tiles (grouped by slide)
+    train_tiles += [w.tile for w in stored["train"]]
+    val_tiles += [w.tile for w in stored["val"]]
+    test_tiles += [w.tile for w in stored["test"]]
     log.info("detector data: %d/%d/%d train/val/test tiles, %d pasted crops from %d slides",
              len(train_tiles), len(val_tiles), len(test_tiles), len(crops), len(split.train_slides))
 
@@ -133,6 +138,7 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
                         training_data={"tiles": str(resolve_data_path(tiles_dir)), "tiles_mpp": cfg.data.tiles_mpp,
                                        "crops_csv": str(resolve_data_path(cfg.data.crops_csv)) if cfg.data.crops_csv else "",
                                        "n_train_tiles": len(train_tiles), "n_pasted_crops": len(crops),
+                                       "n_store_windows": {k: len(v) for k, v in stored.items()},
                                        "encoder_weights": m.pretrained_file or "none"},
                         split=split.to_dict(), config=cfg.to_dict())
     model.to(device)
