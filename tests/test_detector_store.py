@@ -18,6 +18,7 @@ from PIL import Image
 from skimage import measure
 
 from core.cli import main as glom
+from core.config import ConfigError
 from core.detection.config import load_detector_config
 from core.detection.data import (
     StoredGlomerulus,
@@ -203,6 +204,11 @@ def test_store_errors_name_what_is_wrong(stored: SimpleNamespace, tmp_path: Path
         read_stored_slides(_cfg(stored, "data.store.slides=[nope]").data.store)
     with pytest.raises(DetectorError, match="no dataset other"):
         read_stored_slides(_cfg(stored, "data.store.datasets=[other]").data.store)
+    with pytest.raises(DetectorError, match="no store file"):
+        read_stored_slides(_cfg(stored, f"data.store.db=sqlite:///{tmp_path / 'typo.db'}").data.store)
+    assert not (tmp_path / "typo.db").exists()
+    with pytest.raises(ConfigError, match="data.store.slide_ratios"):
+        _cfg(stored, "data.store.slide_ratios=[0.5,0.5]")
     cfg = _cfg(stored, f"data.store.slides_root={tmp_path}")
     with pytest.raises(DetectorError, match="slide slide_a: .*no path stored"):
         load_store_windows(cfg, split_detector_data(cfg))

@@ -267,11 +267,19 @@ def read_stored_slides(st: DetectorStoreConfig) -> list[StoredSlide]:
     ``st.datasets`` restricts the proposals (boxes belong to no dataset); ``st.slides`` the slides.
     """
     from sqlalchemy import select
+    from sqlalchemy.engine import make_url
 
     from annotation_db.db import StoreError, open_store
     from annotation_db.models import Dataset, GlomerulusProposal, Slide, SlideBox
 
     where = _safe_url(st.db)
+    try:
+        url = make_url(st.db)
+    except Exception:  # noqa: BLE001 - sqlalchemy raises ArgumentError, ValueError...
+        raise DetectorError(f"data.store.db {st.db!r} is not a database URL (sqlite:///path, postgresql://...)") from None
+    if url.drivername.startswith("sqlite") and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).is_file():  # opening would leave an empty file behind
+        raise DetectorError(f"data.store.db {where}: no store file {url.database}")
     try:
         Session = open_store(st.db, create=False)
     except StoreError as e:
