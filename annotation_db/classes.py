@@ -11,7 +11,7 @@ when a schema displays it so), in any case and with surrounding spaces: QuPath, 
 spreadsheets carry what people typed. An exact match wins over a case-insensitive one, so a
 schema whose keys differ only in case still resolves each of them. A name that matches no class
 raises :class:`UnknownClassError`, with the same message on every path (``glom import``,
-``glom extract``, the Slides page, the viewer)::
+``glom extract``, the Slide workspace, the viewer)::
 
     keys = ClassKeys.of(dataset)
     keys.key("Crescent", where="boxes.csv:3")   # -> "crescent"
