@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tqdm.auto import tqdm
 
 from annotation_db import formats, staging
-from annotation_db.classes import ClassKeys, ClassSpec, InvalidLabelError, default_hotkey, schema_for
+from annotation_db.classes import ClassKeys, ClassSpec, InvalidLabelError, schema_for
 from annotation_db.db import StoreError
 from annotation_db.formats import FormatError, Record
 from annotation_db.images import (
@@ -32,7 +32,7 @@ from annotation_db.images import (
     read_image_meta,
     resolve_in_root,
 )
-from annotation_db.models import ClassDef, Dataset, Image, Slide, Stain, utcnow
+from annotation_db.models import Dataset, Image, Slide, Stain, utcnow
 from annotation_db.paths import is_within
 from annotation_db.store import (
     DatasetNotFoundError,
@@ -41,6 +41,7 @@ from annotation_db.store import (
     get_or_create_annotator,
     get_or_create_dataset,
     get_or_create_slide,
+    new_dataset,
 )
 
 log = logging.getLogger(__name__)
@@ -371,7 +372,7 @@ def import_staged(
                 raise DatasetNotFoundError(
                     f"Dataset {dataset_name!r} does not exist and no classes are known to create it; name them "
                     "(--classes).") from None
-            dataset = _dataset_to_create(dataset_name, schema, root=root, multi_label=multi_label)
+            dataset = new_dataset(dataset_name, schema, root=root, multi_label=multi_label)
 
     def registered(rels: list[str]) -> set[str]:
         if dataset.id is None:
@@ -405,16 +406,6 @@ def import_staged(
         raise
     staging.delete_staged(session_factory, batch_id)
     return report
-
-
-def _dataset_to_create(name: str, schema: Sequence[ClassSpec], *, root: str | Path, multi_label: bool) -> Dataset:
-    """The dataset :func:`create_dataset` would make, not added to any session: the plan checks
-    records against it, the publish creates it."""
-    dataset = Dataset(name=name, multi_label=multi_label, description="",
-                      root=str(Path(root).expanduser().resolve()) if str(root) else "")
-    dataset.classes = [ClassDef(position=i, key=c.key, display_name=c.display_name,
-                                hotkey=c.hotkey or default_hotkey(i)) for i, c in enumerate(schema)]
-    return dataset
 
 
 def read_image_metas(

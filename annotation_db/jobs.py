@@ -20,6 +20,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from annotation_db.db import StoreError
+from annotation_db.label_resolution import LABEL_SOURCES as RESOLVED_SOURCES
 from annotation_db.models import JOB_STATUSES, Dataset, Job, utcnow
 
 __all__ = [
@@ -43,7 +44,8 @@ __all__ = [
 ]
 
 ACTIVE_STATUSES = ("queued", "running")
-LABEL_SOURCES = ("majority", "adjudicated", "final")
+# What a job may learn from: the resolved sources (one annotator's labels are not a training set).
+LABEL_SOURCES = tuple(s for s in RESOLVED_SOURCES if not s.startswith("annotator:"))
 LOST_MESSAGE = "the job's process ended without reporting (killed, or the machine restarted); start it again"
 
 

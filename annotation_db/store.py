@@ -50,8 +50,7 @@ class DatasetExistsError(StoreError):
 # --- datasets, annotators, slides -------------------------------------------------------------
 
 
-def create_dataset(
-    session: Session,
+def new_dataset(
     name: str,
     classes: Sequence[ClassSpec | str],
     *,
@@ -59,9 +58,9 @@ def create_dataset(
     root: str | Path = "",
     description: str = "",
 ) -> Dataset:
-    """Create a dataset with an ordered class schema (keys must be unique and non-empty)."""
-    if session.scalar(select(Dataset.id).where(Dataset.name == name)) is not None:
-        raise DatasetExistsError(f"A dataset named {name!r} already exists.")
+    """A dataset with an ordered class schema (keys unique and non-empty), in no session yet: what
+    :func:`create_dataset` adds, and what a staged import checks its records against before it
+    creates the dataset at publish."""
     specs = [c if isinstance(c, ClassSpec) else ClassSpec(c, c) for c in classes]
     if not specs:
         raise InvalidLabelError(f"Dataset {name!r} needs at least one class.")
@@ -79,6 +78,22 @@ def create_dataset(
         ClassDef(position=i, key=s.key, display_name=s.display_name, hotkey=s.hotkey or default_hotkey(i))
         for i, s in enumerate(specs)
     ]
+    return dataset
+
+
+def create_dataset(
+    session: Session,
+    name: str,
+    classes: Sequence[ClassSpec | str],
+    *,
+    multi_label: bool = False,
+    root: str | Path = "",
+    description: str = "",
+) -> Dataset:
+    """Create a dataset with an ordered class schema (keys must be unique and non-empty)."""
+    if session.scalar(select(Dataset.id).where(Dataset.name == name)) is not None:
+        raise DatasetExistsError(f"A dataset named {name!r} already exists.")
+    dataset = new_dataset(name, classes, multi_label=multi_label, root=root, description=description)
     session.add(dataset)
     session.flush()
     return dataset
