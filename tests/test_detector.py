@@ -331,3 +331,36 @@ def test_tiles_are_resampled_to_the_working_resolution() -> None:
     (t,) = load_tiles(TILES, TILES_MPP, 1.0, ["10150"])
     assert t.rgb.shape == (512, 512, 3) and t.mask.shape == (512, 512)
     assert abs(t.mask.sum() * 1.0 - real_tile("10150")[1].sum() * 0.25) / (t.mask.sum()) < 0.02
+
+
+def test_the_workspace_runs_the_detector_in_the_background_into_proposals(tiny_detector: Path, test_slide,
+                                                                          tmp_path: Path) -> None:
+    """What the Slide workspace's "Find glomeruli" button starts: a ``glom detect`` subprocess on the
+    slide whose findings become the dataset's proposals, and which the page follows to "done"."""
+    import time
+
+    from annotation_db import store
+    from annotation_db.db import open_store
+    from annotation_db.proposals import list_proposals
+    from app import workspace_page
+
+    path, _ = test_slide
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    Session = open_store(url)
+    with Session() as s, s.begin():
+        store.get_or_create_dataset(s, "biopsies", ["globally_sclerotic", "non_globally_sclerotic"],
+                                    root=tmp_path / "ds")
+    run = workspace_page.start_detection(path, str(tiny_detector), "biopsies", "alice", url)
+    try:
+        deadline = time.time() + 180
+        while run.status()[0] == "running" and time.time() < deadline:
+            time.sleep(0.5)
+        state, last = run.status()
+        assert state == "done", last
+        with Session() as s:
+            props = list_proposals(s, "three_tiles", "biopsies")
+            assert len(props) >= 2 and {p.status for p in props} == {"proposed"}, last
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+        workspace_page._RUNS.clear()

@@ -351,6 +351,8 @@ def test_a_reload_keeps_the_clinician_signed_in_until_they_sign_out(app_url):
         page.wait_for_function("() => document.cookie.includes('glom_session=')", timeout=15_000)
         page.reload()
         page.wait_for_selector(CAPTION, timeout=30_000)
+        # the sidebar may render after the page's caption: wait for the button, not count it at once
+        page.get_by_role("button", name="Sign out").wait_for(timeout=30_000)
         assert page.get_by_role("button", name="Sign out").count() == 1
         assert page.get_by_label("Password", exact=True).count() == 0
 
