@@ -79,7 +79,12 @@ def _sessionmaker():
         return _sessionmakers[url]
 
 
-def _error(e: Exception, name: str = "") -> Response:
+def _error(e: Exception, name: str = "", *, store: str = "read", doing: str = "") -> Response:
+    """The status and message for what went wrong on slide ``name``; ``store``: whether the request
+    was reading or writing the annotation store (said in a 503 when the store fails)."""
+    if isinstance(e, SQLAlchemyError):
+        log.warning("slide api: store error %s %r: %s", doing or "on", name, e)
+        return PlainTextResponse(f"the annotation store could not be {store}", status_code=503)
     if isinstance(e, TokenError):
         return PlainTextResponse(str(e), status_code=403)
     if isinstance(e, TileNotFound):
@@ -222,11 +227,8 @@ def overlays(request: Request) -> Response:
         rect = _rect(request)
         with _sessionmaker()() as s:
             body = overlay_features(s, name, rect, dataset_id=_dataset_id(request))
-    except SQLAlchemyError as e:
-        log.warning("slide api: store error for overlays of %r: %s", name, e)
-        return PlainTextResponse("the annotation store could not be read", status_code=503)
-    except Exception as e:  # noqa: BLE001
-        return _error(e, name)
+    except Exception as e:  # noqa: BLE001 - every error becomes a status and a message
+        return _error(e, name, store="read", doing="for overlays of")
     return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
 
@@ -243,11 +245,8 @@ async def add_box(request: Request) -> Response:
             raise ValueError('body must be {"box": [x, y, w, h], "label": key or null}')
         path = tile_service().resolve(name)
         box_id = await run_in_threadpool(_store_box, path, box, label, user)
-    except SQLAlchemyError as e:
-        log.warning("slide api: store error adding a box to %r: %s", name, e)
-        return PlainTextResponse("the annotation store could not be written", status_code=503)
-    except Exception as e:  # noqa: BLE001
-        return _error(e, name)
+    except Exception as e:  # noqa: BLE001 - every error becomes a status and a message
+        return _error(e, name, store="written", doing="adding a box to")
     return JSONResponse({"id": box_id}, status_code=201)
 
 
@@ -311,11 +310,8 @@ async def delete_box(request: Request) -> Response:
                 return remove_box(s, name, int(request.path_params["bid"]), user)
 
         gone = await run_in_threadpool(apply)
-    except SQLAlchemyError as e:
-        log.warning("slide api: store error deleting a box on %r: %s", name, e)
-        return PlainTextResponse("the annotation store could not be written", status_code=503)
-    except Exception as e:  # noqa: BLE001
-        return _error(e, name)
+    except Exception as e:  # noqa: BLE001 - every error becomes a status and a message
+        return _error(e, name, store="written", doing="deleting a box on")
     return JSONResponse(gone)
 
 
@@ -344,11 +340,8 @@ def proposals(request: Request) -> Response:
         tile_service().resolve(name)
         with _sessionmaker()() as s:
             body = proposal_list(s, name, _dataset_id(request))
-    except SQLAlchemyError as e:
-        log.warning("slide api: store error listing proposals of %r: %s", name, e)
-        return PlainTextResponse("the annotation store could not be read", status_code=503)
-    except Exception as e:  # noqa: BLE001
-        return _error(e, name)
+    except Exception as e:  # noqa: BLE001 - every error becomes a status and a message
+        return _error(e, name, store="read", doing="listing proposals of")
     return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
 
@@ -413,11 +406,8 @@ async def decision(request: Request) -> Response:
                               body.get("label") or None, body.get("box"))
 
         state = await run_in_threadpool(apply)
-    except SQLAlchemyError as e:
-        log.warning("slide api: store error deciding a proposal on %r: %s", name, e)
-        return PlainTextResponse("the annotation store could not be written", status_code=503)
-    except Exception as e:  # noqa: BLE001
-        return _error(e, name)
+    except Exception as e:  # noqa: BLE001 - every error becomes a status and a message
+        return _error(e, name, store="written", doing="deciding a proposal on")
     return JSONResponse(state)
 
 

@@ -359,3 +359,28 @@ def test_the_slides_folder_lists_only_files_openslide_opens(wsi_dir: Path, tmp_p
     (tmp_path / "notes.svs").write_text("not a slide")
     (tmp_path / "readme.txt").write_text("x")
     assert list_slide_files(tmp_path) == [SLIDE]
+
+
+def test_a_failing_store_is_a_503_that_says_read_or_written(client):
+    """The store is there but broken (its tables gone): every route says whether reading or writing
+    it failed, with no trace, and tiles (which need no store) still come."""
+    from sqlalchemy import text
+
+    engine = create_store_engine(client.store_url)
+    with engine.begin() as conn:
+        conn.execute(text("PRAGMA foreign_keys=OFF"))
+        for table in ("slide_box", "glomerulus_proposal", "slide"):
+            conn.execute(text(f"DROP TABLE {table}"))
+    engine.dispose()
+    t = sign_token("ana", SLIDE)
+    q = {"slide": SLIDE, "t": t}
+    reads = [client.get("/api/slides/overlays", params={**q, "x": 0, "y": 0, "w": 500, "h": 500}),
+             client.get("/api/slides/proposals", params=q)]
+    writes = [client.post("/api/slides/boxes", params=q, json={"box": [10, 20, 30, 40], "label": None}),
+              client.request("DELETE", "/api/slides/boxes/1", params=q),
+              client.post("/api/slides/proposals/1", params=q, json={"action": "accept"})]
+    for r in reads:
+        assert (r.status_code, r.text) == (503, "the annotation store could not be read"), r.text
+    for r in writes:
+        assert (r.status_code, r.text) == (503, "the annotation store could not be written"), r.text
+    assert client.get("/api/slides/tile/9/0_0.jpeg", params=q).status_code == 200
