@@ -11,7 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from annotation_db import agreement, queues, store
 from annotation_db.label_resolution import dataset_stats
 from annotation_db.models import Annotator, Image
-from app.session import current_dataset, is_adjudicator, who
+from app.session import current_dataset, flash, is_adjudicator, show_flash, who
 from app.store_cache import DatasetView, crop_bytes, get_sessionmaker, store_url
 from core.errors import GlomError
 
@@ -41,14 +41,14 @@ def on_decide(image_id: int) -> None:
     choice = st.session_state.get(f"final_{image_id}")
     classes = list(choice or []) if isinstance(choice, list) else ([choice] if choice else [])
     if not classes:
-        st.session_state.flash.append(("warning", "Pick the final class first."))
+        flash("warning", "Pick the final class first.")
         return
     me = who()
     try:
         with get_sessionmaker()() as s, s.begin():
             store.adjudicate(s, s.get(Image, image_id), s.get(Annotator, me.annotator_id), classes)
     except (GlomError, SQLAlchemyError) as e:
-        st.session_state.flash.append(("error", f"Final label not saved — {e}"))
+        flash("error", f"Final label not saved — {e}")
         return
     _report.clear()
 
@@ -141,9 +141,7 @@ def page() -> None:
         st.info("Pick a dataset in the sidebar.")
         return
     st.header(f"Agreement · {dataset.name}")
-    for kind, message in st.session_state.flash:
-        getattr(st, kind)(message)
-    st.session_state.flash = []
+    show_flash()
     everyone = _annotators(store_url(), dataset.name)
     chosen = st.multiselect("Annotators", everyone, default=everyone, key="agreement_annotators")
     if len(chosen) < 2:

@@ -9,7 +9,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from annotation_db import queues, store
 from annotation_db.models import Annotator, Image, Label
-from app.session import current_dataset, queue_spec, who
+from app.session import current_dataset, flash, queue_spec, show_flash, who
 from app.store_cache import DatasetView, crop_bytes, get_sessionmaker
 from core.errors import GlomError
 
@@ -44,7 +44,7 @@ def _write(rows: list[tuple[int, list[str]]]) -> None:
                 else:
                     store.clear_label(s, s.get(Image, image_id), annotator)
     except (GlomError, SQLAlchemyError) as e:
-        st.session_state.flash.append(("error", f"Not saved — {e}"))
+        flash("error", f"Not saved — {e}")
 
 
 def on_tile(image_id: int, multi: bool) -> None:
@@ -108,9 +108,7 @@ def grid_panel() -> None:
         return
     grid = _grid_state(spec)
     _load_page(grid, spec)
-    for kind, message in st.session_state.flash:
-        getattr(st, kind)(message)
-    st.session_state.flash = []
+    show_flash()
     ids = grid["ids"]
     if not ids:
         st.success("Nothing left in this queue.")

@@ -20,7 +20,7 @@ from annotation_db import queues, store, suggestions
 from annotation_db.db import StoreError
 from annotation_db.models import Annotator, Dataset, Image
 from app.hotkeys import crop_alt, hotkey_layer
-from app.session import Who, current_dataset, is_adjudicator, queue_spec, who
+from app.session import Who, current_dataset, flash, is_adjudicator, queue_spec, show_flash, who
 from app.store_cache import DatasetView, crop_data_url, get_sessionmaker, slide_thumbnail_with_box
 from app.trail import Trail
 from core.errors import GlomError
@@ -87,10 +87,6 @@ def _count_label(before: queues.LabelView | None, classes: list[str], uncertain:
     st.session_state.setdefault("rate", deque()).append(time.time())
 
 
-def _flash(kind: str, message: str) -> None:
-    st.session_state.flash.append((kind, message))
-
-
 # --- callbacks (each write in its own transaction) -----------------------------------------------
 
 
@@ -121,13 +117,13 @@ def _save(image_id: int, classes: list[str], uncertain: bool = False) -> None:
             store.set_label(s, image, s.get(Annotator, me.annotator_id), classes, uncertain=uncertain, note=note,
                             suggested=shown.key if shown else None, suggested_by=shown.checkpoint_id if shown else None)
     except (GlomError, SQLAlchemyError) as e:
-        _flash("error", f"Not saved — {e}. The crop stays here; try again.")
+        flash("error", f"Not saved — {e}. The crop stays here; try again.")
         return
     _count_label(before, classes, uncertain)
     st.session_state.get("pending", {}).pop(image_id, None)
     if before is None and st.session_state.get("suggest_after") == image_id:
         # "after" mode: the clinician's own label is saved; the model's now shows on this crop
-        _flash("info", "Your label is saved. The model's suggestion is shown now: **A** takes it, **→** moves on.")
+        flash("info", "Your label is saved. The model's suggestion is shown now: **A** takes it, **→** moves on.")
         return
     st.session_state.trail.forward()
 
@@ -145,14 +141,14 @@ def _adjudicate(image_id: int, classes: list[str]) -> None:
         return
     me = who()
     if not is_adjudicator(me):
-        _flash("error", f"{me.name} is not an adjudicator (an admin grants it: `glom user role NAME adjudicator`); nothing saved.")
+        flash("error", f"{me.name} is not an adjudicator (an admin grants it: `glom user role NAME adjudicator`); nothing saved.")
         return
     note = st.session_state.get(f"note_{image_id}", "") or ""
     try:
         with get_sessionmaker()() as s, s.begin():
             store.adjudicate(s, s.get(Image, image_id), s.get(Annotator, me.annotator_id), classes, note=note)
     except (GlomError, SQLAlchemyError) as e:
-        _flash("error", f"Final label not saved — {e}.")
+        flash("error", f"Final label not saved — {e}.")
         return
     st.session_state.get("pending", {}).pop(image_id, None)
     st.session_state.trail.forward()
@@ -173,7 +169,7 @@ def on_class(image_id: int, key: str, multi: bool, adjudicating: bool) -> None:
 def on_enter(image_id: int, keys: list[str], adjudicating: bool) -> None:
     chosen = [k for k in keys if k in st.session_state.pending.get(image_id, set())]
     if not chosen:
-        _flash("warning", "Pick at least one class (1…N) before Enter, or U for uncertain.")
+        flash("warning", "Pick at least one class (1…N) before Enter, or U for uncertain.")
         return
     if adjudicating:
         _adjudicate(image_id, chosen)
@@ -195,7 +191,7 @@ def on_back(image_id: int | None, spec: queues.QueueSpec) -> None:
     if image_id is not None and _stale(image_id):
         return
     if not st.session_state.trail.back(_older(spec)):
-        _flash("info", "Nothing before this crop yet.")
+        flash("info", "Nothing before this crop yet.")
 
 
 def on_restart() -> None:
@@ -399,7 +395,7 @@ def _next_readable(s, trail: Trail, spec: queues.QueueSpec, dataset: DatasetView
         try:
             return info, crop_data_url(str(dataset.abspath(info.path)), st.session_state.contrast)
         except OSError:
-            _flash(
+            flash(
                 "warning",
                 f"Image file missing: `{info.path}` (#{image_id}) is no longer under {dataset.root}. "
                 "Skipped; the queue moved on.",
@@ -421,9 +417,7 @@ def labeling_panel() -> None:
         mine = queues.label_of(s, info.image_id, me.annotator_id) if info else None
         adjudicating = spec.kind == "disagreements"
         shown = _suggestion(s, dataset, info.image_id, mine, adjudicating) if info else None
-    for kind, message in st.session_state.flash:
-        getattr(st, kind)(message)
-    st.session_state.flash = []
+    show_flash()
     st.markdown(f"##### {dataset.name} · {queues.QUEUE_TITLES[spec.kind]}")
     progress_panel(dataset)
     if info is None:

@@ -19,17 +19,13 @@ from annotation_db import jobs as job_store
 from annotation_db import store, suggestions
 from annotation_db.db import StoreError
 from annotation_db.models import Job
-from app.session import current_dataset, who
+from app.session import current_dataset, flash, show_flash, who
 from app.store_cache import DatasetView, dataset_view, get_sessionmaker, store_url
 from core import jobs as runner
 from core.config import ConfigError, load_config
 
 POLL_S = 2.0
 RECIPE_DEFAULT = "(recipe's)"
-
-
-def _flash(kind: str, message: str) -> None:
-    st.session_state.flash.append((kind, message))
 
 
 def _may_train() -> bool:
@@ -42,14 +38,14 @@ def _may_train() -> bool:
 
 def on_start(dataset_name: str) -> None:
     if not _may_train():
-        _flash("error", "Only admins may start training jobs.")
+        flash("error", "Only admins may start training jobs.")
         return
     ss = st.session_state
     arch = ss.get("job_arch")
     size = ss.get("job_size")
     recipes = {p.name: p for p in runner.list_recipes()}
     if ss.get("job_recipe") not in recipes:
-        _flash("error", f"No recipe named {ss.get('job_recipe')!r} in {runner.recipes_dir()}.")
+        flash("error", f"No recipe named {ss.get('job_recipe')!r} in {runner.recipes_dir()}.")
         return
     try:
         overrides = runner.job_overrides(int(ss.job_epochs), None if size == RECIPE_DEFAULT else int(size),
@@ -62,28 +58,28 @@ def on_start(dataset_name: str) -> None:
             job_id = job.id
         if ss.get("job_run_here", True):
             runner.start_runner(store_url())
-            _flash("success", f"Job #{job_id} started.")
+            flash("success", f"Job #{job_id} started.")
         else:
-            _flash("success", f"Job #{job_id} queued for a worker (`glom jobs run --worker`).")
+            flash("success", f"Job #{job_id} queued for a worker (`glom jobs run --worker`).")
     except (StoreError, SQLAlchemyError, OSError) as e:
-        _flash("error", f"Job not started — {e}")
+        flash("error", f"Job not started — {e}")
 
 
 def on_cancel(job_id: int) -> None:
     if not _may_train():
-        _flash("error", "Only admins may cancel training jobs.")
+        flash("error", "Only admins may cancel training jobs.")
         return
     try:
         job = runner.cancel_job(get_sessionmaker(), job_id)
     except (StoreError, SQLAlchemyError) as e:
-        _flash("error", f"Not cancelled — {e}")
+        flash("error", f"Not cancelled — {e}")
         return
-    _flash("info", f"Job #{job_id}: {'cancelled' if job.status == 'cancelled' else 'cancelling…'}")
+    flash("info", f"Job #{job_id}: {'cancelled' if job.status == 'cancelled' else 'cancelling…'}")
 
 
 def on_activate(dataset_name: str, job_id: int | None) -> None:
     if not _may_train():
-        _flash("error", "Only admins may change the dataset's model.")
+        flash("error", "Only admins may change the dataset's model.")
         return
     try:
         with get_sessionmaker()() as s, s.begin():
@@ -94,12 +90,12 @@ def on_activate(dataset_name: str, job_id: int | None) -> None:
                 job = job_store.get_job(s, job_id)
                 suggestions.set_active_checkpoint(s, dataset, job.checkpoint, job.checkpoint_id)
     except (StoreError, SQLAlchemyError) as e:
-        _flash("error", f"Not changed — {e}")
+        flash("error", f"Not changed — {e}")
 
 
 def on_suggestions(dataset_name: str) -> None:
     if not _may_train():
-        _flash("error", "Only admins may change suggestion settings.")
+        flash("error", "Only admins may change suggestion settings.")
         return
     try:
         with get_sessionmaker()() as s, s.begin():
@@ -107,9 +103,9 @@ def on_suggestions(dataset_name: str) -> None:
             suggestions.set_suggestions(s, dataset, st.session_state.sugg_mode,
                                         blind_share=st.session_state.sugg_blind / 100)
     except (StoreError, SQLAlchemyError) as e:
-        _flash("error", f"Not saved — {e}")
+        flash("error", f"Not saved — {e}")
         return
-    _flash("success", "Suggestion settings saved.")
+    flash("success", "Suggestion settings saved.")
 
 
 # --- panels ---------------------------------------------------------------------------------------
@@ -254,9 +250,7 @@ def page() -> None:
         st.info("Pick a dataset in the sidebar.")
         return
     st.header(f"Models · {dataset.name}")
-    for kind, message in st.session_state.flash:
-        getattr(st, kind)(message)
-    st.session_state.flash = []
+    show_flash()
     with get_sessionmaker()() as s, s.begin():
         ds = store.get_dataset(s, dataset.name)
         mode, blind = ds.suggestions, ds.blind_share

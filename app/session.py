@@ -31,7 +31,7 @@ DEFAULTS = {
     "slide_id": None,
     "zoom": False,
     "contrast": False,
-    "flash": [],  # (kind, message) shown once by the labeling panel
+    "flash": [],  # (kind, message): said once, on the page's next run (flash / show_flash)
 }
 
 
@@ -135,6 +135,18 @@ def who() -> Who | None:
 
 def is_adjudicator(me: Who) -> bool:
     return me.may("adjudicate")
+
+
+def flash(kind: str, message: str) -> None:
+    """Say ``message`` (``st.<kind>``: info, warning, error, success) on the page's next run."""
+    st.session_state.flash.append((kind, message))
+
+
+def show_flash() -> None:
+    """Show, once, what :func:`flash` queued."""
+    for kind, message in st.session_state.flash:
+        getattr(st, kind)(message)
+    st.session_state.flash = []
 
 
 def current_dataset() -> DatasetView | None:
