@@ -26,7 +26,7 @@ from core.errors import GlomError
 log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "CheckpointMeta", "save_checkpoint", "load_checkpoint", "read_meta", "write_meta",
-           "code_revision", "checkpoint_files", "FORMAT_VERSION"]
+           "code_revision", "checkpoint_files", "load_weights_into", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
@@ -158,13 +158,19 @@ def build_model_from_meta(meta: CheckpointMeta) -> nn.Module:
 
 def load_checkpoint(stem: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
     """Rebuild the model from the sidecar and load the safetensors weights (strict); eval mode."""
-    weights, _ = checkpoint_files(stem)
     meta = read_meta(stem)
+    return load_weights_into(build_model_from_meta(meta), stem, meta.architecture, device), meta
+
+
+def load_weights_into(model: nn.Module, stem: str | Path, what: str,
+                      device: str | torch.device = "cpu") -> nn.Module:
+    """Load ``<stem>.safetensors`` into ``model`` (every tensor must fit: ``what`` names the model in
+    the error), moved to ``device``, eval mode. Classifier and detector checkpoints load here."""
+    weights, _ = checkpoint_files(stem)
     if not weights.is_file():
         raise CheckpointError(f"weights file {weights} is missing")
-    model = build_model_from_meta(meta)
     missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
     if missing or unexpected:
-        raise CheckpointError(f"{weights} does not match {meta.architecture}: missing {sorted(missing)[:5]}, "
+        raise CheckpointError(f"{weights} does not match {what}: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")
-    return model.to(device).eval(), meta
+    return model.to(device).eval()

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
-from core.checkpoint import CheckpointError, checkpoint_files, code_revision
+from core.checkpoint import CheckpointError, checkpoint_files, code_revision, load_weights_into
 from core.errors import GlomError
 
 log = logging.getLogger(__name__)
@@ -163,13 +163,6 @@ def read_detector_meta(stem: str | Path) -> DetectorMeta:
 
 def load_detector(stem: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, DetectorMeta]:
     """Rebuild the segmenter from the sidecar, load the weights (strict), eval mode."""
-    weights, _ = checkpoint_files(stem)
     meta = read_detector_meta(stem)
-    if not weights.is_file():
-        raise CheckpointError(f"weights file {weights} is missing")
     model = create_detector(meta.architecture, meta.encoder, **meta.model_kwargs)
-    missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
-    if missing or unexpected:
-        raise CheckpointError(f"{weights} does not match {meta.architecture}/{meta.encoder}: missing "
-                              f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    return model.to(device).eval(), meta
+    return load_weights_into(model, stem, f"{meta.architecture}/{meta.encoder}", device), meta
