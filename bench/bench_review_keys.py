@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,16 +29,6 @@ sys.path.insert(0, str(REPO))
 SLIDE = "cmu-1-small-region.svs"
 
 
-@dataclass
-class _Finding:
-    box: tuple[int, int, int, int]
-    score: float
-    area_um2: float = 5000.0
-
-    @property
-    def polygon(self):
-        x, y, w, h = self.box
-        return [(x, y), (x + w, y), (x + w, y + h), (x, y + h)]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -60,6 +49,7 @@ def main() -> None:
     from annotation_db import store, users
     from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
     from annotation_db.proposals import replace_proposals
+    from tests.findings import box_finding
 
     tmp = Path(tempfile.mkdtemp())
     wsi = REPO.parent / "shared" / "data" / "wsi"
@@ -68,7 +58,7 @@ def main() -> None:
     upgrade(engine)
     with make_sessionmaker(engine)() as s, s.begin():
         store.create_dataset(s, "glom", ["a", "b"], root=tmp / "ds")
-        found = [_Finding((100 + 50 * (i % 40), 100 + 70 * (i // 40 * 3 + i % 3), 40, 40), 1 - i / 1000)
+        found = [box_finding((100 + 50 * (i % 40), 100 + 70 * (i // 40 * 3 + i % 3), 40, 40), 1 - i / 1000)
                  for i in range(args.proposals)]
         replace_proposals(s, "glom", "cmu-1-small-region", found, source="model:bench", slide_path=str(wsi / SLIDE))
         users.add_user(s, "bench", "bench password 1", "annotator")

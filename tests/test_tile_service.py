@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from core.tile_service import (
     sign_token,
 )
 from core.wsi import SlideOpenError
+from tests.findings import box_finding
 
 SLIDE = "cmu-1-small-region.svs"
 
@@ -220,29 +220,17 @@ def test_overlays_per_viewport_and_drawn_boxes_attributed(client, tmp_path):
 
 
 def test_decisions_are_attributed_undone_and_seen_by_another_reviewer(client, tmp_path, wsi_dir):
-    from dataclasses import dataclass
-
     from annotation_db.models import GlomerulusProposal
     from annotation_db.proposals import replace_proposals
-
-    @dataclass
-    class F:
-        box: tuple
-        score: float
-        area_um2: float = 1.0
-
-        @property
-        def polygon(self):
-            x, y, w, h = self.box
-            return [(x, y), (x + w, y), (x + w, y + h), (x, y + h)]
 
     engine = create_store_engine(client.store_url)
     Session = make_sessionmaker(engine)
     with Session() as s, s.begin():
         ds = store.create_dataset(s, "glom", ["a", "b"], root=tmp_path)
-        replace_proposals(s, ds, "cmu-1-small-region", [F((100, 100, 80, 80), 0.9), F((600, 600, 80, 80), 0.5)],
+        replace_proposals(s, ds, "cmu-1-small-region", [box_finding((100, 100, 80, 80), 0.9, area_um2=1.0),
+                                                        box_finding((600, 600, 80, 80), 0.5, area_um2=1.0)],
                           source="model:x")
-        replace_proposals(s, ds, "other-slide", [F((1, 1, 50, 50), 0.8)], source="model:x")
+        replace_proposals(s, ds, "other-slide", [box_finding((1, 1, 50, 50), 0.8, area_um2=1.0)], source="model:x")
         other = s.scalar(select(GlomerulusProposal).where(GlomerulusProposal.score == 0.8)).id
     ana, bo = sign_token("ana", SLIDE), sign_token("bo", SLIDE)
     listed = client.get("/api/slides/proposals", params={"slide": SLIDE, "t": bo, "dataset": ds.id}).json()
@@ -311,7 +299,7 @@ def test_a_drawn_box_is_clipped_to_the_slide_and_deleted_by_its_route_not_once_c
         rows = {k: s.get(SlideBox, i) for k, i in posted.items()}
         assert rows["left"].box == (0, 10, 50, 81) and rows["right"].box == (2100, 2900, 120, 67)
         crop_into_dataset(s, "glom", client.slides / SLIDE, [rows["crop"]], annotator="ana")
-        replace_proposals(s, ds, "cmu-1-small-region", [_Finding((1700, 300, 90, 90), 0.9)], source="model:x")
+        replace_proposals(s, ds, "cmu-1-small-region", [box_finding((1700, 300, 90, 90), 0.9, area_um2=1.0)], source="model:x")
         pid = s.scalar(select(GlomerulusProposal.id))
         accept_proposal(s, pid, reviewed_by="bo")
         accepted = s.get(GlomerulusProposal, pid).slide_box_id
@@ -337,16 +325,6 @@ def test_a_drawn_box_is_clipped_to_the_slide_and_deleted_by_its_route_not_once_c
     engine.dispose()
 
 
-@dataclass
-class _Finding:  # a detector finding as annotation_db.proposals takes it
-    box: tuple
-    score: float
-    area_um2: float = 1.0
-
-    @property
-    def polygon(self):
-        x, y, w, h = self.box
-        return [(x, y), (x + w, y), (x + w, y + h), (x, y + h)]
 
 
 def test_the_slides_folder_lists_only_files_openslide_opens(wsi_dir: Path, tmp_path: Path):

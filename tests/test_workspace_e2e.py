@@ -19,7 +19,6 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from annotation_db.db import create_store_engine, make_sessionmaker, upgrade
 from annotation_db.models import GlomerulusProposal, SlideBox
 from annotation_db.models import Image as ImageRow
 from annotation_db.proposals import replace_proposals
+from tests.findings import box_finding
 from tests.servers import wait_until_healthy
 from tests.test_label_e2e import CHROMIUM, CHROMIUM_ARGS, E2E_PASSWORD, _accounts
 
@@ -42,16 +42,6 @@ IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 PROPOSALS = [(400, 500, 0.97), (1200, 900, 0.91), (700, 2000, 0.64)]  # level-0 x, y, score
 
 
-@dataclass
-class _Finding:  # what glom detect hands annotation_db.proposals (core.detection.instances.Instance)
-    box: tuple[int, int, int, int]
-    score: float
-    area_um2: float = 5000.0
-
-    @property
-    def polygon(self):
-        x, y, w, h = self.box
-        return [(x + w / 2, y), (x + w, y + h / 2), (x + w / 2, y + h), (x, y + h / 2)]
 
 
 @pytest.fixture
@@ -61,7 +51,7 @@ def server(tmp_path: Path, wsi_dir: Path):
     upgrade(engine)
     with make_sessionmaker(engine)() as s, s.begin():
         store.create_dataset(s, "glom", ["globally_sclerotic", "non_globally_sclerotic"], root=tmp_path / "dataset")
-        findings = [_Finding((x, y, 160, 140), score) for x, y, score in PROPOSALS]
+        findings = [box_finding((x, y, 160, 140), score, diamond=True) for x, y, score in PROPOSALS]
         replace_proposals(s, "glom", "cmu-1-small-region", findings, source="model:test.safetensors",
                           slide_path=str(wsi_dir / SLIDE))
     engine.dispose()
