@@ -238,7 +238,7 @@ def register(subparsers: argparse._SubParsersAction,
     p.set_defaults(func=_cmd_adapt)
 
     p = subparsers.add_parser("cv", parents=parents,
-                              help="grouped k-fold or leave-one-centre-out cross-validation, figures with 95 % CIs")
+                              help="grouped k-fold or leave-one-centre-out cross-validation, figures with 95 %% CIs")
     _add_recipe_args(p)
     p.add_argument("--scheme", choices=("kfold", "loco"), default="kfold",
                    help="kfold (default) or loco: leave one centre out, each centre scored by a model that never saw it")

@@ -74,3 +74,14 @@ def test_console_script_is_installed(tmp_path):
     out = subprocess.run([str(glom), "db", "init", "--db", f"sqlite:///{tmp_path}/c.db"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "schema at 0" in out.stdout, out.stderr
+
+
+def test_every_help_page_renders():
+    """`glom --help` and each verb's --help format (a bare '%' in a help text broke `glom --help`)."""
+    import argparse
+    from core.cli import build_parser
+    parser = build_parser()
+    assert "train-detector" in parser.format_help()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in verbs.choices.items():
+        assert sub.format_help().startswith("usage: glom " + name), name
