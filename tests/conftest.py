@@ -78,7 +78,7 @@ def store_url(request) -> str:
 
 
 @pytest.fixture
-def Session(store_url: str):  # noqa: N802 - it is a session factory, named like one
+def Session(store_url: str):
     """A sessionmaker over a freshly migrated store (each backend)."""
     engine = create_store_engine(store_url)
     upgrade(engine)
@@ -87,8 +87,24 @@ def Session(store_url: str):  # noqa: N802 - it is a session factory, named like
 
 
 @pytest.fixture
-def SqliteSession(sqlite_url: str):  # noqa: N802
+def SqliteSession(sqlite_url: str):
     engine = create_store_engine(sqlite_url)
     upgrade(engine)
     yield make_sessionmaker(engine)
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def tiny_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A detector trained once per run on three real tiles (``tests/detector_fixtures.py``)."""
+    from tests.detector_fixtures import train_tiny_detector
+
+    return train_tiny_detector(tmp_path_factory.mktemp("detector"))
+
+
+@pytest.fixture(scope="session")
+def test_slide(tmp_path_factory: pytest.TempPathFactory):
+    """A pyramidal TIFF of three real kidney tiles over glass, and its glomerulus mask (level 0)."""
+    from tests.detector_fixtures import three_tile_slide
+
+    return three_tile_slide(tmp_path_factory.mktemp("slide") / "three_tiles.tif")

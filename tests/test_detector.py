@@ -1,8 +1,9 @@
 """The glomerulus detector end to end on real PAS tiles: training, evaluation, ``glom detect``.
 
-A tiny detector (2 µm/px, 128 px tiles, three real tiles) is trained once per module with the real
+A tiny detector (2 µm/px, 128 px tiles, three real tiles) is trained once per test run with the real
 training code; a 3-level pyramidal TIFF is built from the same tiles plus a band of glass, with
-the glomerulus positions known from the tiles' masks. The stitching is also checked exactly
+the glomerulus positions known from the tiles' masks (``tests/detector_fixtures.py``, session
+fixtures ``tiny_detector`` / ``test_slide`` in ``tests/conftest.py``). The stitching is also checked exactly
 against a whole-image reference with a stand-in model that returns a known probability map.
 """
 
@@ -10,12 +11,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 from PIL import Image
 from scipy import ndimage as ndi
 
@@ -34,62 +33,7 @@ from core.detection.scoring import (
 )
 from core.detection.slides import DetectSettings, detect_in_reader, tissue_mask
 from core.wsi import NumpySlideReader
-
-SHARED = Path(os.environ.get("GLOM_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
-TILES = SHARED / "glomeruli-tiles"
-SLIDE_TILES = ["10149", "10150", "10172"]  # each holds one glomerulus well inside the tile
-SPLIT = {"train_tiles": SLIDE_TILES, "val_tiles": ["10183"], "test_tiles": ["10224"], "train_slides": [],
-         "heldout_slides": []}
-TILES_MPP = 0.5  # µm/px of the stored tiles (data README)
-
-
-def write_pyramid_tiff(path: Path, rgb: np.ndarray, mpp: float, levels: int = 3) -> Path:
-    """A generic tiled TIFF pyramid (one IFD per level, 2× steps) with its µm/px, as OpenSlide reads it."""
-    img = Image.fromarray(rgb)
-    with tifffile.TiffWriter(path) as tw:
-        for level in range(levels):
-            if level:
-                img = img.resize((img.width // 2, img.height // 2), Image.Resampling.BOX)
-            extra = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if level == 0 else {}
-            tw.write(np.asarray(img), tile=(256, 256), photometric="rgb", compression="zlib",
-                     subfiletype=1 if level else 0, metadata=None, **extra)
-    return path
-
-
-def real_tile(name: str) -> tuple[np.ndarray, np.ndarray]:
-    rgb = np.asarray(Image.open(TILES / "images" / f"{name}.png").convert("RGB"))
-    mask = np.asarray(Image.open(TILES / "masks" / f"{name}.png").convert("RGB")).max(axis=2) > 0
-    return rgb, mask
-
-
-@pytest.fixture(scope="module")
-def tiny_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A detector trained here on three real tiles (the ones the test slide is made of)."""
-    root = tmp_path_factory.mktemp("detector")
-    (root / "split.json").write_text(json.dumps(SPLIT))
-    cfg = load_detector_config("recipes/detector/cpu.yaml", [
-        f"output_dir={root}", "name=tiny", "mpp=2.0", "tile_size=128", f"data.tiles={TILES}",
-        f"data.split_file={root / 'split.json'}", "data.crops_csv=", "train.epochs=5",
-        "train.samples_per_epoch=40", "train.batch_size=8", "train.lr=0.003", "train.early_stopping_patience=0",
-        "train.max_minutes=0", "augment.paste_p=0", "augment.blur=0", "augment.scale_jitter=0",
-        "augment.centre_on_glomerulus_p=0.7", "postprocess.min_area_um2=3000"])
-    from core.detection.train import train_detector
-
-    run = train_detector(cfg, progress=False)
-    return run.checkpoint
-
-
-@pytest.fixture(scope="module")
-def test_slide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
-    """Three real tiles side by side over a band of glass (level 0 at 0.5 µm/px, 3 levels); the mask."""
-    tiles = [real_tile(n) for n in SLIDE_TILES]
-    rgb = np.full((1024 + 512, 3 * 1024, 3), 243, np.uint8)  # glass below the tissue
-    mask = np.zeros(rgb.shape[:2], bool)
-    for i, (t, m) in enumerate(tiles):
-        rgb[:1024, i * 1024:(i + 1) * 1024] = t
-        mask[:1024, i * 1024:(i + 1) * 1024] = m
-    path = write_pyramid_tiff(tmp_path_factory.mktemp("slide") / "three_tiles.tif", rgb, TILES_MPP)
-    return path, mask
+from tests.detector_fixtures import SLIDE_TILES, TILES, TILES_MPP, real_tile
 
 
 def _mask_of(features: list[dict], shape: tuple[int, int]) -> np.ndarray:

@@ -29,7 +29,7 @@ from core.detection.data import (
     split_detector_data,
 )
 from core.detection.model import DetectorError
-from tests.test_detector import TILES, TILES_MPP, real_tile, write_pyramid_tiff
+from tests.detector_fixtures import TILES, TILES_MPP, real_tile, write_pyramid_tiff
 
 MPP = 1.0  # working resolution of the checks
 SLIDE_TILES = {"slide_a": ["10149"], "slide_b": ["10150", "10215"], "slide_c": ["10172"]}
