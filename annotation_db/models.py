@@ -243,7 +243,10 @@ class Prediction(Base):
 
 
 class SlideBox(Base):
-    """A rectangle drawn on a slide in the app (level-0 pixels); ``image_id`` once it is cropped."""
+    """A glomerulus marked on a slide (level-0 pixels): a box, and its outline (``polygon``, an open
+    ring whose bounds are the box) when it was drawn as one, imported from an annotation file or
+    accepted from a detector proposal. ``source``: ``drawn``, ``proposal`` or ``import:<file>``;
+    ``image_id`` once it is cropped (:mod:`annotation_db.boxes`)."""
 
     __tablename__ = "slide_box"
     __table_args__ = (Index("ix_slide_box_slide", "slide_id"),)
@@ -258,6 +261,8 @@ class SlideBox(Base):
     created_by: Mapped[str] = mapped_column(String(200))  # annotator name
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     image_id: Mapped[int | None] = mapped_column(ForeignKey("image.id", ondelete="SET NULL"))
+    polygon: Mapped[list[list[float]] | None] = mapped_column(JSON)  # level-0 [[x, y], ...], not closed
+    source: Mapped[str] = mapped_column(String(300), default="drawn", server_default="drawn")
 
     slide: Mapped[Slide] = relationship()
     image: Mapped[Image | None] = relationship()

@@ -4,13 +4,15 @@
 replaces the still-``proposed`` ones of that slide and dataset and never touches ``accepted`` or
 ``rejected`` proposals or boxes drawn by hand; a new finding that covers one of those (box IoU ≥
 0.5) is not proposed again. Accepting a proposal draws a ``SlideBox`` from it (by the reviewer),
-so it is cropped and registered like a drawn box (:func:`core.detection.review.accept_and_crop`).
+so it is cropped and registered like a drawn box (:func:`core.detection.review.accept_and_crop`);
+the box carries the proposal's outline (``SlideBox.polygon``, source ``proposal``).
 
 Functions take a session; the caller owns the transaction.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -18,7 +20,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from annotation_db import store
-from annotation_db.boxes import add_box, list_boxes
+from annotation_db.boxes import OutlineError, add_box, list_boxes, outline_ring
 from annotation_db.db import StoreError
 from annotation_db.models import (
     PROPOSAL_STATUSES,
@@ -28,6 +30,8 @@ from annotation_db.models import (
     SlideBox,
     utcnow,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "REPROPOSE_IOU",
@@ -131,7 +135,12 @@ def accept_proposal(session: Session, proposal_id: int, *, reviewed_by: str, lab
         raise ProposalError("accepting a proposal needs the name of who reviewed it")
     if p.status == "accepted" and p.slide_box is not None:
         return p.slide_box
-    box = add_box(session, p.slide, p.box, created_by=reviewed_by, label=label)
+    try:
+        outline = outline_ring(p.polygon) if p.polygon else None
+    except OutlineError as e:  # stored by an older detector: the box alone is still the glomerulus
+        log.warning("proposal %d on slide %s: outline not kept on its box (%s)", p.id, p.slide.name, e)
+        outline = None
+    box = add_box(session, p.slide, p.box, created_by=reviewed_by, label=label, polygon=outline, source="proposal")
     p.status, p.reviewed_by, p.reviewed_at, p.slide_box_id = "accepted", reviewed_by.strip(), utcnow(), box.id
     session.flush()
     return box

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -50,21 +51,28 @@ PREFIX = "/api/slides"
 VENDOR_DIR = Path(__file__).resolve().parent / "static" / "vendor" / "openseadragon"
 TILE_CACHE_CONTROL = "private, max-age=86400"  # the token in the URL changes at most hourly
 MAX_FEATURES = 2000  # per viewport request; the legend's counts cover the whole slide
+_TILE_HEADERS = {"Cache-Control": TILE_CACHE_CONTROL}
 
 _service: TileService | None = None
+_service_env: str | None = None  # the $GLOM_SLIDES_DIR _service was made for
 _service_lock = threading.Lock()
 _sessionmakers: dict[str, object] = {}
 
 
 def tile_service() -> TileService:
     """The process's one tile service over the slides root (``$GLOM_SLIDES_DIR``)."""
-    global _service
+    global _service, _service_env
+    env = os.environ.get("GLOM_SLIDES_DIR")
+    svc = _service
+    if svc is not None and env and env == _service_env:
+        return svc  # every tile request asks: no path resolution while the setting is the same
     with _service_lock:
         root = slides_root()
         if root is None:
             raise TileNotFound("no slides folder is configured ($GLOM_SLIDES_DIR)")
         if _service is None or _service.root != root:
             _service = TileService(root)
+        _service_env = env
         return _service
 
 
@@ -114,16 +122,24 @@ def dzi(request: Request) -> Response:
     return Response(xml, media_type="application/xml", headers={"Cache-Control": TILE_CACHE_CONTROL})
 
 
-def tile(request: Request) -> Response:
+async def tile(request: Request) -> Response:
+    """A Deep Zoom tile. On the event loop: the token check (remembered once verified) and a tile
+    the LRU holds (answered inline, no disk); only a miss goes to a worker thread to be read,
+    decoded and encoded (``DeepZoomGenerator.get_tile`` + JPEG), so slow tiles never hold the loop."""
+    from starlette.concurrency import run_in_threadpool
+
     name = request.query_params.get("slide", "")
     try:
         _authorised(request)
         p = request.path_params
         level, col, row = int(p["level"]), int(p["col"]), int(p["row"])
-        data = tile_service().tile(name, level, col, row)
+        svc = tile_service()
+        data = svc.cached_tile(name, level, col, row)
+        if data is None:
+            data = await run_in_threadpool(svc.tile, name, level, col, row)
     except Exception as e:  # noqa: BLE001
         return _error(e, name)
-    return Response(data, media_type="image/jpeg", headers={"Cache-Control": TILE_CACHE_CONTROL})
+    return Response(data, media_type="image/jpeg", headers=_TILE_HEADERS)
 
 
 def _rect(request: Request) -> tuple[int, int, int, int]:
@@ -350,8 +366,10 @@ def decide(session, name: str, proposal_id: int, action: str, user: str, label: 
     """Apply a reviewer's ``action`` (accept / reject / undo / fix) to a proposal of slide ``name``
     and return its new state. ``undo`` puts it back to proposed (removing the box an acceptance
     drew, unless it was cropped already); ``fix`` moves its box to ``box`` (level-0 x, y, w, h; the
-    outline becomes that rectangle, the box an acceptance drew follows, the fixer is recorded as
-    its reviewer). A proposal of another slide is refused like a missing one."""
+    outline is scaled from the old box into the new one, the box an acceptance drew and its outline
+    follow, the fixer is recorded as its reviewer). A proposal of another slide is refused like a
+    missing one."""
+    from annotation_db.boxes import move_box, scale_outline
     from annotation_db.models import GlomerulusProposal
     from annotation_db.proposals import ProposalError, accept_proposal, reject_proposal
 
@@ -371,11 +389,12 @@ def decide(session, name: str, proposal_id: int, action: str, user: str, label: 
             raise ValueError(f"fix: box {[x, y, w, h]} is empty or off the slide")
         if p.slide_box is not None and p.slide_box.image_id is not None:
             raise ProposalError(f"proposal {proposal_id} was cropped into the dataset already: its box is final")
-        p.x0, p.y0, p.box_w, p.box_h = x, y, w, h
-        p.polygon = [[x, y], [x + w, y], [x + w, y + h], [x, y + h]]
-        p.reviewed_by = user
         if p.slide_box is not None:
-            p.slide_box.x0, p.slide_box.y0, p.slide_box.box_w, p.slide_box.box_h = x, y, w, h
+            move_box(p.slide_box, (x, y, w, h))
+        p.polygon = scale_outline(p.polygon, p.box, (x, y, w, h)) if p.polygon else \
+            [[x, y], [x + w, y], [x + w, y + h], [x, y + h]]
+        p.x0, p.y0, p.box_w, p.box_h = x, y, w, h
+        p.reviewed_by = user
     elif action == "undo":
         if p.slide_box is not None:
             if p.slide_box.image_id is not None:
