@@ -89,6 +89,8 @@ class PostprocessConfig:
     min_area_um2: float = 1500.0  # specks smaller than this are dropped (a glomerulus is ≥ ~5,000 µm²)
     split_min_distance_um: float = 60.0  # touching glomeruli: centres at least this far apart
     simplify_um: float = 1.5  # polygon simplification tolerance
+    min_score: float = 0.0  # findings whose mean probability is below this are dropped
+    tune: bool = False  # after training, choose threshold and min_score on the validation tiles (best F1, then Dice)
 
 
 @dataclass

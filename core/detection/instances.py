@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["Instance", "instance_polygon", "instances_from_labels", "instances_from_prob", "label_instances"]
+__all__ = ["Instance", "filter_by_score", "instance_polygon", "instances_from_labels", "instances_from_prob",
+           "label_instances"]
 
 
 @dataclass
@@ -61,6 +62,20 @@ def label_instances(prob: np.ndarray, threshold: float, mpp: float, min_area_um2
             out[sl][piece] = next_id
             next_id += 1
     return out, next_id - 1
+
+
+def filter_by_score(labels: np.ndarray, prob: np.ndarray, min_score: float) -> tuple[np.ndarray, list[float]]:
+    """Drop the glomeruli whose score (mean probability) is below ``min_score``; the relabelled image
+    (1..n again) and the kept scores. A tubule with a cast often passes the pixel threshold only in part
+    and faintly: its mean probability is lower than a glomerulus's."""
+    n = int(labels.max())
+    if n == 0:
+        return labels, []
+    means = np.asarray(ndi.mean(prob, labels, index=np.arange(1, n + 1)), dtype=np.float64)
+    keep = means >= min_score
+    lut = np.zeros(n + 1, np.int32)
+    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1)
+    return lut[labels], [float(m) for m in means[keep]]
 
 
 def instance_polygon(mask: np.ndarray, simplify_px: float) -> list[tuple[float, float]]:

@@ -70,6 +70,7 @@ class DetectSettings:
     min_area_um2: float = 1500.0
     split_min_distance_um: float = 60.0
     simplify_um: float = 1.5
+    min_score: float = 0.0  # findings with a lower mean probability are dropped
     max_object_um: float = 600.0  # a component taller than this is emitted even if it still grows
     thumbnail_px: int = 1024
     tissue_min_fraction: float = 0.01  # a tile is read when this much of it is tissue on the thumbnail
@@ -271,8 +272,9 @@ def detect_in_reader(reader: Any, predictor: Predictor, settings: DetectSettings
                 continue
             emit.append(i)
             strip.done[:h][sl] |= labels[sl] == i
-        found.extend(instances_from_labels(labels, prob, work_mpp, simplify_um=settings.simplify_um,
-                                           offset_xy=(bx0, by0 + strip.top * f), scale=f, ids=emit))
+        found.extend(i for i in instances_from_labels(labels, prob, work_mpp, simplify_um=settings.simplify_um,
+                                                      offset_xy=(bx0, by0 + strip.top * f), scale=f, ids=emit)
+                     if i.score >= settings.min_score)
         strip.shift(max(strip.top, min(new_top, fin)))
         t_post += time.perf_counter() - t0
 

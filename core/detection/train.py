@@ -34,7 +34,7 @@ from core.detection.data import (
     split_detector_data,
 )
 from core.detection.inference import Predictor, predict_image, resolve_device
-from core.detection.instances import label_instances
+from core.detection.instances import filter_by_score, label_instances
 from core.detection.model import (
     DetectorError,
     DetectorMeta,
@@ -45,7 +45,7 @@ from core.detection.scoring import ImageScore, gt_instances, score_image, summar
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DetectorRun", "dice_bce_loss", "evaluate_tiles", "train_detector"]
+__all__ = ["DetectorRun", "choose_postprocess", "dice_bce_loss", "evaluate_tiles", "train_detector"]
 
 
 @dataclass
@@ -73,17 +73,45 @@ def evaluate_tiles(predictor: Predictor, tiles: list[TileImage], post: dict[str,
     scores, preds, trues, probs = [], [], [], []
     for t in tiles:
         prob = predict_image(predictor, t.rgb, tile_px=tile_px, overlap_px=overlap_px)
-        labels, n = label_instances(prob, post.get("threshold", 0.5), mpp, post.get("min_area_um2", 0.0),
+        labels, _ = label_instances(prob, post.get("threshold", 0.5), mpp, post.get("min_area_um2", 0.0),
                                     post.get("split_min_distance_um", 60.0))
+        labels, pscores = filter_by_score(labels, prob, post.get("min_score", 0.0))
         # ground truth with the same minimum area: a sliver of a glomerulus cut by the tile border
         # is not something the detector is asked to report
         true = gt_instances(t.mask, min_px)
         scores.append(score_image(t.name, labels, true))
-        pscores = [float(prob[labels == i].mean()) for i in range(1, n + 1)]
         preds.append((labels, pscores))
         trues.append(true)
         probs.append(prob)
     return summarise(scores), scores, preds, trues, probs
+
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+MIN_SCORES = (0.0, 0.6, 0.7, 0.8, 0.85, 0.9)
+
+
+def choose_postprocess(probs: list[np.ndarray], masks: list[np.ndarray], post: dict[str, Any],
+                       mpp: float) -> tuple[dict[str, Any], dict[str, float]]:
+    """The pixel threshold and finding score threshold (``min_score``) with the best F1 on these
+    (validation) tiles, then the best Dice; ties go to the recipe's values. The minimum area stays the
+    recipe's: it also says which true glomeruli count. Returns (post-processing, its figures)."""
+    min_px = int(post.get("min_area_um2", 0) / (mpp * mpp))
+    trues = [gt_instances(m, min_px) for m in masks]
+    best_key, best = None, (dict(post), {})
+    for thr in THRESHOLDS:
+        labelled = [label_instances(p, thr, mpp, post.get("min_area_um2", 0.0), post.get("split_min_distance_um", 60.0))[0]
+                    for p in probs]
+        for ms in MIN_SCORES:
+            if 0 < ms <= thr:  # every finding's mean probability is above the pixel threshold already
+                continue
+            scores = [score_image(str(i), filter_by_score(lab, p, ms)[0], t)
+                      for i, (lab, p, t) in enumerate(zip(labelled, probs, trues))]
+            figs = summarise(scores)
+            key = (round(figs["f1"], 6), round(figs["dice"], 6), -abs(thr - post.get("threshold", 0.5)),
+                   -abs(ms - post.get("min_score", 0.0)))
+            if best_key is None or key > best_key:
+                best_key, best = key, (dict(post, threshold=thr, min_score=ms), figs)
+    return best
 
 
 def _seed(seed: int) -> None:
@@ -216,6 +244,14 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
     best, meta = load_detector(run_dir / "best", device)
     predictor = Predictor(best, meta, device, amp=t_cfg.amp)
     report: dict[str, Any] = {"best_epoch": best_epoch, "train_minutes": round((time.monotonic() - start) / 60, 2)}
+    if cfg.postprocess.tune and val_tiles:  # chosen on validation only; the test tiles are scored once, after
+        _, _, _, _, val_probs = evaluate_tiles(predictor, val_tiles, post)
+        post, chosen = choose_postprocess(val_probs, [t.mask for t in val_tiles], post, meta.mpp)
+        meta.threshold = post["threshold"]
+        meta.postprocess = post
+        report["postprocess_chosen"] = {"threshold": post["threshold"], "min_score": post["min_score"],
+                                        "val_f1": chosen["f1"], "val_dice": chosen["dice"]}
+        log.info("post-processing chosen on the validation tiles: %s", report["postprocess_chosen"])
     for part, tiles in (("val", val_tiles), ("test", test_tiles)):
         summary, _, preds, trues, _ = evaluate_tiles(predictor, tiles, post)
         summary.update(coco_ap(preds, trues))

@@ -1,0 +1,102 @@
+"""``glom cv-detector`` (k-fold over the real tiles) and the post-processing chosen on validation tiles."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from core.detection.config import load_detector_config
+from core.detection.cv import plan_tile_folds, run_detector_cv
+from core.detection.data import load_tiles
+from core.detection.instances import filter_by_score, label_instances
+from core.detection.model import DetectorError
+from core.detection.scoring import gt_instances
+from core.detection.train import choose_postprocess
+from tests.detector_fixtures import TILES, TILES_MPP
+
+NAMES = sorted(p.stem for p in (TILES / "images").glob("*.png"))
+
+
+def test_plan_tile_folds_tests_each_tile_once_and_keeps_parts_apart():
+    plan = plan_tile_folds(NAMES, 4, val_tiles=3, seed=0)
+    assert len(NAMES) == 24 and len(plan) == 4
+    tested = [n for p in plan for n in p["test_tiles"]]
+    assert sorted(tested) == NAMES  # every tile tested exactly once
+    for p in plan:
+        parts = [set(p["train_tiles"]), set(p["val_tiles"]), set(p["test_tiles"])]
+        assert sum(map(len, parts)) == len(NAMES) and set.union(*parts) == set(NAMES)
+        assert len(p["val_tiles"]) == 3 and len(p["test_tiles"]) == 6
+    assert plan == plan_tile_folds(NAMES, 4, val_tiles=3, seed=0)  # deterministic
+    assert plan != plan_tile_folds(NAMES, 4, val_tiles=3, seed=1)
+    with pytest.raises(DetectorError, match="cannot give 20 validation"):
+        plan_tile_folds(NAMES, 4, val_tiles=20)
+    with pytest.raises(DetectorError, match="at least 2"):
+        plan_tile_folds(NAMES, 1, val_tiles=3)
+
+
+def test_choose_postprocess_drops_a_faint_finding_on_a_real_tile():
+    tile = load_tiles(TILES, TILES_MPP, 2.0, ["10003"])[0]
+    prob = np.where(tile.mask, 0.95, 0.02).astype(np.float32)
+    from scipy import ndimage as ndi
+
+    far = ndi.distance_transform_edt(~tile.mask)
+    far[:30], far[-30:], far[:, :30], far[:, -30:] = 0, 0, 0, 0
+    cy, cx = np.unravel_index(int(far.argmax()), far.shape)  # tissue far from the glomerulus
+    assert far[cy, cx] > 40
+    yy, xx = np.mgrid[:prob.shape[0], :prob.shape[1]]
+    prob[(yy - cy) ** 2 + (xx - cx) ** 2 < 25 ** 2] = 0.62  # a faint "tubule with a cast"
+    post = {"threshold": 0.5, "min_area_um2": 1500.0, "split_min_distance_um": 60.0, "min_score": 0.0}
+    labels, n = label_instances(prob, 0.5, 2.0, 1500.0, 60.0)
+    assert n == 2
+    kept, scores = filter_by_score(labels, prob, 0.8)
+    assert kept.max() == 1 and len(scores) == 1 and scores[0] > 0.9
+    chosen, figs = choose_postprocess([prob], [tile.mask], post, 2.0)
+    assert figs["f1"] == 1.0 and figs["n_pred"] == 1
+    assert chosen["threshold"] > 0.62 or chosen["min_score"] > 0.62
+
+
+def test_cv_detector_two_folds_on_the_real_tiles(tmp_path):
+    cfg = load_detector_config("recipes/detector/cpu.yaml", [
+        f"output_dir={tmp_path}", "name=tiny", "mpp=2.0", "tile_size=128", f"data.tiles={TILES}",
+        "data.val_tiles=2", "data.crops_csv=", "train.epochs=1", "train.samples_per_epoch=8", "train.batch_size=4",
+        "train.max_minutes=0", "augment.paste_p=0", "postprocess.tune=true", "model.decoder_channels=[16,16,16,8,8]"])
+    res = run_detector_cv(cfg, 2, bootstrap=50, progress=False)
+    out = res.out_dir
+    assert out == tmp_path / "tiny-cv"
+    with (out / "per_tile.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["tile"] for r in rows) == NAMES  # each tile tested exactly once
+    folds = [json.loads((out / f"fold-{k}" / "split.json").read_text()) for k in range(2)]
+    assert set(folds[0]["test_tiles"]).isdisjoint(folds[1]["test_tiles"])
+    for k, sp in enumerate(folds):
+        assert set(sp["test_tiles"]).isdisjoint(set(sp["train_tiles"]) | set(sp["val_tiles"]))
+        assert set(sp["train_tiles"]).isdisjoint(sp["val_tiles"])
+        assert {r["tile"] for r in rows if r["fold"] == str(k)} == set(sp["test_tiles"])
+        assert (out / f"fold-{k}" / "best.safetensors").is_file()
+    assert len(list((out / "overlays").glob("*.png"))) == 24
+    # the pooled truth is every glomerulus of the 24 tiles at or above the minimum area, counted here anew
+    min_px = int(1500 / 4)
+    n_true = sum(int(gt_instances(t.mask, min_px).max()) for t in load_tiles(TILES, TILES_MPP, 2.0))
+    report = json.loads((out / "cv_report.json").read_text())
+    for which in ("fixed", "chosen"):
+        pooled = report["pooled"][which]
+        assert pooled["_pooled"]["n_true"] == n_true == 27
+        assert pooled["_pooled"]["images"] == 24
+        for k in ("f1", "dice", "precision", "recall"):
+            fig = pooled[k]
+            assert 0 <= fig["value"] <= 1
+            if fig["lo"] is not None:
+                assert fig["lo"] <= fig["hi"]
+    assert sum(int(r["true"]) for r in rows) == n_true
+    assert [f["fold"] for f in report["per_fold"]] == [0, 1]
+    assert all(f["postprocess"]["min_score"] is not None for f in report["per_fold"])
+    assert "| chosen on each fold's validation |" in (out / "cv_report.md").read_text()
+
+
+def test_cv_detector_refuses_a_fixed_split(tmp_path):
+    cfg = load_detector_config("recipes/detector/cpu.yaml", [f"output_dir={tmp_path}", "data.split_file=x.json"])
+    with pytest.raises(DetectorError, match="draws its own splits"):
+        run_detector_cv(cfg, 2, progress=False)
