@@ -199,22 +199,27 @@ def annotations_from_geojson(data: Any, *, source: str = "<geojson>") -> list[An
     return out
 
 
+def geojson_feature(a: Annotation, *, color: Sequence[int] | None = None, **properties: Any) -> dict:
+    """One QuPath annotation Feature: a Point, or a Polygon of the closed outline; classification
+    from the label (``color``, else a stable colour per class name); ``properties`` are added
+    (e.g. ``measurements={"score": 0.9}``)."""
+    if a.kind == "point":
+        geometry = {"type": "Point", "coordinates": list(_plain(a.vertices[0]))}
+    else:
+        ring = [list(_plain(v)) for v in a.vertices]
+        if ring[0] != ring[-1]:
+            ring.append(ring[0])
+        geometry = {"type": "Polygon", "coordinates": [ring]}
+    props: dict[str, Any] = {"objectType": "annotation"}
+    if a.label:
+        props["classification"] = {"name": a.label, "color": list(color) if color else _label_color(a.label)}
+    props.update(properties)
+    return {"type": "Feature", "id": str(uuid.uuid4()), "geometry": geometry, "properties": props}
+
+
 def to_geojson(annotations: Iterable[Annotation]) -> dict:
     """A QuPath-compatible FeatureCollection (annotations; classification from the label)."""
-    features = []
-    for a in annotations:
-        if a.kind == "point":
-            geometry = {"type": "Point", "coordinates": list(_plain(a.vertices[0]))}
-        else:
-            ring = [list(_plain(v)) for v in a.vertices]
-            if ring[0] != ring[-1]:
-                ring.append(ring[0])
-            geometry = {"type": "Polygon", "coordinates": [ring]}
-        props: dict[str, Any] = {"objectType": "annotation"}
-        if a.label:
-            props["classification"] = {"name": a.label, "color": _label_color(a.label)}
-        features.append({"type": "Feature", "id": str(uuid.uuid4()), "geometry": geometry, "properties": props})
-    return {"type": "FeatureCollection", "features": features}
+    return {"type": "FeatureCollection", "features": [geojson_feature(a) for a in annotations]}
 
 
 def write_geojson(annotations: Iterable[Annotation], path: str | Path) -> Path:

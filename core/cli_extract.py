@@ -17,7 +17,7 @@ from pathlib import Path
 from annotation_db.classes import ClassKeys
 from core.annotations import AnnotationFormatError, annotations_for_slide, read_annotations
 from core.extract import CropSettings, ExtractError, SlideTask, extract_crops
-from core.slide_crops import StoreRegistrar, prepare_dataset, with_class_keys
+from core.slide_crops import StoreRegistrar, check_outlines, prepare_dataset, with_class_keys
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,10 @@ def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.
         help="cut one crop per annotated glomerulus out of whole-slide images",
         description=(
             "Cut one crop per annotation (QuPath GeoJSON, ImageScope XML, ASAP XML, CSV) out of slides "
-            "OpenSlide reads, write PNG/JPEG files and register them in the store. Re-running skips "
-            "crops already written with the same slide, box and settings."
+            "OpenSlide reads, write PNG/JPEG files and register them in the store (--dataset), each "
+            "outline also as a box of its slide (source import:<file>; the Slide workspace shows it, the "
+            "detector trains on it). Re-running skips crops already written with the same slide, box and "
+            "settings, and stores no box twice."
         ),
     )
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (svs, ndpi, mrxs, scn, tiled TIFF, ...)")
@@ -70,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.
     if "--db" not in p._option_string_actions:  # the shared parent parser usually brings it
         p.add_argument("--db", help="store URL (default $GLOM_DB or sqlite:///data/glomlab.db)")
     p.add_argument("--stain", choices=("HE", "PAS", "other"), help="stain of the slides, stored with them")
-    p.add_argument("--annotator", default="wsi-import", help="who the annotation classes are recorded as")
+    p.add_argument("--annotator", default="wsi-import", help="who the annotation classes and outlines are recorded as")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_extract)
     return p
@@ -139,6 +141,7 @@ def run_extract(args: argparse.Namespace) -> int:
     if args.dataset:
         from annotation_db.db import open_store
 
+        check_outlines(a for t in tasks for a in t.annotations)  # a bad polygon stops the run before any crop
         Session = open_store(getattr(args, "db", None))  # noqa: N806
         classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
         args.out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +151,10 @@ def run_extract(args: argparse.Namespace) -> int:
             class_keys = ClassKeys.of(dataset)
         # Classes named by key or display name, in any case, are stored as keys.
         tasks = [replace(t, annotations=with_class_keys(t.annotations, class_keys)[0]) for t in tasks]
-        register = StoreRegistrar(Session, args.dataset, annotator=args.annotator, stain=args.stain)
+        # Each outline (polygon, rectangle, ellipse) becomes a box of its slide, with its crop.
+        outlines = {a.source: a for t in tasks for a in t.annotations if a.kind != "point"}
+        register = StoreRegistrar(Session, args.dataset, annotator=args.annotator, stain=args.stain,
+                                  outlines=outlines)
     else:
         log.warning("no --dataset: crops are written but not registered in the store")
     report = extract_crops(

@@ -4,8 +4,11 @@ What lies between the extraction engine (:mod:`core.extract`, which cuts files) 
 
 - :data:`SLIDE_CROP_SETTINGS`: how the apps cut a glomerulus (0.5 µm/px, 16 px margin), the one
   setting the labeling app's Slide workspace and the diagnosis viewer share.
-- :func:`slide_box_annotation` / :func:`boxes_to_geojson`: boxes drawn in the labeling app
-  (``SlideBox`` rows) as annotations, and as QuPath GeoJSON.
+- :func:`slide_box_annotation` / :func:`boxes_to_geojson` / :func:`export_boxes_geojson`: a
+  slide's glomeruli (``SlideBox`` rows: drawn, accepted, imported; their outline when they have
+  one) as annotations, and as QuPath GeoJSON with the detector's still-proposed findings.
+- :func:`check_outlines` / :func:`store_outlines`: the outlines of an annotation file as slide
+  boxes (source ``import:<file>``), which ``glom extract --dataset`` stores with their crops.
 - :func:`slide_annotations`: a slide's annotations from a file, else its drawn boxes.
 - :func:`with_class_keys`: annotation classes (key or display name, any case) as class keys, by
   the store's one rule (:class:`annotation_db.classes.ClassKeys`).
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -30,16 +33,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from annotation_db import store
-from annotation_db.boxes import list_boxes
+from annotation_db.boxes import OutlineError, add_box, list_boxes, outline_box, outline_ring
 from annotation_db.classes import GLOMERULUS_CLASSES, ClassKeys, schema_for, validate_classes
 from annotation_db.images import normalize_rel_path
-from annotation_db.models import Dataset, Image, Label, Slide, SlideBox
+from annotation_db.models import Dataset, GlomerulusProposal, Image, Label, Slide, SlideBox
 from core.annotations import (
     Annotation,
     AnnotationFormatError,
     annotations_for_slide,
+    geojson_feature,
     read_annotations,
-    to_geojson,
 )
 from core.extract import (
     CropJob,
@@ -54,30 +57,128 @@ from core.wsi import Box, SlideError, slide_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SLIDE_CROP_SETTINGS", "SlideCrop", "SlideCrops", "StoreRegistrar", "boxes_to_geojson",
-           "crop_into_dataset", "export_boxes_geojson", "prepare_dataset", "register_crops", "slide_annotations",
-           "slide_box_annotation", "with_class_keys"]
+__all__ = ["PROPOSED_CLASS", "SLIDE_CROP_SETTINGS", "SlideCrop", "SlideCrops", "StoreRegistrar", "boxes_to_geojson",
+           "check_outlines", "crop_into_dataset", "export_boxes_geojson", "prepare_dataset", "register_crops",
+           "slide_annotations", "slide_box_annotation", "store_outlines", "with_class_keys"]
 
 # Crops the apps cut: the resolution of the training crops, with a margin around the glomerulus.
 SLIDE_CROP_SETTINGS = CropSettings(mpp=0.5, pad_px=16)
 
 
-# --- boxes drawn in the labeling app -----------------------------------------------------------
+# --- a slide's glomeruli: boxes drawn, accepted or imported ------------------------------------
+
+PROPOSED_CLASS = "Glomerulus (proposed)"  # QuPath class of the detector's findings nobody decided yet
+PROPOSED_COLOR = (255, 152, 0)  # the workspace's colour for them
 
 
 def slide_box_annotation(box: SlideBox) -> Annotation:
-    """A box drawn in the labeling app as an annotation (source ``slide_box:<id>``)."""
+    """A slide box as an annotation (source ``slide_box:<id>``): its outline when it has one, else
+    its rectangle. Cropping it cuts the outline's bounds, i.e. the box."""
+    if box.polygon:
+        return Annotation("polygon", tuple((float(x), float(y)) for x, y in box.polygon), box.label,
+                          source=f"slide_box:{box.id}")
     return Annotation.rectangle(box.x0, box.y0, box.box_w, box.box_h, box.label, source=f"slide_box:{box.id}")
 
 
-def boxes_to_geojson(boxes: Iterable[SlideBox]) -> dict:
-    """QuPath GeoJSON FeatureCollection of ``boxes`` (rectangles; label -> classification)."""
-    return to_geojson(slide_box_annotation(b) for b in boxes)
+def boxes_to_geojson(boxes: Iterable[SlideBox], proposals: Iterable[GlomerulusProposal] = ()) -> dict:
+    """QuPath GeoJSON FeatureCollection (``objectType: annotation``) of a slide's glomeruli.
+
+    Each box is a Polygon of its outline when it has one, else of its rectangle; its class key is
+    the classification. Of ``proposals``, the still-proposed ones follow as class
+    :data:`PROPOSED_CLASS` with their outline and ``measurements.score``; an accepted one is
+    already there as the box accepting drew (once), or, its box gone, unclassified with its
+    score; rejected ones are left out (no glomerulus: they stay in the store as the detector's
+    hard negatives)."""
+    features = [geojson_feature(slide_box_annotation(b), source=b.source) for b in boxes]
+    for p in proposals:
+        if p.status == "rejected" or (p.status == "accepted" and p.slide_box_id is not None):
+            continue
+        label = PROPOSED_CLASS if p.status == "proposed" else None
+        ann = Annotation("polygon", tuple((float(x), float(y)) for x, y in p.polygon), label,
+                         source=f"proposal:{p.id}")
+        features.append(geojson_feature(ann, color=PROPOSED_COLOR, measurements={"score": round(p.score, 4)},
+                                        source=p.source))
+    return {"type": "FeatureCollection", "features": features}
 
 
-def export_boxes_geojson(session: Session, slide: Slide) -> dict:
-    """All boxes drawn on ``slide`` as a QuPath GeoJSON FeatureCollection."""
-    return boxes_to_geojson(list_boxes(session, slide))
+def export_boxes_geojson(session: Session, slide: Slide, dataset: Dataset | None = None, *,
+                         proposals: bool = True) -> dict:
+    """The glomeruli of ``slide`` (boxes drawn, accepted or imported) and, with ``proposals``, the
+    detector's proposals of ``dataset`` (any dataset when None) as QuPath GeoJSON
+    (:func:`boxes_to_geojson`)."""
+    found: list[GlomerulusProposal] = []
+    if proposals:
+        q = select(GlomerulusProposal).where(GlomerulusProposal.slide_id == slide.id)
+        if dataset is not None:
+            q = q.where(GlomerulusProposal.dataset_id == dataset.id)
+        found = list(session.scalars(q.order_by(GlomerulusProposal.score.desc(), GlomerulusProposal.id)))
+    return boxes_to_geojson(list_boxes(session, slide), found)
+
+
+# --- outlines of an annotation file as slide boxes ---------------------------------------------
+
+
+def _origin(a: Annotation) -> tuple[str, str]:
+    """(file name, place in the file) of an annotation a reader of :mod:`core.annotations` made."""
+    if "#" in a.source:
+        path, index = a.source.rsplit("#", 1)
+        what = "feature" if Path(path).suffix.lower() in (".geojson", ".json") else "annotation"
+        return Path(path).name, f"{what} {index}"
+    path, _, line = a.source.rpartition(":")
+    if path and line.isdigit():
+        return Path(path).name, f"line {line}"
+    return Path(a.source).name or "annotations", ""
+
+
+def _outline(a: Annotation) -> tuple[tuple[int, int, int, int], list[list[float]] | None]:
+    """(box, outline or None) of an annotation: a polygon's checked ring, a rectangle's or an
+    ellipse's bounding box alone (an ellipse is its inscribed ellipse wherever the box is used)."""
+    if a.kind == "polygon":
+        try:
+            ring = outline_ring(a.vertices)
+        except OutlineError as e:
+            file, where = _origin(a)
+            raise AnnotationFormatError(f"{file}: {where}: {e}") from None
+        return outline_box(ring), ring
+    return outline_box(a.vertices), None
+
+
+def check_outlines(annotations: Iterable[Annotation]) -> None:
+    """Raise :class:`AnnotationFormatError` naming the file and the feature (GeoJSON) / annotation
+    (XML) of the first polygon that is no simple polygon, before anything is cut or stored."""
+    for a in annotations:
+        if a.kind != "point":
+            _outline(a)
+
+
+def store_outlines(session: Session, slide: Slide, annotated: Iterable[tuple[Annotation, int | None]], *,
+                   created_by: str) -> int:
+    """Store the glomeruli of annotations read from a file as boxes of ``slide``: a polygon with its
+    outline, a rectangle or an ellipse as its box; points (no extent) are skipped. Each pair is an
+    annotation and the image it was cropped into (None: not cropped). Source ``import:<file
+    name>``, attributed to ``created_by``. Idempotent: a box of the slide with the same place and
+    outline is reused (and gets the crop if it had none), whoever drew it. Returns how many boxes
+    are new."""
+    existing = {(b.box, _ring_key(b.polygon)): b for b in list_boxes(session, slide)}
+    n_new = 0
+    for a, image_id in annotated:
+        if a.kind == "point":
+            continue
+        box, ring = _outline(a)
+        row = existing.get((box, _ring_key(ring)))
+        if row is None:
+            row = add_box(session, slide, box, created_by=created_by, label=a.label, polygon=ring,
+                          source=f"import:{_origin(a)[0]}")
+            existing[(row.box, _ring_key(ring))] = row
+            n_new += 1
+        if row.image_id is None and image_id is not None:
+            row.image_id = image_id
+    session.flush()
+    return n_new
+
+
+def _ring_key(ring: Sequence[Sequence[float]] | None) -> tuple | None:
+    return tuple((float(x), float(y)) for x, y in ring) if ring else None
 
 
 def slide_annotations(session: Session | None, slide_path: str | Path,
@@ -175,21 +276,31 @@ def register_crops(
 
 
 class StoreRegistrar:
-    """``register`` for :func:`core.extract.extract_crops`: each finished slide in its own transaction."""
+    """``register`` for :func:`core.extract.extract_crops`: each finished slide in its own transaction.
+
+    ``outlines``: the annotations by source (``Annotation.source``); those a crop was cut from are
+    stored as the slide's boxes with their outline and that crop (:func:`store_outlines`)."""
 
     def __init__(self, Session: sessionmaker, dataset_name: str, *, annotator: str,
-                 stain: str | None = None, source: str = "import:wsi") -> None:
+                 stain: str | None = None, source: str = "import:wsi",
+                 outlines: Mapping[str, Annotation] | None = None) -> None:
         self.Session = Session
         self.dataset_name = dataset_name
         self.annotator = annotator
         self.stain = stain
         self.source = source
+        self.outlines = dict(outlines or {})
 
     def __call__(self, info: SlideInfo, jobs: list[CropJob]) -> int:
         with self.Session() as s, s.begin():
             dataset = store.get_dataset(s, self.dataset_name)
-            _, n_new = register_crops(s, dataset, info, jobs, annotator=self.annotator, stain=self.stain,
-                                      source=self.source)
+            images, n_new = register_crops(s, dataset, info, jobs, annotator=self.annotator, stain=self.stain,
+                                           source=self.source)
+            pairs = [(self.outlines[src], image.id) for job, image in zip(jobs, images, strict=True)
+                     for src in job.sources if src in self.outlines]
+            if pairs:
+                slide = store.get_or_create_slide(s, info.name, path=str(info.path))
+                store_outlines(s, slide, pairs, created_by=self.annotator)
         return n_new
 
 
