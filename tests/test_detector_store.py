@@ -234,3 +234,28 @@ def test_train_detector_runs_on_stored_glomeruli(stored: SimpleNamespace, tmp_pa
     assert meta["training_data"]["n_store_windows"] == {"train": 6, "val": 1, "test": 0}  # a: 1, b: 1+1+3; c: 1
     assert json.loads((tmp_path / "stored" / "split.json").read_text())["store_val_slides"] == ["slide_c"]
     assert "val" in json.loads((tmp_path / "stored" / "report.json").read_text())
+
+
+def test_imported_and_drawn_outlines_are_the_mask_a_plain_box_its_ellipse(tmp_path: Path) -> None:
+    """A box with an outline (imported, drawn as one, accepted) trains on that outline; a plain box
+    on the ellipse inscribed in it."""
+    from annotation_db import store
+    from annotation_db.boxes import add_box
+    from annotation_db.db import open_store
+    from core.annotations import Annotation
+    from core.detection.config import DetectorStoreConfig
+    from core.detection.data import rasterise_glomeruli
+    from core.slide_crops import store_outlines
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    triangle = ((100.0, 100.0), (300.0, 100.0), (100.0, 300.0))
+    with open_store(url)() as s, s.begin():
+        sl = store.get_or_create_slide(s, "biopsy", mpp=0.5)
+        store_outlines(s, sl, [(Annotation("polygon", triangle, source="qupath.geojson#0"), None)], created_by="dr_q")
+        add_box(s, sl, (400, 100, 200, 200), created_by="dr_a")
+    (slide,) = read_stored_slides(DetectorStoreConfig(db=url))
+    imported, plain = slide.glomeruli
+    assert imported.polygon == list(triangle) and imported.box == (100, 100, 200, 200) and plain.polygon is None
+    mask = rasterise_glomeruli(slide.glomeruli, (0, 0, 800, 400), 0.5, 400)
+    assert mask[60, 60] and not mask[140, 140]  # inside the triangle, beyond its hypotenuse
+    assert mask[100, 250] and not mask[55, 205]  # the plain box's ellipse: its centre, not its corner

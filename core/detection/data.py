@@ -6,7 +6,7 @@
   places, sizes and orientations, so the model sees glomeruli anywhere in a tile, several at a
   time, touching the border, and not only the tiles' own 28.
 
-- Glomeruli stored on slides (``data.store``: boxes drawn in the app and accepted proposals) are
+- Glomeruli stored on slides (``data.store``: boxes drawn in the app, imported outlines, accepted proposals) are
   read through OpenSlide at the working resolution as windows around them, around rejected
   proposals (hard negatives) and elsewhere on the tissue of fully reviewed slides; the windows
   join the tiles (:func:`load_store_windows`; the rules are in docs/DETECTION.md).
@@ -262,9 +262,10 @@ def _safe_url(url: str) -> str:
 def read_stored_slides(st: DetectorStoreConfig) -> list[StoredSlide]:
     """Slides of the store at ``st.db`` with a stored glomerulus or a rejected proposal, by name.
 
-    Glomeruli are the slide's drawn boxes (an accepted proposal's box included: it is drawn when
-    accepted, and then carries the proposal's polygon) and accepted proposals whose box is gone.
-    ``st.datasets`` restricts the proposals (boxes belong to no dataset); ``st.slides`` the slides.
+    Glomeruli are the slide's boxes (drawn, imported from annotation files, or drawn by accepting a
+    proposal), each with its outline when it has one (``SlideBox.polygon``: drawn as an outline,
+    imported, or the accepted proposal's), and accepted proposals whose box is gone. ``st.datasets``
+    restricts the proposals (boxes belong to no dataset); ``st.slides`` the slides.
     """
     from sqlalchemy import select
     from sqlalchemy.engine import make_url
@@ -304,11 +305,9 @@ def read_stored_slides(st: DetectorStoreConfig) -> list[StoredSlide]:
             props = list(s.scalars(q.order_by(GlomerulusProposal.id)))
             boxes = list(s.scalars(select(SlideBox).where(SlideBox.slide_id == sl.id).order_by(SlideBox.id)))
             accepted = [p for p in props if p.status == "accepted"]
-            by_box = {p.slide_box_id: p for p in accepted if p.slide_box_id is not None}
             glomeruli = []
-            for b in boxes:
-                p = by_box.get(b.id)
-                poly = [(float(x), float(y)) for x, y in p.polygon] if p is not None and len(p.polygon or []) >= 3 else None
+            for b in boxes:  # an outline when there is one; a plain rectangle becomes its inscribed ellipse
+                poly = [(float(x), float(y)) for x, y in b.polygon] if len(b.polygon or []) >= 3 else None
                 glomeruli.append(StoredGlomerulus(b.box, poly, f"box:{b.id}"))
             box_ids = {b.id for b in boxes}
             for p in accepted:
