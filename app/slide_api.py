@@ -12,7 +12,8 @@ cannot read (a message naming the slide, never a traceback).
     GET  /api/slides/dzi?slide&t                       the .dzi descriptor (JPEG tiles)
     GET  /api/slides/tile/{level}/{col}_{row}.jpeg?slide&t
     GET  /api/slides/overlays?slide&t&x&y&w&h[&dataset] FeatureCollection in the level-0 rectangle
-    POST /api/slides/boxes?slide&t  {"box": [x, y, w, h], "label": key|null}   a drawn glomerulus
+    POST /api/slides/boxes?slide&t  {"box": [x, y, w, h] | "polygon": [[x, y], ...], "label": key|null}
+                                                       a drawn glomerulus: a box or an outline
     DELETE /api/slides/boxes/{id}?slide&t              remove a drawn box not cropped yet
     GET  /api/slides/proposals?slide&t[&dataset]       the detector's proposals, best score first
     POST /api/slides/proposals/{id}?slide&t  {"action": "accept"|"reject"|"undo"|"fix", "label", "box"}
@@ -153,17 +154,19 @@ def _rect(request: Request) -> tuple[int, int, int, int]:
     return x, y, w, h
 
 
-def _feature(layer: str, box: tuple[int, int, int, int], props: dict) -> dict:
+def _feature(layer: str, box: tuple[int, int, int, int], props: dict, outline: list | None = None) -> dict:
+    """A Polygon feature: ``outline`` (an open level-0 ring; ``properties.outline`` says so) or the box."""
     x, y, w, h = box
-    ring = [[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]
+    ring = [*outline, outline[0]] if outline else [[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]
     return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {"layer": layer, "box": [x, y, w, h], **props}}
+            "properties": {"layer": layer, "box": [x, y, w, h], "outline": bool(outline), **props}}
 
 
 def overlay_features(session, name: str, rect: tuple[int, int, int, int], limit: int = MAX_FEATURES,
                      dataset_id: int | None = None) -> dict:
     """The overlays of slide ``name`` that meet the level-0 ``rect``: drawn boxes (layer
-    ``drawn``), cropped glomeruli (layer ``glomeruli``, with their label and predicted class) and
+    ``drawn``; a box with an outline as that Polygon), cropped glomeruli (layer ``glomeruli``, with
+    their label and predicted class; the outline of the box they were cut from, if any) and
     the detector's proposals (layer ``proposals``: polygon, score, status, reviewer; of
     ``dataset_id`` when given), plus ``counts`` per layer over the whole slide (the legend)."""
     from annotation_db.models import (
@@ -192,18 +195,24 @@ def overlay_features(session, name: str, rect: tuple[int, int, int, int], limit:
     ids = [i.id for i in images[:limit]]
     labels: dict[int, str] = {}
     predicted: dict[int, str] = {}
+    outlines: dict[int, list] = {}
     if ids:
         for lab in session.scalars(select(Label).where(Label.image_id.in_(ids)).order_by(Label.updated_at)):
             if lab.classes:
                 labels[lab.image_id] = lab.classes[0]  # the latest label wins on the map
         for pred in session.scalars(select(Prediction).where(Prediction.image_id.in_(ids)).order_by(Prediction.id)):
             predicted[pred.image_id] = pred.predicted
+        for image_id, ring in session.execute(select(SlideBox.image_id, SlideBox.polygon).where(
+                SlideBox.image_id.in_(ids), SlideBox.polygon.is_not(None))):
+            outlines[image_id] = ring
     for b in drawn[:limit]:
         if b.image_id is None:  # a cropped box shows as its glomerulus
-            out["features"].append(_feature("drawn", b.box, {"id": b.id, "label": b.label, "by": b.created_by}))
+            out["features"].append(_feature("drawn", b.box, {"id": b.id, "label": b.label, "by": b.created_by,
+                                                             "source": b.source}, b.polygon))
     for i in images[:limit]:
         out["features"].append(_feature("glomeruli", (i.x0, i.y0, i.box_w, i.box_h),
-                                        {"id": i.id, "label": labels.get(i.id), "predicted": predicted.get(i.id)}))
+                                        {"id": i.id, "label": labels.get(i.id), "predicted": predicted.get(i.id)},
+                                        outlines.get(i.id)))
     n_drawn = session.scalar(select(func.count()).select_from(SlideBox)
                              .where(SlideBox.slide_id == slide.id, SlideBox.image_id.is_(None)))
     n_glom = session.scalar(select(func.count()).select_from(Image).where(Image.slide_id == slide.id, Image.x0.is_not(None)))
@@ -249,30 +258,36 @@ def overlays(request: Request) -> Response:
 
 
 async def add_box(request: Request) -> Response:
-    """A glomerulus drawn in the workspace: stored at once, attributed to the token's user."""
+    """A glomerulus drawn in the workspace, as a box or as an outline: stored at once, attributed
+    to the token's user."""
     from starlette.concurrency import run_in_threadpool
 
     name = request.query_params.get("slide", "")
     try:
         _, user = _authorised(request)
         body = json.loads(await request.body() or b"{}")
-        box, label = body.get("box"), body.get("label") or None
-        if not (isinstance(box, list) and len(box) == 4):
-            raise ValueError('body must be {"box": [x, y, w, h], "label": key or null}')
+        if not isinstance(body, dict):
+            raise ValueError('body must be a JSON object: {"box": [x, y, w, h]} or {"polygon": [[x, y], ...]}')
+        box, label, polygon = body.get("box"), body.get("label") or None, body.get("polygon")
+        if polygon is None and not (isinstance(box, list) and len(box) == 4):
+            raise ValueError('body must be {"box": [x, y, w, h]} or {"polygon": [[x, y], ...]} (level-0 px), '
+                             'with "label": key or null')
         path = tile_service().resolve(name)
-        box_id = await run_in_threadpool(_store_box, path, box, label, user)
+        box_id = await run_in_threadpool(_store_box, path, box, label, user, polygon)
     except Exception as e:  # noqa: BLE001 - every error becomes a status and a message
         return _error(e, name, store="written", doing="adding a box to")
     return JSONResponse({"id": box_id}, status_code=201)
 
 
-def _store_box(path: Path, box: list, label: str | None, user: str) -> int:
+def _store_box(path: Path, box: list | None, label: str | None, user: str, polygon: list | None = None) -> int:
     from annotation_db import boxes as box_store
     from annotation_db import store
     from core.extract import clip_box
 
     svc = tile_service()
     tiles = svc.slide(str(path.relative_to(svc.root)))
+    if polygon is not None:
+        return _store_outline(path, tiles, polygon, label, user)
     try:
         drawn = tuple(round(float(v)) for v in box)
     except (TypeError, ValueError):
@@ -286,6 +301,26 @@ def _store_box(path: Path, box: list, label: str | None, user: str) -> int:
     with _sessionmaker()() as s, s.begin():
         slide = store.get_or_create_slide(s, slide_name(path), path=str(path), mpp=tiles.slide.mpp)
         return box_store.add_box(s, slide, clipped, created_by=user, label=label).id
+
+
+def _store_outline(path: Path, tiles, polygon, label: str | None, user: str) -> int:
+    """Store an outline drawn in the workspace (its box is its bounds). A vertex clicked just past
+    the slide's edge is moved onto it; an outline wholly off the slide is refused."""
+    from annotation_db import boxes as box_store
+    from annotation_db import store
+    from core.extract import clip_box
+
+    try:
+        ring = box_store.outline_ring(polygon)
+    except box_store.OutlineError as e:
+        raise ValueError(f"slide {slide_name(path)}: {e}") from None
+    width, height = tiles.slide.dimensions
+    if clip_box(box_store.outline_box(ring), (width, height)) is None:
+        raise ValueError(f"the outline lies wholly off the slide ({width}×{height} px)")
+    ring = [[min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height))] for x, y in ring]
+    with _sessionmaker()() as s, s.begin():
+        slide = store.get_or_create_slide(s, slide_name(path), path=str(path), mpp=tiles.slide.mpp)
+        return box_store.add_box(s, slide, None, polygon=ring, created_by=user, label=label).id
 
 
 def remove_box(session, name: str, box_id: int, user: str) -> dict:

@@ -10,11 +10,24 @@ the first request for each tile (fresh server cache), *warm* the same tiles agai
 LRU; a browser would not even ask, thanks to Cache-Control). The tiles: every tile of the three
 finest levels, up to ``--tiles``, in a seeded random order. Figures: p50/p95 in ms and the ratio
 ours / baseline (goals: cold ≤ 1.3×, warm ≤ 0.2×).
+
+Two more rows, same client, same tiles:
+
+* *floor*: the least an HTTP answer costs here: a one-line async Starlette route on the same
+  uvicorn settings returning prepared JPEG bytes (each tile's own, encoded beforehand), so no
+  token, no lookup, no decoding. What ours adds over the bare loop can't be less than this.
+* *the app*: the same requests to the real labeling app (``streamlit run app/asgi.py``, Streamlit's
+  own uvicorn server and middleware around the ``st.App`` routes), in a subprocess on a free
+  port, the token signed with a shared ``$GLOM_TILE_SECRET``. ``--no-app`` leaves it out.
+
+uvicorn picks its HTTP parser (httptools when installed, else h11) and event loop (uvloop when
+installed) as Streamlit's server does; the line above the table says which ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import random
@@ -39,6 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--slide", default=str(REPO.parent / "shared" / "data" / "wsi" / "cmu-1-small-region.svs"))
     ap.add_argument("--tiles", type=int, default=120)
+    ap.add_argument("--no-app", action="store_true", help="skip the rows of the real app (streamlit run app/asgi.py)")
     args = ap.parse_args()
 
     import httpx
@@ -46,6 +60,8 @@ def main() -> None:
     import uvicorn
     from openslide.deepzoom import DeepZoomGenerator
     from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
 
     from core.tile_service import (
         JPEG_QUALITY,
@@ -60,6 +76,7 @@ def main() -> None:
     shutil.copy(args.slide, root / name)
     os.environ["GLOM_SLIDES_DIR"] = str(root)
     os.environ["GLOM_DB"] = f"sqlite:///{root / 'bench.db'}"
+    os.environ["GLOM_TILE_SECRET"] = "bench-" + os.urandom(8).hex()  # the app subprocess checks our tokens
     from app import slide_api
 
     dz = DeepZoomGenerator(openslide.OpenSlide(str(root / name)), tile_size=TILE_SIZE, overlap=TILE_OVERLAP,
@@ -70,25 +87,39 @@ def main() -> None:
     coords = coords[: args.tiles]
 
     bare = []
+    prepared = {}
     for lv, c, r in coords:
         t0 = time.perf_counter()
-        encode_jpeg(dz.get_tile(lv, (c, r)), JPEG_QUALITY)
+        prepared[lv, c, r] = encode_jpeg(dz.get_tile(lv, (c, r)), JPEG_QUALITY)
         bare.append(time.perf_counter() - t0)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=slide_api.routes()), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
+    async def floor_tile(request):  # the overhead floor: prepared bytes, nothing else
+        p = request.path_params
+        return Response(prepared[p["level"], p["col"], p["row"]], media_type="image/jpeg")
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def serve(app) -> tuple[uvicorn.Server, int]:
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        threading.Thread(target=server.run, daemon=True).start()
+        while not server.started:
+            time.sleep(0.05)
+        return server, port
+
+    server, port = serve(Starlette(routes=slide_api.routes()))
+    floor, floor_port = serve(Starlette(routes=[
+        Route("/api/slides/tile/{level:int}/{col:int}_{row:int}.jpeg", floor_tile)]))
     token = sign_token("bench", name)
     slide_api.tile_service().slide(name)  # open the handle (once per process) outside the timing
 
-    def run() -> list[float]:
+    def run(port: int) -> list[float]:
         out = []
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            client.get("/api/slides/dzi", params={"slide": name, "t": token})  # connect, open the slide
             for lv, c, r in coords:
                 t0 = time.perf_counter()
                 resp = client.get(f"/api/slides/tile/{lv}/{c}_{r}.jpeg", params={"slide": name, "t": token})
@@ -96,17 +127,50 @@ def main() -> None:
                 out.append(time.perf_counter() - t0)
         return out
 
-    cold = run()
-    warm = run()
-    server.should_exit = True
+    rows = [("bare get_tile + JPEG", bare), ("HTTP floor: async route, prepared bytes", run(floor_port))]
+    rows += [("HTTP, cold (first request)", run(port)), ("HTTP, warm (LRU)", run(port))]
+    server.should_exit = floor.should_exit = True
+    if not args.no_app:
+        rows += app_rows(root, run)
     shutil.rmtree(root, ignore_errors=True)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"openslide {openslide.__library_version__}; slide {name}, {len(coords)} tiles of the 3 finest levels")
+          f"openslide {openslide.__library_version__}; slide {name}, {len(coords)} tiles of the 3 finest levels; "
+          f"uvicorn {uvicorn.__version__}, HTTP parser {server.config.http_protocol_class.__name__}, "
+          f"event loop {'uvloop' if importlib.util.find_spec('uvloop') else 'asyncio'}; load average {os.getloadavg()[0]:.2f}")
     print("| path | p50 ms | p95 ms | p50 ratio to bare | p95 ratio to bare |")
     print("| --- | ---: | ---: | ---: | ---: |")
     b50, b95 = pct(bare, .5), pct(bare, .95)
-    for label, xs in [("bare get_tile + JPEG", bare), ("HTTP, cold (first request)", cold), ("HTTP, warm (LRU)", warm)]:
+    for label, xs in rows:
         print(f"| {label} | {pct(xs, .5):.2f} | {pct(xs, .95):.2f} | {pct(xs, .5) / b50:.2f}× | {pct(xs, .95) / b95:.2f}× |")
+
+
+def app_rows(root: Path, run) -> list[tuple[str, list[float]]]:
+    """Cold and warm tiles from the real app: ``streamlit run app/asgi.py`` on the same slides folder."""
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (root / "app.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app" / "asgi.py"),
+                             "--server.port", str(port), "--server.headless", "true",
+                             "--browser.gatherUsageStats", "false"], cwd=REPO, env=dict(os.environ),
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise SystemExit(f"the app stopped: see {root / 'app.log'}") from None
+                time.sleep(0.25)
+        return [("app (streamlit run app/asgi.py), cold", run(port)), ("app, warm (LRU)", run(port))]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
 
 
 if __name__ == "__main__":

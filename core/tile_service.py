@@ -93,11 +93,11 @@ class TileCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, key: tuple) -> bytes | None:
+    def get(self, key: tuple, *, count_miss: bool = True) -> bytes | None:
         with self._lock:
             data = self._items.get(key)
             if data is None:
-                self.misses += 1
+                self.misses += count_miss
                 return None
             self._items.move_to_end(key)
             self.hits += 1
@@ -142,6 +142,9 @@ class TileService:
         self.overlap = overlap
         self.cache = TileCache(cache_bytes)
         self._slides: dict[Path, DeepZoomTiles] = {}
+        # names already resolved and opened -> the resolved path's text (the cache key's first part):
+        # cached_tile() answers a repeated tile of such a name without touching the disk
+        self._named: dict[str, str] = {}
         self._lock = threading.Lock()
         self.opened = 0  # slide handles opened (tests: once per slide per process)
 
@@ -169,6 +172,7 @@ class TileService:
                 tiles = DeepZoomTiles(reader, tile_size=self.tile_size, overlap=self.overlap)
                 self._slides[path] = tiles
                 self.opened += 1
+            self._named[name] = str(path)
             return tiles
 
     def info(self, name: str) -> SlideInfo:
@@ -182,10 +186,17 @@ class TileService:
         """The ``.dzi`` descriptor of slide ``name``, announcing JPEG tiles."""
         return self.slide(name).generator.get_dzi("jpeg")
 
+    def cached_tile(self, name: str, level: int, col: int, row: int) -> bytes | None:
+        """The tile's JPEG bytes if the LRU holds them, else None; no disk access, no decoding (the
+        routes answer these inline). Only a name :meth:`slide` resolved and opened before can hit:
+        its handle stays open for the process, so its tiles are those of the file confined then."""
+        path = self._named.get(name)
+        return None if path is None else self.cache.get((path, level, col, row), count_miss=False)
+
     def tile(self, name: str, level: int, col: int, row: int) -> bytes:
         """JPEG bytes of tile ``(col, row)`` of Deep Zoom level ``level`` of slide ``name``."""
         tiles = self.slide(name)
-        key = (str(tiles.slide.path), level, col, row)
+        key = (self._named[name], level, col, row)
         data = self.cache.get(key)
         if data is not None:
             return data
@@ -231,9 +242,26 @@ def sign_token(user: str, slide: str, *, now: float | None = None) -> str:
     return f"{_b64(payload)}.{_b64(mac)}"
 
 
+_VERIFIED: dict[tuple[str, str, bytes], tuple[str, int]] = {}  # (token, slide, key) -> (user, expires)
+_VERIFIED_MAX = 4096
+
+
 def check_token(token: str | None, slide: str, *, now: float | None = None) -> str:
-    """The user a valid token for ``slide`` was signed for; :class:`TokenError` otherwise."""
+    """The user a valid token for ``slide`` was signed for; :class:`TokenError` otherwise. A token
+    verified once is remembered (with its expiry, checked on every use) so the tile requests that
+    repeat it skip the HMAC; a forged or expired one is never remembered."""
     now = time.time() if now is None else now
+    known = _VERIFIED.get((token, slide, _secret())) if token else None
+    if known is not None and known[1] >= now:
+        return known[0]
+    user, expires = _verify(token, slide, now)
+    if len(_VERIFIED) >= _VERIFIED_MAX:
+        _VERIFIED.clear()  # a bound, not an LRU: tokens change hourly, a refill costs one HMAC each
+    _VERIFIED[(token, slide, _secret())] = (user, expires)
+    return user
+
+
+def _verify(token: str | None, slide: str, now: float) -> tuple[str, int]:
     refused = TokenError("sign in to the labeling app to see this slide (missing, invalid or expired link)")
     if not token or "." not in token:
         raise refused
@@ -245,13 +273,13 @@ def check_token(token: str | None, slide: str, *, now: float | None = None) -> s
     if not hmac.compare_digest(hmac.new(_secret(), payload, hashlib.sha256).digest()[:18], given):
         raise refused
     try:
-        user, token_slide, expires = payload.decode().split("\n")
-        expired = int(expires) < now
+        user, token_slide, expires_text = payload.decode().split("\n")
+        expires = int(expires_text)
     except ValueError:
         raise refused from None
-    if expired or token_slide != slide or not user:
+    if expires < now or token_slide != slide or not user:
         raise refused
-    return user
+    return user, expires
 
 
 # Re-exported for the routes: these name the slide and say what is wrong with it.

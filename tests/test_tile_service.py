@@ -150,6 +150,55 @@ def test_tokens_open_one_slide_for_one_user(monkeypatch):
         check_token(t, SLIDE, now=1_000_000)
 
 
+def test_a_verified_token_is_remembered_until_it_expires(monkeypatch):
+    """Tile requests repeat one token: verified once (HMAC), then remembered with its expiry. A
+    forged token is never remembered, an expired one is refused though remembered, and a token is
+    remembered per key ($GLOM_TILE_SECRET) and per slide."""
+    import hmac as hmac_module
+
+    from core import tile_service
+
+    monkeypatch.setenv("GLOM_TILE_SECRET", "remember key")
+    monkeypatch.setattr(tile_service, "_VERIFIED", {})
+    t = sign_token("ana", SLIDE, now=2_000_000)
+    assert check_token(t, SLIDE, now=2_000_000) == "ana"
+    with pytest.raises(TokenError):
+        check_token(t[:-2] + "AA", SLIDE, now=2_000_000)
+    assert list(tile_service._VERIFIED) == [(t, SLIDE, b"remember key")]
+
+    def no_hmac(*a, **k):
+        raise AssertionError("a remembered token was verified again")
+
+    with monkeypatch.context() as m:
+        m.setattr(hmac_module, "new", no_hmac)
+        assert check_token(t, SLIDE, now=2_000_000 + 3000) == "ana"  # no HMAC this time
+        with pytest.raises(AssertionError):
+            check_token(t, "other.svs", now=2_000_000)  # another slide is checked in full
+    with pytest.raises(TokenError):
+        check_token(t, SLIDE, now=2_000_000 + 3 * 3600)  # remembered, but expired
+    with pytest.raises(TokenError):
+        check_token(t, "other.svs", now=2_000_000)
+
+
+def test_cached_tiles_are_answered_without_the_disk_only_for_names_opened(slides: Path):
+    svc = TileService(slides)
+    top = svc.slide(SLIDE).level_count - 1
+    assert TileService(slides).cached_tile(SLIDE, top, 0, 0) is None  # nothing opened, nothing cached
+    assert svc.cached_tile(SLIDE, top, 0, 0) is None and svc.cache.misses == 0  # a peek counts no miss
+    data = svc.tile(SLIDE, top, 0, 0)
+    assert svc.cached_tile(SLIDE, top, 0, 0) is data
+    # the link inside the root is its own name: a hit only once that name was opened itself
+    assert svc.cached_tile("sub/again.svs", top, 0, 0) is None
+    assert svc.tile("sub/again.svs", top, 0, 0) is data  # same file, same cache entry
+    assert svc.cached_tile("sub/again.svs", top, 0, 0) is data
+    for name in ["escape.svs", "../private/patient.svs", "./" + SLIDE, ""]:
+        assert svc.cached_tile(name, top, 0, 0) is None
+    (slides / SLIDE).unlink()  # the open handle keeps serving what it confined; new names are refused
+    assert svc.cached_tile(SLIDE, top, 0, 0) is data
+    with pytest.raises(TileNotFound):
+        svc.tile(SLIDE, top, 1, 0)
+
+
 @pytest.fixture
 def client(slides: Path, tmp_path: Path, monkeypatch):
     from app import slide_api
@@ -189,6 +238,28 @@ def test_routes_serve_tiles_with_cache_headers_and_refuse_the_rest(client, slide
     r = client.get("/api/slides/vendor/openseadragon.min.js")
     assert r.status_code == 200 and "OpenSeadragon" in r.text[:2000]
     assert client.get("/api/slides/vendor/LICENSE.txt").status_code == 200
+
+
+def test_a_repeated_tile_is_answered_from_the_cache_on_the_event_loop(client, monkeypatch):
+    """The tile route sends a miss to a worker thread; a repeat comes from the LRU, the same bytes,
+    without calling TileService.tile (no decoding, no disk)."""
+    from app import slide_api
+
+    t = sign_token("ana", SLIDE)
+    first = client.get("/api/slides/tile/10/0_0.jpeg", params={"slide": SLIDE, "t": t})
+    assert first.status_code == 200
+    svc = slide_api.tile_service()
+
+    def no_decoding(*a, **k):
+        raise AssertionError("a cached tile went through TileService.tile")
+
+    monkeypatch.setattr(svc, "tile", no_decoding)
+    again = client.get("/api/slides/tile/10/0_0.jpeg", params={"slide": SLIDE, "t": t})
+    assert again.status_code == 200 and again.content == first.content
+    assert again.headers["cache-control"] == first.headers["cache-control"] == slide_api.TILE_CACHE_CONTROL
+    r = client.get("/api/slides/tile/10/1_0.jpeg", params={"slide": SLIDE, "t": t})  # a miss: decoded
+    assert r.status_code == 500 and "internal error" in r.text  # (by the stub: misses do reach TileService.tile)
+    assert client.get("/api/slides/tile/10/0_0.jpeg", params={"slide": SLIDE, "t": "forged"}).status_code == 403
 
 
 def test_overlays_per_viewport_and_drawn_boxes_attributed(client, tmp_path):
@@ -362,3 +433,37 @@ def test_a_failing_store_is_a_503_that_says_read_or_written(client):
     for r in writes:
         assert (r.status_code, r.text) == (503, "the annotation store could not be written"), r.text
     assert client.get("/api/slides/tile/9/0_0.jpeg", params=q).status_code == 200
+
+
+def test_an_outline_drawn_in_the_workspace_is_stored_and_drawn_back_as_its_polygon(client):
+    """POST /boxes with a polygon: stored with its points (a vertex past the slide's edge moved onto
+    it), the box is its bounds, the overlay gives it back as that Polygon; a crossed or degenerate
+    outline is a 400 saying what is wrong, and stores nothing."""
+    t = sign_token("ana", SLIDE)
+    q = {"slide": SLIDE, "t": t}
+    ring = [[300, 200], [420, 230], [440, 330], [350, 380], [280, 300]]
+    r = client.post("/api/slides/boxes", params=q, json={"polygon": ring, "label": None})
+    assert r.status_code == 201, r.text
+    edge = client.post("/api/slides/boxes", params=q, json={"polygon": [[2100, 10], [2230, 40], [2150, 120]]})
+    assert edge.status_code == 201, edge.text  # 2230 is past the 2220 px edge
+    for bad, says in [([[0, 0], [100, 100], [100, 0], [0, 120]], "no simple polygon (Self-intersection"),
+                      ([[0, 0], [10, 10]], "at least 3 distinct points"),
+                      ([[0, 0], [10, "x"], [0, 10]], "point 1 is not [x, y] numbers"),
+                      ("10,10 20,20", "a list of [x, y] points"),
+                      ([[9000, 9000], [9100, 9000], [9000, 9100]], "wholly off the slide")]:
+        r = client.post("/api/slides/boxes", params=q, json={"polygon": bad})
+        assert r.status_code == 400 and says in r.text, (bad, r.text)
+    assert client.post("/api/slides/boxes", params=q, json=[1, 2]).status_code == 400
+    engine = create_store_engine(client.store_url)
+    with make_sessionmaker(engine)() as s:
+        rows = s.scalars(select(SlideBox).order_by(SlideBox.id)).all()
+        assert [(r.polygon, r.box, r.created_by, r.source) for r in rows] == [
+            (ring, (280, 200, 160, 180), "ana", "drawn"),
+            ([[2100, 10], [2220, 40], [2150, 120]], (2100, 10, 120, 110), "ana", "drawn")]
+    engine.dispose()
+    body = client.get("/api/slides/overlays", params={**q, "x": 0, "y": 0, "w": 600, "h": 600}).json()
+    (f,) = body["features"]
+    assert f["properties"]["outline"] and f["properties"]["box"] == [280, 200, 160, 180]
+    assert f["geometry"] == {"type": "Polygon", "coordinates": [[*ring, ring[0]]]}
+    gone = client.delete(f"/api/slides/boxes/{f['properties']['id']}", params=q)  # deleted like a box
+    assert gone.status_code == 200 and body["counts"]["drawn"] == 2
