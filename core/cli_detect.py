@@ -15,7 +15,6 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
 
 from annotation_db.db import StoreError
 from core.errors import GlomError
@@ -78,65 +77,36 @@ def _cmd_cv_detector(args: argparse.Namespace) -> int:
 
 # --- glom detect ----------------------------------------------------------------------------------
 
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(checkpoint: str, device: str, threads: int) -> None:
-    import torch
-
-    from core.detection.inference import Predictor, resolve_device
-    from core.detection.model import load_detector
-
-    if threads:
-        torch.set_num_threads(threads)
-    dev = resolve_device(device)
-    model, meta = load_detector(checkpoint, dev)
-    _WORKER["predictor"] = Predictor(model, meta, dev)
-
-
-def _worker_detect(slide: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    from core.detection.slides import detect_slide
-
-    det, out = detect_slide(slide, _WORKER["predictor"], **kwargs)
-    return {"slide": slide, "n": len(det.instances), "skipped": det.skipped, "out": str(out),
-            "seconds": det.seconds, "tiles": det.tiles_read}
-
-
-def _store_proposals(args: argparse.Namespace, slide: str, out: str) -> int:
-    from annotation_db.db import open_store
-    from annotation_db.proposals import replace_proposals
-    from core.detection.slides import _instances_from_doc
-    from core.wsi import slide_name
-
-    doc = json.loads(Path(out).read_text())
-    Session = open_store(args.db)
-    with Session() as s, s.begin():
-        return replace_proposals(s, args.dataset, slide_name(slide), _instances_from_doc(doc),
-                                 source=f"model:{Path(args.checkpoint).with_suffix('').name}",
-                                 checkpoint_sha256=doc["glomlab"]["checkpoint_sha256"],
-                                 slide_path=str(Path(slide).resolve()))
-
-
 def _cmd_detect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from annotation_db.db import open_store, resolve_url
     from core.checkpoint import CheckpointError
     from core.detection.inference import resolve_device
     from core.detection.model import read_detector_meta
+    from core.detection.slide_job import (
+        DetectJob,
+        SlideOutcome,
+        describe,
+        detect_and_store,
+    )
     from core.detection.slides import (
         DetectSettings,
         DetectSlideError,
         checkpoint_digest,
     )
 
+    if args.ray and args.workers > 1:
+        return _error("--workers runs local processes; with --ray there is one Ray task per slide (drop --workers)")
     try:
         meta = read_detector_meta(args.checkpoint)
         digest = checkpoint_digest(args.checkpoint)
-        resolve_device(args.device)
+        if not args.ray:  # on Ray the workers' devices count, not this machine's
+            resolve_device(args.device)
     except (CheckpointError, GlomError, OSError) as e:
         return _error(str(e))
     missing = [s for s in args.slides if not Path(s).is_file()]
-    if missing:
+    if missing and not args.ray:  # on Ray a task names the slide its node does not see; the others go on
         return _error(f"no such slide file: {', '.join(missing)}")
     settings = DetectSettings.from_meta(meta, tile_px=args.tile_px, overlap_px=args.overlap_px,
                                         batch_size=args.batch_size, threshold=args.threshold,
@@ -144,55 +114,73 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     if settings.tile_px % 32 or settings.overlap_px >= settings.tile_px:
         return _error(f"--tile-px must be a multiple of 32 larger than --overlap-px (got {settings.tile_px}, "
                       f"{settings.overlap_px})")
-    out_dir = Path(args.out)
-    kwargs = {"settings": settings, "out_dir": out_dir, "checkpoint": str(Path(args.checkpoint).with_suffix("")),
-              "digest": digest, "slide_mpp": args.mpp, "resume": not args.no_resume}
+    db_url = None
+    if args.dataset:
+        db_url = _absolute_sqlite(resolve_url(args.db))  # workers run elsewhere, in another folder
+        try:
+            open_store(db_url)  # migrate once here: workers only check the schema
+        except StoreError as e:
+            return _error(str(e))
+    stem = Path(args.checkpoint).with_suffix("")
     workers = max(1, min(args.workers, len(args.slides)))
-    threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
+    job = DetectJob(weights=str(stem.absolute().with_suffix(".safetensors")), checkpoint=str(stem), digest=digest,
+                    settings=settings, out_dir=str(Path(args.out).absolute()), source=f"model:{stem.name}",
+                    slide_mpp=args.mpp, resume=not args.no_resume, device=args.device,
+                    threads=args.threads if workers == 1 else args.threads or max(1, (os.cpu_count() or 1) // workers),
+                    dataset=args.dataset, db_url=db_url)
+    slides = [os.path.abspath(s) for s in args.slides] if args.ray else list(args.slides)
     failures = 0
-    overall = tqdm(total=len(args.slides), desc="slides", unit="slide", disable=args.no_progress)
+    overall = tqdm(total=len(slides), desc="slides", unit="slide", disable=args.no_progress)
 
-    def done(res: dict[str, Any]) -> None:
+    def report(slide: str, outcome: SlideOutcome | None, error: str | None, node: str = "") -> None:
         nonlocal failures
-        stored = ""
-        if args.dataset:
-            try:
-                n = _store_proposals(args, res["slide"], res["out"])
-                stored = f", {n} proposals stored in dataset {args.dataset!r}"
-            except (StoreError, GlomError) as e:
-                failures += 1
-                print(f"error: {res['slide']}: storing proposals: {e}", file=sys.stderr)
-        what = "already done" if res["skipped"] else f"{res['tiles']} tiles, {res['seconds']:.1f} s"
-        tqdm.write(f"{res['slide']}: {res['n']} glomeruli ({what}) -> {res['out']}{stored}")
+        if error is not None:
+            failures += 1
+            tqdm.write(f"error: {error}", file=sys.stderr)
+        else:
+            tqdm.write(describe(outcome, args.dataset) + (f" [{node}]" if node else ""))
+        overall.update(1)
 
-    if workers == 1:
-        _worker_init(args.checkpoint, args.device, args.threads)
-        for slide in args.slides:
+    if args.ray:
+        from core.detection.cluster import RayClusterError, detect_on_ray
+
+        try:
+            for r in detect_on_ray(job, slides, address=args.ray, num_cpus=args.threads or 1):
+                report(r.item, r.value, r.error, r.node)
+        except RayClusterError as e:
+            overall.close()
+            return _error(str(e))
+    elif workers == 1:
+        for slide in slides:
             try:
-                done(_worker_detect(slide, {**kwargs, "progress": not args.no_progress, "position": 1}))
+                report(slide, detect_and_store(slide, job, progress=not args.no_progress, position=1), None)
             except DetectSlideError as e:
-                failures += 1
-                tqdm.write(f"error: {e}", file=sys.stderr)
-            overall.update(1)
+                report(slide, None, str(e))
     else:
         ctx = mp.get_context("spawn")  # no forked torch thread pools
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                 initargs=(args.checkpoint, args.device, threads)) as pool:
-            futures = {pool.submit(_worker_detect, s, kwargs): s for s in args.slides}
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futures = {pool.submit(detect_and_store, s, job): s for s in slides}
             for fut in as_completed(futures):
                 try:
-                    done(fut.result())
+                    report(futures[fut], fut.result(), None)
                 except DetectSlideError as e:
-                    failures += 1
-                    tqdm.write(f"error: {e}", file=sys.stderr)
+                    report(futures[fut], None, str(e))
                 except Exception as e:  # noqa: BLE001 - a crashed worker must still name its slide
-                    failures += 1
-                    tqdm.write(f"error: {futures[fut]}: {type(e).__name__}: {e}", file=sys.stderr)
-                overall.update(1)
+                    report(futures[fut], None, f"{futures[fut]}: {type(e).__name__}: {e}")
     overall.close()
     if failures:
-        print(f"{failures} of {len(args.slides)} slides failed", file=sys.stderr)
+        print(f"{failures} of {len(slides)} slides failed", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _absolute_sqlite(url: str) -> str:
+    """An SQLite URL with an absolute file path (a relative one would resolve in each worker's own folder)."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return url
+    return u.set(database=str(Path(u.database).expanduser().absolute())).render_as_string(hide_password=False)
 
 
 def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
@@ -237,7 +225,11 @@ def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.
     p.add_argument("--mpp", type=float, help="µm per level-0 pixel for slides that do not record it")
     p.add_argument("--dataset", help="also store the findings as proposals on the slide in this dataset")
     p.add_argument("--workers", type=int, default=1, help="slides in parallel (processes)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per worker (default: cores / workers); with --ray, CPUs per task (default 1)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="one task per slide on an existing Ray cluster (HOST:PORT, ray://HOST:PORT or auto); "
+                        "slides, checkpoint and --out on storage every node sees (docs/DETECTION.md)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--tile-px", type=int, help="inference tile side at the working µm/px (default 512)")
     p.add_argument("--overlap-px", type=int, help="tile overlap (default 64)")

@@ -46,6 +46,8 @@ __all__ = [
     "detect_slide",
     "geojson_features",
     "read_done",
+    "result_path",
+    "slide_run_info",
     "tissue_mask",
     "write_geojson",
 ]
@@ -364,6 +366,18 @@ def read_done(path: Path, run_info: dict[str, Any]) -> bool:
     return all(info.get(k) == v for k, v in run_info.items())
 
 
+def result_path(out_dir: str | Path, slide: str | Path) -> Path:
+    """Where ``glom detect`` writes a slide's findings: ``<out_dir>/<slide name>.geojson``."""
+    from core.wsi import slide_name
+
+    return Path(out_dir) / f"{slide_name(slide)}.geojson"
+
+
+def slide_run_info(checkpoint: str, digest: str, settings: DetectSettings) -> dict[str, Any]:
+    """What makes two runs over a slide the same (the resume key, kept in the GeoJSON's ``glomlab``)."""
+    return {"checkpoint": checkpoint, "checkpoint_sha256": digest, "settings": asdict(settings)}
+
+
 def detect_slide(path: str | Path, predictor: Predictor, settings: DetectSettings, out_dir: Path, *,
                  checkpoint: str, digest: str, slide_mpp: float | None = None, resume: bool = True,
                  progress: bool = False, position: int = 0) -> tuple[SlideDetection, Path]:
@@ -371,8 +385,8 @@ def detect_slide(path: str | Path, predictor: Predictor, settings: DetectSetting
     from core.wsi import SlideError, open_slide, slide_name
 
     name = slide_name(path)
-    out = out_dir / f"{name}.geojson"
-    run_info = {"checkpoint": checkpoint, "checkpoint_sha256": digest, "settings": asdict(settings)}
+    out = result_path(out_dir, path)
+    run_info = slide_run_info(checkpoint, digest, settings)
     if resume and read_done(out, run_info):
         doc = json.loads(out.read_text())
         log.info("%s: already detected by this checkpoint (%s), skipped", name, out)
