@@ -112,7 +112,7 @@ def add_box(
     if not (source in BOX_SOURCES or (source.startswith("import:") and len(source) > len("import:"))):
         raise BoxError(f"slide {slide.name}: a box's source is drawn, proposal or import:<file>, not {source!r}")
     try:
-        x0, y0, w, h = (int(round(v)) for v in box)
+        x0, y0, w, h = (round(v) for v in box)
     except (TypeError, ValueError):
         raise BoxError(f"slide {slide.name}: a box is (x, y, w, h) in level-0 pixels, got {box!r}") from None
     if w <= 0 or h <= 0:
@@ -131,7 +131,7 @@ def add_box(
 def move_box(row: SlideBox, box: tuple[int, int, int, int]) -> SlideBox:
     """Set ``row``'s box to level-0 ``box`` (its corners dragged); its outline, if any, is scaled
     from the old box into the new one. A box already cropped is refused (its crop is final)."""
-    x, y, w, h = (int(round(v)) for v in box)
+    x, y, w, h = (round(v) for v in box)
     if w <= 0 or h <= 0:
         raise BoxError(f"box {row.id}: empty box {[x, y, w, h]} (width and height must be > 0)")
     if row.image_id is not None:

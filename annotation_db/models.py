@@ -261,7 +261,7 @@ class SlideBox(Base):
     created_by: Mapped[str] = mapped_column(String(200))  # annotator name
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     image_id: Mapped[int | None] = mapped_column(ForeignKey("image.id", ondelete="SET NULL"))
-    polygon: Mapped[list[list[float]] | None] = mapped_column(JSON)  # level-0 [[x, y], ...], not closed
+    polygon: Mapped[list[list[float]] | None] = mapped_column(JSON(none_as_null=True))  # level-0 [[x, y], ...], open
     source: Mapped[str] = mapped_column(String(300), default="drawn", server_default="drawn")
 
     slide: Mapped[Slide] = relationship()

@@ -267,7 +267,7 @@ async def add_box(request: Request) -> Response:
         _, user = _authorised(request)
         body = json.loads(await request.body() or b"{}")
         if not isinstance(body, dict):
-            raise ValueError('body must be a JSON object: {"box": [x, y, w, h]} or {"polygon": [[x, y], ...]}')
+            raise ValueError('body must be a JSON object: {"box": [x, y, w, h]} or {"polygon": [[x, y], ...]}')  # noqa: TRY004 - a 400
         box, label, polygon = body.get("box"), body.get("label") or None, body.get("polygon")
         if polygon is None and not (isinstance(box, list) and len(box) == 4):
             raise ValueError('body must be {"box": [x, y, w, h]} or {"polygon": [[x, y], ...]} (level-0 px), '

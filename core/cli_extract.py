@@ -15,9 +15,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from annotation_db.classes import ClassKeys
-from core.annotations import AnnotationFormatError, annotations_for_slide, read_annotations
+from core.annotations import (
+    AnnotationFormatError,
+    annotations_for_slide,
+    read_annotations,
+)
 from core.extract import CropSettings, ExtractError, SlideTask, extract_crops
-from core.slide_crops import StoreRegistrar, check_outlines, prepare_dataset, with_class_keys
+from core.slide_crops import (
+    StoreRegistrar,
+    check_outlines,
+    prepare_dataset,
+    with_class_keys,
+)
 
 log = logging.getLogger(__name__)
 

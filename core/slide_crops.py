@@ -33,10 +33,28 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from annotation_db import store
-from annotation_db.boxes import OutlineError, add_box, list_boxes, outline_box, outline_ring
-from annotation_db.classes import GLOMERULUS_CLASSES, ClassKeys, schema_for, validate_classes
+from annotation_db.boxes import (
+    OutlineError,
+    add_box,
+    list_boxes,
+    outline_box,
+    outline_ring,
+)
+from annotation_db.classes import (
+    GLOMERULUS_CLASSES,
+    ClassKeys,
+    schema_for,
+    validate_classes,
+)
 from annotation_db.images import normalize_rel_path
-from annotation_db.models import Dataset, GlomerulusProposal, Image, Label, Slide, SlideBox
+from annotation_db.models import (
+    Dataset,
+    GlomerulusProposal,
+    Image,
+    Label,
+    Slide,
+    SlideBox,
+)
 from core.annotations import (
     Annotation,
     AnnotationFormatError,

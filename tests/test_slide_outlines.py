@@ -16,7 +16,12 @@ from annotation_db import store
 from annotation_db.boxes import add_box, list_boxes
 from annotation_db.db import create_store_engine, make_sessionmaker
 from annotation_db.models import Image, SlideBox
-from annotation_db.proposals import accept_proposal, list_proposals, reject_proposal, replace_proposals
+from annotation_db.proposals import (
+    accept_proposal,
+    list_proposals,
+    reject_proposal,
+    replace_proposals,
+)
 from core.annotations import read_annotations, read_geojson
 from core.cli import main as glom
 from core.slide_crops import PROPOSED_CLASS, export_boxes_geojson
@@ -122,7 +127,7 @@ def test_geojson_export_gives_outlines_and_proposals_and_reads_back_the_same(Ses
         replace_proposals(s, ds, "s1", [box_finding((1000, 1000, 100, 80), 0.95, diamond=True),
                                         box_finding((2000, 1000, 60, 60), 0.9),
                                         box_finding((3000, 1000, 50, 50), 0.8, diamond=True)], source="model:det")
-        accepted, rejected, proposed = list_proposals(s, "s1")
+        accepted, rejected, _ = list_proposals(s, "s1")
         accept_proposal(s, accepted.id, reviewed_by="dr_a", label="normal")
         reject_proposal(s, rejected.id, reviewed_by="dr_a")
         exported = export_boxes_geojson(s, slide, ds)
