@@ -24,7 +24,7 @@ def upgrade() -> None:
     # A box an acceptance drew carried its outline only through the proposal: copy it onto the box
     # (open ring, no repeated closing vertex), and say where the box came from.
     conn = op.get_bind()
-    box = sa.table('slide_box', sa.column('id', sa.Integer), sa.column('polygon', sa.JSON),
+    box = sa.table('slide_box', sa.column('id', sa.Integer), sa.column('polygon', sa.JSON(none_as_null=True)),
                    sa.column('source', sa.String))
     prop = sa.table('glomerulus_proposal', sa.column('slide_box_id', sa.Integer), sa.column('polygon', sa.JSON))
     rows = conn.execute(sa.select(prop.c.slide_box_id, prop.c.polygon).where(prop.c.slide_box_id.is_not(None))).all()
