@@ -106,3 +106,15 @@ def test_migration_0010_gives_an_accepted_box_its_proposals_outline(sqlite_url: 
         assert accepted.polygon == [[5, 0], [10, 5], [5, 10], [0, 5]] and accepted.source == "proposal"
         assert drawn.polygon is None and drawn.source == "drawn"
     engine.dispose()
+
+
+def test_a_proposal_with_a_crossed_outline_is_accepted_as_its_box_alone(Session, tmp_path: Path) -> None:
+    from core.detection.instances import Instance
+
+    bow_tie = [(0, 0), (100, 110), (110, 0), (0, 100)]
+    with Session() as s, s.begin():
+        store.get_or_create_dataset(s, "biopsies", ["a", "b"], root=tmp_path)
+        replace_proposals(s, "biopsies", "s1", [Instance(bow_tie, (0, 0, 110, 110), 5000.0, 0.9)], source="model:old")
+        (p,) = list_proposals(s, "s1")
+        box = accept_proposal(s, p.id, reviewed_by="dr_a")
+        assert (box.box, box.polygon, box.source, p.status) == ((0, 0, 110, 110), None, "proposal", "accepted")

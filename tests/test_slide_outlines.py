@@ -156,3 +156,22 @@ def test_geojson_export_gives_outlines_and_proposals_and_reads_back_the_same(Ses
         assert store_outlines(s, slide, [(a, None) for a in anns], created_by="dr_b") == 0
         assert [b.polygon for b in list_boxes(s, slide)] == [
             OUTLINE_A, None, [[1050, 1000], [1100, 1040], [1050, 1080], [1000, 1040]]]
+
+
+def test_an_outline_is_cropped_around_its_bounds_and_shown_on_its_glomerulus(SqliteSession, tmp_path: Path,
+                                                                           wsi_dir: Path) -> None:
+    from app.slide_api import overlay_features
+    from core.extract import CropSettings
+    from core.slide_crops import crop_into_dataset
+
+    with SqliteSession() as s, s.begin():
+        store.create_dataset(s, "glom", ["normal", "crescent"], root=tmp_path / "ds")
+        slide = store.get_or_create_slide(s, "cmu-1-small-region", path=str(wsi_dir / CMU))
+        row = add_box(s, slide, None, polygon=OUTLINE_A, created_by="dr_a")
+        (crop,) = crop_into_dataset(s, "glom", wsi_dir / CMU, [row], annotator="dr_a", settings=CropSettings()).crops
+        assert crop.box == row.box == (360, 300, 200, 220) and row.image_id == crop.image_id
+    with SqliteSession() as s:
+        body = overlay_features(s, CMU, (0, 0, 1000, 1000))
+    (f,) = body["features"]  # the cropped outline shows as its glomerulus, with its outline
+    assert f["properties"]["layer"] == "glomeruli" and f["properties"]["outline"]
+    assert f["geometry"]["coordinates"] == [[*OUTLINE_A, OUTLINE_A[0]]]
