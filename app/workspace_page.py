@@ -5,9 +5,13 @@ Wheel zoom, drag pan, a thumbnail navigator, a 1:1 button (one slide pixel per s
 the slide's µm/px) and a scale bar in µm. Overlays are fetched as GeoJSON for the viewport after
 each move: boxes drawn and not cropped yet, and glomeruli cropped into a dataset, coloured by
 their label or by the model's predicted class; each layer can be hidden, the legend counts them.
-**D** (or the Draw button) draws a missed glomerulus with the mouse: the box is stored at once,
-attributed to the signed-in user, and cropped into the dataset from this page. A click on a drawn
-box selects it; **Delete** (or the Delete box button) removes it while it is not cropped yet. A
+**D** (or the Draw button) draws a missed glomerulus with the mouse as a box; **O** (or the
+Outline button) as its outline: click its vertices, double-click (the last vertex) or **Enter**
+closes it, **Escape** drops it (a second Escape leaves outline mode). Either is stored at once
+(an outline with its level-0 points, its box is its bounds), attributed to the signed-in user, and
+cropped into the dataset from this page (an outline's crop is cut around its bounds). A click on
+a drawn box or outline selects it; **Delete** (or the Delete box button) removes it while it is
+not cropped yet. Outlines (drawn, imported, accepted proposals') are drawn as outlines. A
 slide whose file records no µm/px asks for it (the scale bar and the crops need it).
 
 The detector's proposals (``glom detect --dataset``, :mod:`annotation_db.proposals`) show dashed
@@ -28,6 +32,7 @@ import csv
 import io
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -61,6 +66,18 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS_DIR = REPO / "runs"  # checkpoints offered: detectors (find glomeruli) and classifiers (classify crops)
+
+
+def runs_dir() -> Path:
+    """The folder whose checkpoints the page offers: ``$GLOM_RUNS`` (the same setting as the
+    viewer's and the job runner's; a relative one starts at the repository), else ``runs/``."""
+    env = os.environ.get("GLOM_RUNS")
+    return (REPO / Path(env).expanduser()).resolve() if env else RUNS_DIR
+
+
+def _shown(path: Path) -> str:
+    """A checkpoint as the page names it (and passes it on): relative to the repository when inside it."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 VIEW_HEIGHT_PX = 640
 CLASS_COLOURS = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6"]
 DRAWN = "#00c8ff"
@@ -88,6 +105,7 @@ html,body{margin:0;height:100%;font:13px system-ui,sans-serif;color:#222}
 <div id="osd"></div><canvas id="ov"></canvas>
 <div id="bar"><button id="b11" title="one slide pixel per screen pixel">1:1</button>
 <button id="bfit" title="whole slide">Fit</button><button id="bdraw" title="draw a missed glomerulus (D)">Draw</button>
+<button id="boutline" title="outline a missed glomerulus (O): click its vertices, double-click or Enter closes, Escape cancels">Outline</button>
 <button id="bdel" title="delete the selected drawn box (Delete)" disabled>Delete box</button><span id="sel"></span>
 <label><input type="checkbox" id="l_drawn" checked> drawn</label>
 <label><input type="checkbox" id="l_glom" checked> glomeruli</label>
@@ -103,7 +121,7 @@ const q = s => `slide=${encodeURIComponent(CFG.slide)}&t=${encodeURIComponent(CF
   (CFG.dataset != null ? `&dataset=${CFG.dataset}` : '') + (s || '');
 const STATUS = {proposed: '#ff9800', accepted: '#2e7d32', rejected: '#9e9e9e'};
 const state = window.__glomWorkspace = {tilesLoaded: 0, tileErrors: 0, features: [], counts: {}, overlayFetches: 0,
-  drawn: 0, deleted: 0, selected: null, ready: false, proposals: [], current: -1, decisions: 0, undone: 0, fixes: 0, keyMs: [], storeMs: [], pending: 0};
+  drawn: 0, outlined: 0, deleted: 0, selected: null, ready: false, proposals: [], current: -1, decisions: 0, undone: 0, fixes: 0, keyMs: [], keyAt: [], paint: {}, storeMs: [], pending: 0};
 const msg = t => { const m = document.getElementById('msg'); m.textContent = t; m.style.display = t ? 'block' : 'none'; };
 const viewer = OpenSeadragon({
   element: document.getElementById('osd'), prefixUrl: CFG.prefix + '/vendor/images/',
@@ -135,16 +153,17 @@ function colourOf(f) {
   return k ? (colours[k] || '#888') : '#888';
 }
 function draw() {
-  const r = canvas.getBoundingClientRect(); canvas.width = r.width; canvas.height = r.height;
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  // resize (which reallocates the canvas) only when the view's size changed, else just clear
+  const cw = canvas.clientWidth, ch = canvas.clientHeight;
+  if (canvas.width !== cw || canvas.height !== ch) { canvas.width = cw; canvas.height = ch; } else ctx.clearRect(0, 0, cw, ch);
   const show = {drawn: document.getElementById('l_drawn').checked, glomeruli: document.getElementById('l_glom').checked,
     proposals: document.getElementById('l_prop').checked};
   ctx.lineWidth = 2;
-  const cur = state.proposals[state.current];
+  const cur = state.proposals[state.current], byId = new Map(state.proposals.map(p => [p.id, p]));
   for (const f of state.features) {
     if (!show[f.properties.layer]) continue;
     if (f.properties.layer === 'proposals') {
-      const p = state.proposals.find(x => x.id === f.properties.id) || f.properties;  // the freshest state
+      const p = byId.get(f.properties.id) || f.properties;  // the freshest state
       ctx.strokeStyle = STATUS[p.status] || '#ff9800'; ctx.setLineDash(p.status === 'proposed' ? [5, 4] : []);
       ctx.lineWidth = cur && cur.id === p.id ? 4 : 2;
       ctx.beginPath(); f.geometry.coordinates[0].forEach(([x, y], i) => { const s = toScreen(x, y); i ? ctx.lineTo(s.x, s.y) : ctx.moveTo(s.x, s.y); });
@@ -158,21 +177,38 @@ function draw() {
     ctx.strokeStyle = colourOf(f); ctx.setLineDash(f.properties.layer === 'drawn' ? [6, 4] : []);
     const chosen = f.properties.layer === 'drawn' && f.properties.id === state.selected;
     if (chosen) { ctx.lineWidth = 4; ctx.setLineDash([]); }
-    ctx.strokeRect(a.x, a.y, b.x - a.x, b.y - a.y); ctx.lineWidth = 2;
+    if (f.properties.outline) { tracePath(f.geometry.coordinates[0]); ctx.closePath(); ctx.stroke(); }
+    else ctx.strokeRect(a.x, a.y, b.x - a.x, b.y - a.y);
+    ctx.lineWidth = 2;
+  }
+  if (drawing && shape === 'outline' && verts.length) {  // the outline being drawn, to the mouse
+    ctx.setLineDash([]); ctx.strokeStyle = CFG.drawn; tracePath(verts.map(v => [v.x, v.y]));
+    if (hover) ctx.lineTo(hover.x, hover.y);
+    ctx.stroke(); ctx.fillStyle = CFG.drawn;
+    for (const v of verts) { const s = toScreen(v.x, v.y); ctx.fillRect(s.x - 3, s.y - 3, 6, 6); }
   }
   if (fixing) { const a = toScreen(fixing.box[0], fixing.box[1]), b = toScreen(fixing.box[0] + fixing.box[2], fixing.box[1] + fixing.box[3]);
     ctx.setLineDash([]); ctx.strokeStyle = STATUS.proposed; ctx.strokeRect(a.x, a.y, b.x - a.x, b.y - a.y); }
   if (drag) { ctx.setLineDash([]); ctx.strokeStyle = CFG.drawn; ctx.strokeRect(drag.x0, drag.y0, drag.x1 - drag.x0, drag.y1 - drag.y0); }
   scaleBar(); legend();
-  const z = imageZoom(); document.getElementById('zoom').textContent = z >= 1 ? `${z.toFixed(1)}:1` : `1:${(1 / z).toFixed(1)}`;
+  const z = imageZoom(); setText('zoom', z >= 1 ? `${z.toFixed(1)}:1` : `1:${(1 / z).toFixed(1)}`);
+}
+const shown = {};  // element id -> the text or HTML it shows
+function setText(id, t) { if (shown[id] !== t) { shown[id] = t; document.getElementById(id).textContent = t; } }
+function setHtml(id, h) { if (shown[id] !== h) { shown[id] = h; document.getElementById(id).innerHTML = h; } }
+let drawQueued = false;  // several changes in one frame: one draw
+function scheduleDraw() { if (!drawQueued) { drawQueued = true; requestAnimationFrame(() => { drawQueued = false; draw(); }); } }
+function tracePath(ring) {  // a level-0 ring as the current canvas path (not closed)
+  ctx.beginPath(); ring.forEach(([x, y], i) => { const s = toScreen(x, y); i ? ctx.lineTo(s.x, s.y) : ctx.moveTo(s.x, s.y); });
 }
 function scaleBar() {
   const el = document.getElementById('scale');
   if (!CFG.mpp) { el.style.display = 'none'; return; }
   const umPerPx = CFG.mpp / imageZoom();
   let best = 1; for (const e of [-1, 0, 1, 2, 3, 4]) for (const m of [1, 2, 5]) { const v = m * 10 ** e; if (v / umPerPx <= 160) best = v; }
-  document.getElementById('scalebar').style.width = Math.round(best / umPerPx) + 'px';
-  document.getElementById('scaletext').textContent = best >= 1000 ? `${best / 1000} mm` : `${best} µm`;
+  const px = Math.round(best / umPerPx) + 'px';
+  if (shown.scalebar !== px) { shown.scalebar = px; document.getElementById('scalebar').style.width = px; }
+  setText('scaletext', best >= 1000 ? `${best / 1000} mm` : `${best} µm`);
 }
 function legend() {
   const counts = {}; const by = document.getElementById('colourby').value;
@@ -183,7 +219,7 @@ function legend() {
     ['proposed', 'accepted', 'rejected'].map(k => `<span class="sw" style="background:${STATUS[k]}"></span>${k}: <b data-count="${k}">${state.proposals.filter(p => p.status === k).length}</b>`).join('<br>') +
     `<br><b>In view</b> (by ${by})<br>`;
   for (const [k, n] of Object.entries(counts)) h += `<span class="sw" style="background:${colours[k] || '#888'}"></span>${display(k)}: ${n}<br>`;
-  document.getElementById('legend').innerHTML = h;
+  setHtml('legend', h);
 }
 let pending = null, seq = 0;
 async function fetchOverlays() {
@@ -215,24 +251,22 @@ async function loadProposals() {
   } catch (e) { msg('Proposals could not be loaded: ' + e); }
 }
 function review() {
-  const el = document.getElementById('review'), n = state.proposals.length, p = state.proposals[state.current];
-  if (!n) { el.textContent = 'No proposals on this slide.'; return; }
-  el.innerHTML = p ? `Proposal <b>${state.current + 1}</b>/${n} · score ${p.score.toFixed(2)} · <b data-status>${p.status}</b>` +
+  const n = state.proposals.length, p = state.proposals[state.current];
+  if (!n) { setHtml('review', 'No proposals on this slide.'); return; }
+  setHtml('review', p ? `Proposal <b>${state.current + 1}</b>/${n} · score ${p.score.toFixed(2)} · <b data-status>${p.status}</b>` +
     (p.by ? ` by ${p.by}` : '') + ' · <b>A</b> accept · <b>R</b> reject · <b>N</b>/<b>P</b> next/previous · <b>U</b> undo'
-    : `${n} proposals · <b>N</b> goes to the first one to review`;
+    : `${n} proposals · <b>N</b> goes to the first one to review`);
 }
-function flyTo(i) {
-  if (i < 0 || i >= state.proposals.length) return;
-  state.current = i; const [x, y, w, h] = state.proposals[i].box, m = Math.max(w, h) * 1.5;
-  const u = v => v / CFG.width;  // level-0 px -> viewport units
+function fly(i) {  // the view flies to proposal i (tiles for the new view follow)
+  const p = state.proposals[i]; if (!p) return;
+  const [x, y, w, h] = p.box, m = Math.max(w, h) * 1.5, u = v => v / CFG.width;  // level-0 px -> viewport units
   viewer.viewport.fitBounds(new OpenSeadragon.Rect(u(x - CFG.offset[0] + w / 2 - m), u(y - CFG.offset[1] + h / 2 - m), u(2 * m), u(2 * m)));
-  review(); draw();
 }
-function step(d) {
-  const n = state.proposals.length; if (!n) return;
+function nextIndex(d) {  // the next (d = 1) / previous (-1) proposal still to review; -1 if none
+  const n = state.proposals.length; if (!n) return -1;
   let i = state.current;
-  for (let k = 0; k < n; k++) { i = (i + d + n) % n; if (state.proposals[i].status === 'proposed') return flyTo(i); }
-  flyTo(Math.min(Math.max(state.current + d, 0), n - 1));  // all decided: plain stepping
+  for (let k = 0; k < n; k++) { i = (i + d + n) % n; if (state.proposals[i].status === 'proposed') return i; }
+  return Math.min(Math.max(state.current + d, 0), n - 1);  // all decided: plain stepping
 }
 const undoStack = [];
 let busy = false;
@@ -279,7 +313,7 @@ document.addEventListener('pointerup', async e => {
 // (a queue), and one the server refuses is put back and said on the page.
 let storing = Promise.resolve();
 const SHOWN = {accept: 'accepted', reject: 'rejected', undo: 'proposed'};
-function decideCurrent(action, id) {
+function decideCurrent(action, id, paint = true) {
   const p = id != null ? state.proposals.find(x => x.id === id) : state.proposals[state.current];
   if (!p) return false;
   const before = {status: p.status, by: p.by};
@@ -300,27 +334,46 @@ function decideCurrent(action, id) {
     } finally {
       state.pending--;
       if (!state.pending) fetchOverlays();
-      review(); draw();
+      review(); scheduleDraw();
     }
   });
-  review(); draw();
+  if (paint) { review(); draw(); }
   return true;
 }
 // keys are handled one at a time (a box being fixed holds them); decisions queue, see decideCurrent
-document.addEventListener('keydown', async e => {
+document.addEventListener('keydown', e => {
   if (busy) return;
+  const t0 = performance.now(), k = e.key.length === 1 ? e.key.toLowerCase() : '';
+  if (k && 'arnp'.includes(k) && !(e.ctrlKey || e.metaKey || e.altKey)) { state.keyAt.push(e.timeStamp); reviewKey(k, t0); return; }
   busy = true;
-  const t0 = performance.now(), k = e.key.toLowerCase();
-  try { await onKey(e); } finally { busy = false; }
-  // key press -> decision stored, list re-read, next proposal drawn (the fly animation then runs)
-  if ('arnp'.includes(k) && k) requestAnimationFrame(() => state.keyMs.push(performance.now() - t0));
+  onKey(e).finally(() => { busy = false; });
 });
+// A / R / N / P: the decision and the next proposal's highlight are drawn at once (one overlay
+// draw), in the frame of the key; the flight to it starts only after that frame is painted (its
+// tile requests and decoding would delay the paint), and nothing is fetched on the way (N / P
+// re-read the list after). Measured (bench/bench_review_keys.py): keyMs, from the handler to the
+// start of that frame (its requestAnimationFrame); paint[keyAt[i]], the browser's own Event Timing
+// of the keydown: from the key event to the paint after it, input delay included (the browser
+// reports only those of 16 ms or more).
+if (window.PerformanceObserver && (PerformanceObserver.supportedEntryTypes || []).includes('event'))
+  new PerformanceObserver(list => { for (const en of list.getEntries())
+    if (en.name === 'keydown' && state.keyAt.includes(en.startTime)) state.paint[en.startTime] = en.duration; })
+    .observe({type: 'event', durationThreshold: 16, buffered: true});
+function reviewKey(k, t0) {
+  let i = -1;
+  if (k === 'n' || k === 'p') i = nextIndex(k === 'n' ? 1 : -1);
+  else if (decideCurrent(k === 'a' ? 'accept' : 'reject', null, false)) i = nextIndex(1);
+  if (i >= 0) state.current = i;
+  review(); draw();
+  requestAnimationFrame(() => { state.keyMs.push(performance.now() - t0); setTimeout(() => {
+    if (i >= 0) fly(i);
+    if ((k === 'n' || k === 'p') && !state.pending) loadProposals();  // others' decisions
+  }, 0); });
+}
 async function onKey(e) {
   if (e.ctrlKey || e.metaKey || e.altKey) { if ((e.key === 'z' || e.key === 'Z') && undoStack.length) decideCurrent('undo', undoStack.pop()); return; }
   const k = e.key.toLowerCase();
-  if (k === 'n' || k === 'p') { step(k === 'n' ? 1 : -1); if (!state.pending) loadProposals(); }  // others' decisions
-  else if (k === 'a' || k === 'r') { if (decideCurrent(k === 'a' ? 'accept' : 'reject')) step(1); }
-  else if (k === 'u' && undoStack.length) decideCurrent('undo', undoStack.pop());
+  if (k === 'u' && undoStack.length) decideCurrent('undo', undoStack.pop());
   else if ((e.key === 'Delete' || e.key === 'Backspace') && state.selected != null) await deleteSelected();
 }
 // --- a drawn box: a click selects it, Delete removes it (the server refuses a cropped one) ---
@@ -356,14 +409,46 @@ new ResizeObserver(draw).observe(canvas);
 for (const id of ['l_drawn', 'l_glom', 'l_prop', 'colourby']) document.getElementById(id).addEventListener('change', draw);
 document.getElementById('b11').onclick = () => viewer.viewport.zoomTo(viewer.viewport.getZoom(true) / imageZoom());
 document.getElementById('bfit').onclick = () => viewer.viewport.goHome();
-let drawing = false, drag = null;
-function setDrawing(on) {
-  drawing = on; canvas.classList.toggle('drawing', on); viewer.setMouseNavEnabled(!on);
-  document.getElementById('bdraw').classList.toggle('on', on);
+// --- drawing a missed glomerulus: a box (D, drag) or its outline (O, click the vertices) ---
+let drawing = false, shape = 'box', drag = null, verts = [], hover = null;
+function setDrawing(on, kind = shape) {
+  drawing = on; shape = kind; verts = []; hover = null;
+  canvas.classList.toggle('drawing', on); viewer.setMouseNavEnabled(!on);
+  document.getElementById('bdraw').classList.toggle('on', on && shape === 'box');
+  document.getElementById('boutline').classList.toggle('on', on && shape === 'outline');
+  draw();
 }
-document.getElementById('bdraw').onclick = () => setDrawing(!drawing);
-document.addEventListener('keydown', e => { if (e.key === 'd' || e.key === 'D') setDrawing(!drawing); if (e.key === 'Escape') setDrawing(false); });
-canvas.addEventListener('mousedown', e => { if (!drawing) return; drag = {x0: e.offsetX, y0: e.offsetY, x1: e.offsetX, y1: e.offsetY}; });
+const toggle = kind => setDrawing(!(drawing && shape === kind), kind);
+document.getElementById('bdraw').onclick = () => toggle('box');
+document.getElementById('boutline').onclick = () => toggle('outline');
+document.addEventListener('keydown', e => {
+  if (e.ctrlKey || e.metaKey || e.altKey) return;
+  if (e.key === 'd' || e.key === 'D') toggle('box');
+  else if (e.key === 'o' || e.key === 'O') toggle('outline');
+  else if (e.key === 'Enter' && verts.length) closeOutline();
+  else if (e.key === 'Escape') { if (verts.length) { verts = []; hover = null; draw(); } else setDrawing(false); }
+});
+// canvas px -> level-0 px through OpenSeadragon's viewport -> image mapping (plus the cut-away bounds offset)
+function imagePoint(px, py) {
+  const p = viewer.viewport.viewerElementToImageCoordinates(new OpenSeadragon.Point(px, py));
+  return {x: p.x + CFG.offset[0], y: p.y + CFG.offset[1]};
+}
+canvas.addEventListener('click', e => {  // a vertex; the second click of a double-click closes instead
+  if (!drawing || shape !== 'outline' || e.detail > 1) return;
+  verts.push(imagePoint(e.offsetX, e.offsetY)); draw();
+});
+canvas.addEventListener('dblclick', e => { if (drawing && shape === 'outline') { e.preventDefault(); closeOutline(); } });
+canvas.addEventListener('mousemove', e => { if (drawing && shape === 'outline' && verts.length) { hover = {x: e.offsetX, y: e.offsetY}; draw(); } });
+async function closeOutline() {
+  const pts = verts.filter((v, i) => !i || Math.hypot(v.x - verts[i - 1].x, v.y - verts[i - 1].y) > 0.5);
+  verts = []; hover = null; draw();
+  if (pts.length < 3) { msg('An outline needs 3 points or more: click them, then double-click or press Enter'); return; }
+  const r = await fetch(`${CFG.prefix}/boxes?` + q(), {method: 'POST', headers: {'Content-Type': 'application/json'},
+    body: JSON.stringify({polygon: pts.map(v => [v.x, v.y]), label: CFG.drawLabel})});
+  if (!r.ok) { msg('Not stored: ' + await r.text()); return; }
+  state.outlined++; msg(''); fetchOverlays();
+}
+canvas.addEventListener('mousedown', e => { if (!drawing || shape !== 'box') return; drag = {x0: e.offsetX, y0: e.offsetY, x1: e.offsetX, y1: e.offsetY}; });
 canvas.addEventListener('mousemove', e => { if (drag) { drag.x1 = e.offsetX; drag.y1 = e.offsetY; draw(); } });
 canvas.addEventListener('mouseup', async e => {
   if (!drag) return; const d = drag; drag = null; draw();
@@ -405,18 +490,19 @@ def _slide_row(s, name: str) -> Slide | None:
     return s.scalar(select(Slide).where(Slide.name == slide_name(name)))
 
 
-def classifier_checkpoints(root: Path = RUNS_DIR) -> list[str]:
-    """Classifier checkpoints under ``runs/`` (sidecars with classes, not detectors), newest first."""
+def classifier_checkpoints(root: Path | None = None) -> list[str]:
+    """Classifier checkpoints under the runs folder (:func:`runs_dir`; sidecars with classes, not
+    detectors), newest first."""
     from core.diagnosis import find_checkpoints
 
     out = []
-    for weights in find_checkpoints(root):
+    for weights in find_checkpoints(root or runs_dir()):
         try:
             meta = json.loads(weights.with_suffix(".json").read_text())
         except (OSError, ValueError):
             continue
         if isinstance(meta, dict) and meta.get("kind", "classifier") == "classifier" and meta.get("classes"):
-            out.append(str(weights.relative_to(REPO)))
+            out.append(_shown(weights))
     return out
 
 
@@ -428,7 +514,7 @@ def classify_crops(Session, image_ids: list[int], checkpoint: str) -> int:
     from core.diagnosis import load_viewer_checkpoint
     from core.viewer_store import record_predictions
 
-    ckpt = load_viewer_checkpoint(REPO / checkpoint, RUNS_DIR)
+    ckpt = load_viewer_checkpoint(REPO / checkpoint, runs_dir())
     with Session() as s:
         images = [s.get(Image, i) for i in image_ids]
         paths = [str(image_abspath(img.dataset, img)) for img in images]
@@ -543,8 +629,10 @@ _RUNS: dict[str, DetectRun] = {}
 _RUNS_LOCK = threading.Lock()
 
 
-def detector_checkpoints(root: Path = RUNS_DIR) -> list[str]:
-    """Detector checkpoints (``kind: detector`` sidecars beside their weights) under ``runs/``."""
+def detector_checkpoints(root: Path | None = None) -> list[str]:
+    """Detector checkpoints (``kind: detector`` sidecars beside their weights) under the runs folder
+    (:func:`runs_dir`)."""
+    root = root or runs_dir()
     out = []
     for sidecar in sorted(root.glob("*/*.json")) if root.is_dir() else []:
         try:
@@ -552,7 +640,7 @@ def detector_checkpoints(root: Path = RUNS_DIR) -> list[str]:
         except (OSError, ValueError, AttributeError):
             continue
         if kind == "detector" and sidecar.with_suffix(".safetensors").is_file():
-            out.append(str(sidecar.with_suffix("").relative_to(REPO)))
+            out.append(_shown(sidecar.with_suffix("")))
     return out
 
 
@@ -653,7 +741,7 @@ def page() -> None:
     mpp_text = (f"{info.mpp:.3f} µm/px" if info.mpp else f"{mpp:.4f} µm/px (entered)" if mpp
                 else "no µm/px recorded")
     st.caption(f"{info.width:,} × {info.height:,} px · {mpp_text} · wheel zooms, drag pans, **D** draws a box, "
-               "**1:1** shows one slide pixel per screen pixel")
+               "**O** an outline, **1:1** shows one slide pixel per screen pixel")
     components.html(workspace_html(slide=name, token=sign_token(me.name, name), width=info.width, height=info.height,
                                    mpp=mpp, tile_size=info.tile_size, overlap=info.overlap, classes=classes,
                                    draw_label=draw_label, dataset_id=dataset.id if dataset else None,
@@ -662,8 +750,8 @@ def page() -> None:
     def geojson_now() -> str:  # read when clicked: boxes drawn in the view since the last rerun count too
         with get_sessionmaker()() as s:
             slide = _slide_row(s, name)
-            return json.dumps(export_boxes_geojson(s, slide) if slide else {"type": "FeatureCollection", "features": []},
-                              indent=1)
+            return json.dumps(export_boxes_geojson(s, slide, dataset) if slide
+                              else {"type": "FeatureCollection", "features": []}, indent=1)
 
     if dataset:
         classifiers = classifier_checkpoints()
@@ -673,8 +761,11 @@ def page() -> None:
                   "view and not cropped yet" + ("" if mpp else " (enter the slide's µm per pixel first)"),
                   on_click=_crop_drawn, args=(name, dataset.name, me.name, checkpoint, None if info.mpp else mpp, stain),
                   type="primary", disabled=not mpp)
-    c3.download_button("QuPath GeoJSON of the drawn boxes", geojson_now, file_name=f"{slide_name(name)}.geojson",
-                       mime="application/geo+json", key="ws_geojson", on_click="ignore", icon=":material/download:")
+    c3.download_button("QuPath GeoJSON of the glomeruli", geojson_now, file_name=f"{slide_name(name)}.geojson",
+                       mime="application/geo+json", key="ws_geojson", on_click="ignore", icon=":material/download:",
+                       help="boxes and outlines drawn, imported or accepted (an outline as its polygon), and the "
+                            "detector's still-proposed findings as 'Glomerulus (proposed)' with their score; "
+                            "rejected ones are left out")
     if dataset:
         _detector_panel(svc.root / name, name, dataset.name, me.name)
         with get_sessionmaker()() as s:
@@ -701,7 +792,8 @@ def _detector_panel(path: Path, name: str, dataset_name: str, user: str) -> None
     ckpts = detector_checkpoints()
     with st.expander("Find glomeruli with the detector", expanded=False):
         if not ckpts:
-            st.caption("No detector checkpoint under runs/ yet: train one with `glom train-detector`.")
+            st.caption(f"No detector checkpoint under {runs_dir()} yet: train one with `glom train-detector` "
+                       "($GLOM_RUNS names another folder).")
             return
         c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
         ckpt = c1.selectbox("Detector checkpoint", ckpts, key="ws_detector")

@@ -98,6 +98,10 @@ def main() -> None:
                 frame.wait_for_function(f"() => window.__glomWorkspace.keyMs.length === {i + 2}", timeout=10_000)
             frame.wait_for_function(f"() => window.__glomWorkspace.decisions === {args.keys}", timeout=60_000)
             key_ms = frame.evaluate("() => window.__glomWorkspace.keyMs")[1:]
+            page.wait_for_timeout(500)  # the last Event Timing entries
+            # Event Timing: key event -> next paint, as the browser measures it (reported from 16 ms)
+            paint_ms = frame.evaluate("() => { const w = window.__glomWorkspace; "
+                                      "return w.keyAt.slice(1).map(t => w.paint[t] ?? null); }")
             store_ms = frame.evaluate("() => window.__glomWorkspace.storeMs")
             browser.close()
         rtt = []
@@ -113,7 +117,12 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; {args.proposals} proposals, {len(key_ms)} A/R keys")
     print("| what | p50 ms | p95 ms | max ms |")
     print("| --- | ---: | ---: | ---: |")
-    print(f"| key press -> next proposal painted | {statistics.median(key_ms):.0f} | {pct(key_ms, .95):.0f} | {max(key_ms):.0f} |")
+    print(f"| key handler -> the frame with the next proposal highlighted (rAF) | {statistics.median(key_ms):.0f} | "
+          f"{pct(key_ms, .95):.0f} | {max(key_ms):.0f} |")
+    under = sum(v is None for v in paint_ms)
+    paint = [16.0 if v is None else v for v in paint_ms]  # not reported: under 16 ms, counted as 16
+    print(f"| key event -> next paint (Event Timing; {under} of {len(paint)} under 16 ms) | "
+          f"{statistics.median(paint):.0f} | {pct(paint, .95):.0f} | {max(paint):.0f} |")
     print(f"| key press -> decision stored (POST, queued) | {statistics.median(store_ms):.0f} | {pct(store_ms, .95):.0f} | "
           f"{max(store_ms):.0f} |")
     print(f"| baseline: GET /api/slides/proposals | {statistics.median(rtt):.1f} | {pct(rtt, .95):.1f} | {max(rtt):.1f} |")

@@ -13,6 +13,7 @@ Set ``GLOM_UPDATE_SCREENSHOT=1`` to refresh ``docs/slide_workspace.png``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -44,6 +45,27 @@ PROPOSALS = [(400, 500, 0.97), (1200, 900, 0.91), (700, 2000, 0.64)]  # level-0 
 
 
 
+@contextlib.contextmanager
+def _serve_app(tmp_path: Path, url: str, slides: Path, **env: str):
+    """``streamlit run app/asgi.py`` (the launcher's entry point) on a free port; yields its base URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (tmp_path / "streamlit.log").open("w")
+    proc = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "streamlit"), "run", "app/asgi.py", "--server.port", str(port),
+         "--server.headless", "true"],
+        cwd=REPO, env=dict(os.environ, GLOM_DB=url, GLOM_SLIDES_DIR=str(slides), GLOM_DATA_ROOT=str(tmp_path), **env),
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until_healthy(port, proc, tmp_path / "streamlit.log")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
 @pytest.fixture
 def server(tmp_path: Path, wsi_dir: Path):
     url = f"sqlite:///{tmp_path / 'ws.db'}"
@@ -56,22 +78,8 @@ def server(tmp_path: Path, wsi_dir: Path):
                           slide_path=str(wsi_dir / SLIDE))
     engine.dispose()
     _accounts(url)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = (tmp_path / "streamlit.log").open("w")
-    proc = subprocess.Popen(
-        [str(REPO / ".venv" / "bin" / "streamlit"), "run", "app/asgi.py", "--server.port", str(port),
-         "--server.headless", "true"],
-        cwd=REPO, env=dict(os.environ, GLOM_DB=url, GLOM_SLIDES_DIR=str(wsi_dir), GLOM_DATA_ROOT=str(tmp_path)),
-        stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_until_healthy(port, proc, tmp_path / "streamlit.log")
-        yield f"http://127.0.0.1:{port}", url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
+    with _serve_app(tmp_path, url, wsi_dir) as base:
+        yield base, url
 
 
 def _state(frame, expr: str):
@@ -201,7 +209,7 @@ def test_open_zoom_draw_reload(server):
 
         # the QuPath GeoJSON holds the three boxes; crop them; they are glomeruli on the map and in the Label queue
         with page.expect_download() as dl:
-            page.get_by_role("button", name="QuPath GeoJSON of the drawn boxes").click()
+            page.get_by_role("button", name="QuPath GeoJSON of the glomeruli").click()
         assert len(json.loads(Path(dl.value.path()).read_text())["features"]) == 3
         page.get_by_role("button", name="Crop the drawn boxes into glom").click()
         page.get_by_text("3 glomeruli cropped into glom").wait_for(timeout=30_000)
@@ -225,4 +233,126 @@ def test_open_zoom_draw_reload(server):
         assert all(r.image_id is not None for r in rows)
         assert props[1].box == tuple(fixed) and props[1].box[2] > 160  # the fixed box, and its accepted box follows
         assert 30 < w < 2220 and 30 < h < 2967 and x >= 0 and y >= 0
+    engine.dispose()
+
+
+# --- the detector run from the page, on a pyramidal TIFF of real kidney tiles -----------------------
+
+KIDNEY = "kidney_three_tiles.tif"
+
+
+@pytest.fixture
+def detector_server(tmp_path: Path, wsi_dir: Path, tiny_detector: Path):
+    """The app on a slides folder holding the real ``cmu-1-small-region.svs`` and a 3-level TIFF of
+    three real kidney tiles (:func:`tests.detector_fixtures.three_tile_slide`), with ``$GLOM_RUNS``
+    at the folder of the detector the tests train (``tiny_detector``), and no proposal yet."""
+    import shutil
+
+    from tests.detector_fixtures import three_tile_slide
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(wsi_dir / SLIDE, slides / SLIDE)  # a link would lead out of the slides folder: refused
+    three_tile_slide(slides / KIDNEY)
+    url = f"sqlite:///{tmp_path / 'ws.db'}"
+    engine = create_store_engine(url)
+    upgrade(engine)
+    with make_sessionmaker(engine)() as s, s.begin():
+        store.create_dataset(s, "glom", ["globally_sclerotic", "non_globally_sclerotic"], root=tmp_path / "dataset")
+    engine.dispose()
+    _accounts(url)
+    runs = tiny_detector.parent.parent  # <runs>/<run>/best.safetensors, as `glom train-detector` leaves it
+    with _serve_app(tmp_path, url, slides, GLOM_RUNS=str(runs)) as base:
+        yield base, url, tiny_detector
+
+
+def _workspace_frame(page, slide: str):
+    """The workspace view's frame once it shows ``slide`` and has drawn its first tiles."""
+    frame = page.wait_for_selector("iframe", timeout=30_000).content_frame()
+    frame.wait_for_function(f"() => typeof CFG !== 'undefined' && CFG.slide === {json.dumps(slide)}"
+                            " && window.__glomWorkspace && window.__glomWorkspace.ready"
+                            " && window.__glomWorkspace.tilesLoaded > 0", timeout=30_000)
+    return frame
+
+
+def test_run_the_detector_from_the_page_then_review_its_proposals(detector_server):
+    """A pathologist picks the kidney slide, picks the detector (a checkpoint under $GLOM_RUNS),
+    presses the page's run button, sees it running while the view stays usable, and the detector's
+    proposals appear in the view without a reload; she accepts the best and rejects the next by
+    keyboard; the store holds them, attributed, with the checkpoint as their source."""
+    from playwright.sync_api import sync_playwright
+
+    from annotation_db.models import Slide
+
+    base, url, checkpoint = detector_server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(base)
+        page.get_by_label("Your name").fill("alice")
+        page.get_by_label("Password", exact=True).fill(E2E_PASSWORD)
+        page.get_by_role("button", name="Sign in").click()
+        page.get_by_text("Signed in as alice").wait_for(timeout=30_000)
+        page.get_by_role("link", name="Slide workspace").click()
+        page.wait_for_selector(IDLE, timeout=30_000)
+        _workspace_frame(page, SLIDE)  # the .svs first, as the folder lists them
+        page.get_by_label("Slide", exact=True).click()
+        page.get_by_role("option", name=KIDNEY).click()
+        page.wait_for_selector(IDLE, timeout=30_000)
+        frame = _workspace_frame(page, KIDNEY)
+        assert _state(frame, "proposals.length") == 0 and _state(frame, "tileErrors") == 0
+        assert "No proposals" in frame.evaluate("() => document.getElementById('review').textContent")
+
+        page.get_by_text("Find glomeruli with the detector").click()
+        page.get_by_label("Detector checkpoint").click()
+        options = page.get_by_role("option").all_inner_texts()
+        best = str(checkpoint.with_suffix(""))  # outside the repository: offered by its full path
+        assert best in options, options
+        page.get_by_role("option", name=best, exact=True).click()
+        page.wait_for_selector(IDLE, timeout=30_000)
+        page.get_by_role("button", name="Run on this slide").click()
+        page.get_by_text("Detector running on this slide").wait_for(timeout=30_000)  # progress, on the page
+        frame = _workspace_frame(page, KIDNEY)
+        # the view stays usable while it runs (a wheel zoom loads more tiles), and the proposals
+        # appear in it by themselves (the view re-reads them every 5 s)
+        before, zoom0 = _state(frame, "tilesLoaded"), frame.evaluate("() => document.getElementById('zoom').textContent")
+        box = page.locator("iframe").bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        for _ in range(3):
+            page.mouse.wheel(0, -300)
+            page.wait_for_timeout(150)
+        frame.wait_for_function(f"() => window.__glomWorkspace.tilesLoaded > {before}", timeout=30_000)
+        assert frame.evaluate("() => document.getElementById('zoom').textContent") != zoom0
+        frame.wait_for_function("() => window.__glomWorkspace.proposals.length >= 2", timeout=150_000)
+        page.get_by_text("Detector finished").wait_for(timeout=30_000)
+        frame.wait_for_function("() => window.__glomWorkspace.features.some(f => f.properties.layer === 'proposals')",
+                                timeout=15_000)
+        found = frame.evaluate("() => window.__glomWorkspace.proposals")
+        assert {p["status"] for p in found} == {"proposed"}
+        assert [p["score"] for p in found] == sorted((p["score"] for p in found), reverse=True)
+
+        frame.locator("#osd").click(position={"x": 200, "y": 400})
+        page.keyboard.press("n")
+        frame.wait_for_function("() => window.__glomWorkspace.current === 0", timeout=10_000)
+        page.keyboard.press("a")
+        frame.wait_for_function("() => window.__glomWorkspace.decisions === 1", timeout=15_000)
+        page.keyboard.press("r")
+        frame.wait_for_function("() => window.__glomWorkspace.decisions === 2", timeout=15_000)
+        assert frame.evaluate("() => window.__glomWorkspace.proposals.slice(0, 2).map(p => p.status + ':' + p.by)"
+                              ".join()") == "accepted:alice,rejected:alice"
+        browser.close()
+
+    engine = create_store_engine(url)
+    with make_sessionmaker(engine)() as s:
+        slide = s.scalar(select(Slide).where(Slide.name == "kidney_three_tiles"))
+        props = s.scalars(select(GlomerulusProposal).where(GlomerulusProposal.slide_id == slide.id)
+                          .order_by(GlomerulusProposal.score.desc())).all()
+        assert len(props) == len(found) >= 2
+        assert [(p.status, p.reviewed_by) for p in props[:2]] == [("accepted", "alice"), ("rejected", "alice")]
+        assert all(p.status == "proposed" for p in props[2:])
+        assert all(p.source.startswith("model:") and "best" in p.source for p in props), [p.source for p in props]
+        # the acceptance drew a box over the proposal, attributed; nothing on the other slide
+        rows = s.scalars(select(SlideBox)).all()
+        assert [(r.box, r.created_by, r.slide_id) for r in rows] == [(props[0].box, "alice", slide.id)]
+        assert s.scalar(select(GlomerulusProposal).where(GlomerulusProposal.slide_id != slide.id)) is None
     engine.dispose()

@@ -173,3 +173,25 @@ def test_a_slide_with_mpp_asks_nothing_and_the_pick_survives_another_page(Sessio
     at.switch_page("workspace_page.py").run()
     assert not at.exception, at.exception
     assert at.selectbox(key="ws_slide").value == NO_MPP
+
+
+def test_the_page_offers_the_checkpoints_of_glom_runs(tmp_path: Path, monkeypatch):
+    """$GLOM_RUNS (the viewer's and the job runner's runs folder) is where the page looks for
+    detectors and classifiers; one outside the repository is offered by its full path (what
+    `glom detect --checkpoint` and the classifier loader then open), a relative one starts at the
+    repository, and without it the repository's runs/ is used."""
+    from tests.demo_checkpoint import demo_checkpoint
+
+    runs = tmp_path / "elsewhere"
+    (runs / "det").mkdir(parents=True)
+    (runs / "det" / "best.json").write_text(json.dumps({"kind": "detector"}))
+    (runs / "det" / "best.safetensors").write_bytes(b"x")
+    demo_checkpoint(runs / "demo" / "best")
+    monkeypatch.setenv("GLOM_RUNS", str(runs))
+    assert workspace_page.runs_dir() == runs.resolve()
+    assert workspace_page.detector_checkpoints() == [str(runs.resolve() / "det" / "best")]
+    assert workspace_page.classifier_checkpoints() == [str(runs.resolve() / "demo" / "best.safetensors")]
+    monkeypatch.setenv("GLOM_RUNS", "some/runs")
+    assert workspace_page.runs_dir() == workspace_page.REPO / "some" / "runs"
+    monkeypatch.delenv("GLOM_RUNS")
+    assert workspace_page.runs_dir() == workspace_page.RUNS_DIR == workspace_page.REPO / "runs"
