@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from core.detection.config import load_detector_config
-from core.detection.cv import plan_tile_folds, run_detector_cv
+from core.detection.cv import plan_tile_folds, rescore_detector_cv, run_detector_cv
 from core.detection.data import load_tiles
 from core.detection.instances import filter_by_score, label_instances
 from core.detection.model import DetectorError
@@ -94,6 +94,30 @@ def test_cv_detector_two_folds_on_the_real_tiles(tmp_path):
     assert [f["fold"] for f in report["per_fold"]] == [0, 1]
     assert all(f["postprocess"]["min_score"] is not None for f in report["per_fold"])
     assert "| chosen on each fold's validation |" in (out / "cv_report.md").read_text()
+    # re-scoring the same fold checkpoints unchanged gives the same figures; with flip TTA, other maps
+    again = rescore_detector_cv(out, {}, bootstrap=0)
+    for which in ("fixed", "chosen"):
+        for k in ("f1", "dice", "ap"):
+            assert again["pooled"][which][k]["value"] == pytest.approx(report["pooled"][which][k]["value"])
+    tta = rescore_detector_cv(out, {"tta": True}, bootstrap=0)
+    assert (out / "rescore-tta=True.json").is_file()
+    assert tta["pooled"]["fixed"]["_pooled"]["n_true"] == n_true
+    assert json.loads((out / "rescore-tta=True.json").read_text())["post_overrides"] == {"tta": True}
+
+
+def test_flip_tta_averages_the_four_flips(tiny_detector):
+    from core.detection.inference import Predictor
+    from core.detection.model import load_detector
+
+    model, meta = load_detector(tiny_detector, "cpu")
+    rgb = load_tiles(TILES, TILES_MPP, 2.0, ["10003"])[0].rgb[:256, :256]
+    plain = Predictor(model, meta)(rgb[None])[0]
+    meta.postprocess = dict(meta.postprocess, tta=True)
+    tta = Predictor(model, meta)
+    p = tta(rgb[None])[0]
+    assert np.abs(p - plain).max() > 1e-3  # not the plain forward
+    flipped = tta(np.ascontiguousarray(rgb[::-1, ::-1])[None])[0][::-1, ::-1]
+    assert np.abs(p - flipped).max() < 1e-4  # invariant to the flips it averages over
 
 
 def test_cv_detector_refuses_a_fixed_split(tmp_path):

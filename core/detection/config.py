@@ -90,6 +90,7 @@ class PostprocessConfig:
     split_min_distance_um: float = 60.0  # touching glomeruli: centres at least this far apart
     simplify_um: float = 1.5  # polygon simplification tolerance
     min_score: float = 0.0  # findings whose mean probability is below this are dropped
+    tta: bool = False  # predict each tile and its three flips, average (4× the forward cost)
     tune: bool = False  # after training, choose threshold and min_score on the validation tiles (best F1, then Dice)
 
 

@@ -47,7 +47,7 @@ from core.detection.scoring import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DetectorCVResult", "bootstrap_tiles", "plan_tile_folds", "run_detector_cv"]
+__all__ = ["DetectorCVResult", "bootstrap_tiles", "plan_tile_folds", "rescore_detector_cv", "run_detector_cv"]
 
 # figures with an interval, in report order
 FIGURES = ("f1", "precision", "recall", "dice", "ap", "count_mae")
@@ -136,10 +136,64 @@ def _label(prob: np.ndarray, post: dict[str, Any], mpp: float) -> tuple[np.ndarr
     return labels, scores
 
 
+def _score_fold(checkpoint: Path, test_tiles: list[str], cfg: DetectorConfig, fold: int,
+                oof: dict[str, dict[str, list]], overlay_dir: Path | None,
+                post_overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Predict a fold's test tiles with its checkpoint, score them with the recipe's post-processing
+    (``fixed``) and the checkpoint's (``chosen``) into ``oof``; (chosen settings, per-tile rows)."""
+    from core.detection.evaluate import overlay_outlines
+
+    device = resolve_device(cfg.train.device)
+    model, meta = load_detector(checkpoint, device)
+    meta.postprocess = dict(meta.postprocess, **(post_overrides or {}))
+    predictor = Predictor(model, meta, device, amp=cfg.train.amp)
+    chosen_post = dict(meta.postprocess, threshold=meta.threshold)
+    fixed_post = dict(cfg.postprocess.__dict__, **(post_overrides or {}))
+    min_px = int(cfg.postprocess.min_area_um2 / (meta.mpp * meta.mpp))
+    rows = []
+    for t in load_tiles(cfg.data.tiles, cfg.data.tiles_mpp, meta.mpp, test_tiles):
+        prob = predict_image(predictor, t.rgb)
+        true = gt_instances(t.mask, min_px)  # slivers below the minimum area are not asked for
+        for which, post in (("fixed", fixed_post), ("chosen", chosen_post)):
+            labels, pscores = _label(prob, post, meta.mpp)
+            s = score_image(t.name, labels, true)
+            oof[which]["scores"].append(s)
+            oof[which]["preds"].append((labels, pscores))
+            oof[which]["trues"].append(true)
+            if which == "chosen":
+                d = 2 * s.intersection / (s.pred_px + s.true_px) if s.pred_px + s.true_px else 1.0
+                rows.append({"tile": t.name, "fold": fold, "true": s.n_true, "found": s.n_pred, "matched": s.tp,
+                             "count_error": s.n_pred - s.n_true, "dice": round(d, 4)})
+                if overlay_dir is not None:
+                    Image.fromarray(overlay_outlines(t.rgb, true, labels)).save(overlay_dir / f"{t.name}.png")
+    return chosen_post, rows
+
+
+def rescore_detector_cv(cv_dir: str | Path, post_overrides: dict[str, Any], bootstrap: int = 1000) -> dict[str, Any]:
+    """The pooled out-of-fold figures of a finished CV again, with post-processing settings changed
+    (e.g. ``{"tta": True}``) on every fold's checkpoint, without retraining: a candidate that needs no
+    new training is compared on the same folds. Written to ``rescore-<settings>.json`` in ``cv_dir``."""
+    from core.detection.config import load_detector_config
+
+    cv_dir = Path(cv_dir)
+    report = json.loads((cv_dir / "cv_report.json").read_text())
+    cfg = load_detector_config(cv_dir / "fold-0" / "config.yaml")
+    oof: dict[str, dict[str, list]] = {"fixed": {"scores": [], "preds": [], "trues": []},
+                                       "chosen": {"scores": [], "preds": [], "trues": []}}
+    for f in report["per_fold"]:
+        _score_fold(cv_dir / f"fold-{f['fold']}" / "best.safetensors", f["test_tiles"], cfg, f["fold"], oof, None,
+                    post_overrides)
+    out = {"post_overrides": post_overrides,
+           "pooled": {w: bootstrap_tiles(oof[w]["scores"], oof[w]["preds"], oof[w]["trues"], n=bootstrap)
+                      for w in ("fixed", "chosen")}}
+    tag = "-".join(f"{k}={v}" for k, v in sorted(post_overrides.items())) or "as-trained"
+    (cv_dir / f"rescore-{tag}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def run_detector_cv(cfg: DetectorConfig, folds: int = 4, *, out_dir: str | Path | None = None, bootstrap: int = 1000,
                     progress: bool = True, overlays: bool = True) -> DetectorCVResult:
     """Train one detector per fold of the tiles and score every tile out of fold (see the module doc)."""
-    from core.detection.evaluate import overlay_outlines
     from core.detection.train import train_detector
 
     if cfg.data.store.db:
@@ -158,7 +212,6 @@ def run_detector_cv(cfg: DetectorConfig, folds: int = 4, *, out_dir: str | Path 
     (cv_dir / "splits").mkdir()
     if overlays:
         (cv_dir / "overlays").mkdir()
-    fixed_post = dict(cfg.postprocess.__dict__)
     rows: list[dict[str, Any]] = []
     oof: dict[str, dict[str, list]] = {"fixed": {"scores": [], "preds": [], "trues": []},
                                        "chosen": {"scores": [], "preds": [], "trues": []}}
@@ -175,32 +228,14 @@ def run_detector_cv(cfg: DetectorConfig, folds: int = 4, *, out_dir: str | Path 
         run = train_detector(fold_cfg, progress=progress)
         if run.run_dir != cv_dir / f"fold-{k}":
             raise DetectorError(f"fold {k} trained into {run.run_dir}, not {cv_dir / f'fold-{k}'}")
-        device = resolve_device(cfg.train.device)
-        model, meta = load_detector(run.checkpoint, device)
-        predictor = Predictor(model, meta, device, amp=cfg.train.amp)
-        chosen_post = dict(meta.postprocess, threshold=meta.threshold)
-        min_px = int(cfg.postprocess.min_area_um2 / (meta.mpp * meta.mpp))
+        chosen_post, fold_rows = _score_fold(run.checkpoint, part["test_tiles"], cfg, k, oof,
+                                             cv_dir / "overlays" if overlays else None)
+        rows += fold_rows
         fold_figs: dict[str, Any] = {"fold": k, "test_tiles": part["test_tiles"], "val_tiles": part["val_tiles"],
                                      "best_epoch": run.metrics["best_epoch"],
                                      "train_minutes": run.metrics["train_minutes"],
                                      "postprocess": {kk: chosen_post.get(kk) for kk in
                                                      ("threshold", "min_area_um2", "min_score", "tta")}}
-        for t in load_tiles(cfg.data.tiles, cfg.data.tiles_mpp, meta.mpp, part["test_tiles"]):
-            prob = predict_image(predictor, t.rgb)
-            true = gt_instances(t.mask, min_px)  # slivers below the minimum area are not asked for
-            for which, post in (("fixed", fixed_post), ("chosen", chosen_post)):
-                labels, pscores = _label(prob, post, meta.mpp)
-                s = score_image(t.name, labels, true)
-                oof[which]["scores"].append(s)
-                oof[which]["preds"].append((labels, pscores))
-                oof[which]["trues"].append(true)
-                if which == "chosen":
-                    d = 2 * s.intersection / (s.pred_px + s.true_px) if s.pred_px + s.true_px else 1.0
-                    rows.append({"tile": t.name, "fold": k, "true": s.n_true, "found": s.n_pred, "matched": s.tp,
-                                 "count_error": s.n_pred - s.n_true, "dice": round(d, 4)})
-                    if overlays:
-                        Image.fromarray(overlay_outlines(t.rgb, true, labels)).save(
-                            cv_dir / "overlays" / f"{t.name}.png")
         n_test = len(part["test_tiles"])
         for which in ("fixed", "chosen"):
             sl = slice(len(oof[which]["scores"]) - n_test, None)

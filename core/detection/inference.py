@@ -44,6 +44,7 @@ class Predictor:
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp = amp and self.cuda
+        self.tta = bool(meta.postprocess.get("tta", False))  # flip test-time augmentation, a checkpoint setting
         self._mean = torch.tensor(meta.mean, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1) * 255
 
@@ -61,8 +62,12 @@ class Predictor:
             x = x.contiguous(memory_format=torch.channels_last)
         ctx = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
         with ctx:
-            logits = self.model(x)
-        return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+            if self.tta:  # mean probability over the four flips (4 forward passes)
+                prob = sum(torch.sigmoid(self.model(x.flip(d)).float()).flip(d) if d else
+                           torch.sigmoid(self.model(x).float()) for d in ((), (3,), (2,), (2, 3))) / 4
+            else:
+                prob = torch.sigmoid(self.model(x).float())
+        return prob[:, 0].cpu().numpy()
 
 
 def blend_weights(size_px: int, overlap_px: int) -> np.ndarray:
