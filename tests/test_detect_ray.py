@@ -2,8 +2,8 @@
 
 A head and a second node (``ray start``, one CPU each: two workers, ``tests/ray_local.py``), the
 tiny real-tile detector and pyramidal TIFFs built from the real tiles (``tests/conftest.py``,
-``tests/detector_fixtures.py``). Skipped only where ray is not importable; it is in
-requirements.txt, so CI runs it.
+``tests/detector_fixtures.py``). The tests that need Ray are skipped only where ray is not
+importable; it is in requirements.txt, so CI runs them.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-pytest.importorskip("ray")
 
 from core.cli import main as glom
 from tests.detector_fixtures import (
@@ -30,6 +29,7 @@ from tests.ray_local import free_port, local_ray_cluster
 
 @pytest.fixture(scope="module")
 def ray_address():
+    pytest.importorskip("ray")
     with local_ray_cluster(nodes=2, cpus_per_node=1) as address:
         yield address
 
@@ -120,6 +120,7 @@ def test_a_task_checks_for_a_finished_result_itself(ray_address: str, tiny_detec
 
 
 def test_an_unreachable_cluster_is_named(tiny_detector: Path, test_slide, tmp_path: Path, capsys) -> None:
+    pytest.importorskip("ray")
     path, _ = test_slide
     address = f"127.0.0.1:{free_port()}"  # nobody listens there
     rc = glom(["detect", str(path), "--checkpoint", str(tiny_detector), "--out", str(tmp_path / "o"),
@@ -129,3 +130,13 @@ def test_an_unreachable_cluster_is_named(tiny_detector: Path, test_slide, tmp_pa
     rc = glom(["detect", str(path), "--checkpoint", str(tiny_detector), "--out", str(tmp_path / "o"),
                "--ray", address, "--workers", "2", "--no-progress"])
     assert rc == 2 and "--workers" in capsys.readouterr().err
+
+
+def test_without_ray_the_error_says_what_to_install(tiny_detector: Path, test_slide, tmp_path: Path, monkeypatch,
+                                                    capsys) -> None:
+    path, _ = test_slide
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as where it is not installed
+    rc = glom(["detect", str(path), "--checkpoint", str(tiny_detector), "--out", str(tmp_path / "o"),
+               "--ray", "127.0.0.1:6379", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--ray needs the ray package" in err and "pip install ray==2.60.0" in err
