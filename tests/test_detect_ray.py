@@ -119,6 +119,36 @@ def test_a_task_checks_for_a_finished_result_itself(ray_address: str, tiny_detec
     assert result.value.out == first.out
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_cancels_the_tasks_still_running(ray_address: str) -> None:
+    """After Ctrl-C the cluster is free at once: the running and pending tasks were cancelled, not left to finish."""
+    import signal
+    import time
+
+    from core.detection.cluster import connect, run_on_ray
+
+    def nap(item: str) -> str:  # pickled by value: the workers need not import this test
+        time.sleep(float(item))
+        return item
+
+    with connect(ray_address):
+        old = signal.signal(signal.SIGALRM, _interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 6)  # Ctrl-C while both CPUs hold a 300 s nap and one waits
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                for _ in run_on_ray(nap, ["300", "300", "300"]):
+                    pass
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        t0 = time.monotonic()
+        (result,) = run_on_ray(nap, ["0"])
+        assert result.value == "0" and time.monotonic() - t0 < 120
+
+
 def test_an_unreachable_cluster_is_named(tiny_detector: Path, test_slide, tmp_path: Path, capsys) -> None:
     pytest.importorskip("ray")
     path, _ = test_slide
