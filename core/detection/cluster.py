@@ -18,9 +18,12 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.errors import GlomError
+
+if TYPE_CHECKING:
+    from core.detection.slide_job import DetectJob
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,10 @@ def _run_one(fn: Callable[..., Any], item: str, args: tuple[Any, ...]) -> TaskRe
 
 def run_on_ray(fn: Callable[..., Any], items: Sequence[str], *, args: tuple[Any, ...] = (), num_cpus: float = 1,
                num_gpus: float = 0, label: str = "") -> Iterator[TaskResult]:
-    """One Ray task per item (``fn`` must be importable on the workers); results as they finish.
+    """One Ray task per item, ``fn(item, *args)``; results as they finish.
+
+    ``fn`` travels by reference when it is importable (GlomLab installed on every node, as for
+    :func:`~core.detection.slide_job.detect_and_store`), by value otherwise (a local function).
 
     Call while connected (:func:`connect`). Leaving the loop early (an error, Ctrl-C) cancels the
     tasks still pending or running.
@@ -127,7 +133,7 @@ def run_on_ray(fn: Callable[..., Any], items: Sequence[str], *, args: tuple[Any,
                 ray.cancel(ref, force=True)
 
 
-def detect_on_ray(job: Any, slides: Sequence[str], *, address: str, num_cpus: int = 1) -> Iterator[TaskResult]:
+def detect_on_ray(job: DetectJob, slides: Sequence[str], *, address: str, num_cpus: int = 1) -> Iterator[TaskResult]:
     """``glom detect --ray``: one task per slide not already done; a ``TaskResult`` of a ``SlideOutcome`` per slide.
 
     A slide already done the same way is settled on the driver (its proposals stored again with a
