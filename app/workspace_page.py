@@ -126,7 +126,10 @@ const msg = t => { const m = document.getElementById('msg'); m.textContent = t; 
 const viewer = OpenSeadragon({
   element: document.getElementById('osd'), prefixUrl: CFG.prefix + '/vendor/images/',
   showNavigator: true, navigatorPosition: 'TOP_RIGHT', showNavigationControl: false,
-  animationTime: 0.6, maxZoomPixelRatio: 4, visibilityRatio: 0.5, crossOriginPolicy: false,
+  // drawer: the 2D canvas, not OpenSeadragon 5's default WebGL: without a GPU (VMs, remote desktops,
+  // headless) WebGL is emulated in software and each frame of a flight took ~10x longer, which
+  // held the paint of the next review key (bench_review_keys: 312 -> 32-40 ms p50, see BENCHMARKS.md)
+  animationTime: 0.6, maxZoomPixelRatio: 4, visibilityRatio: 0.5, crossOriginPolicy: false, drawer: 'canvas',
   gestureSettingsMouse: {clickToZoom: false, dblClickToZoom: true},
   tileSources: {width: CFG.width, height: CFG.height, tileSize: CFG.tileSize, tileOverlap: CFG.overlap,
     getTileUrl: (l, x, y) => `${CFG.prefix}/tile/${l}/${x}_${y}.jpeg?` + q()},
