@@ -17,8 +17,11 @@ slide whose file records no µm/px asks for it (the scale bar and the crops need
 The detector's proposals (``glom detect --dataset``, :mod:`annotation_db.proposals`) show dashed
 with their score; **N** / **P** fly to the next / previous one still to review, **A** accepts
 (a box drawn by the reviewer, cropped with the others), **R** rejects, **U** (or Ctrl+Z) undoes
-the last decision. Each decision is stored at once, attributed; the list is read again on every
-key, so a decision by another reviewer shows on the next one.
+the last decision. A key's decision and the next proposal's highlight are painted in the key's
+frame, the flight follows; each decision is stored at once (in key order), attributed; the list
+is read again after each N / P and every 5 s, so a decision by another reviewer shows on the next
+move. Detector and classifier checkpoints are those of the runs folder (:func:`runs_dir`:
+``$GLOM_RUNS``, else ``runs/``).
 
 The browser part is one HTML document (``WORKSPACE_HTML``) in ``st.components.v1.html``; it talks
 to the routes with the token :func:`core.tile_service.sign_token` gives the signed-in user for

@@ -7,6 +7,12 @@ proposals by keyboard (N, A, A, R, U undo, R), fixes one box by dragging its cor
 store holds them, attributed. Then exports the QuPath GeoJSON, crops the boxes and finds the crops
 on the map and in the Label queue. A tile URL without her token is refused.
 
+Then the detector from the page: on a slides folder holding the real ``.svs`` and a pyramidal TIFF
+of three real kidney tiles, with ``$GLOM_RUNS`` at the small detector the tests train
+(``tiny_detector``), she picks the kidney slide and the detector, presses *Run on this slide*, sees
+it running while she zooms, and its proposals appear in the view by themselves; she accepts one
+and rejects one by keyboard, and the store holds them with the checkpoint as their source.
+
 Needs Debian's ``chromium`` and the ``playwright`` package (the browser is never downloaded).
 Set ``GLOM_UPDATE_SCREENSHOT=1`` to refresh ``docs/slide_workspace.png``.
 """
