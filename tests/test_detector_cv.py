@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from core.detection.config import load_detector_config
-from core.detection.cv import plan_tile_folds, rescore_detector_cv, run_detector_cv
+from core.detection.cv import (
+    choose_on_fold_validation,
+    plan_tile_folds,
+    rescore_detector_cv,
+    run_detector_cv,
+)
 from core.detection.data import load_tiles
 from core.detection.instances import filter_by_score, label_instances
 from core.detection.model import DetectorError
@@ -103,6 +108,13 @@ def test_cv_detector_two_folds_on_the_real_tiles(tmp_path):
     assert (out / "rescore-tta=True.json").is_file()
     assert tta["pooled"]["fixed"]["_pooled"]["n_true"] == n_true
     assert json.loads((out / "rescore-tta=True.json").read_text())["post_overrides"] == {"tta": True}
+    # one post-processing chosen on the folds' validation tiles pooled (2 folds × 2 validation tiles)
+    chosen, figs = choose_on_fold_validation(out)
+    val_tiles = [t for sp in folds for t in sp["val_tiles"]]
+    assert figs["images"] == len(val_tiles) == 4
+    assert figs["n_true"] == sum(int(gt_instances(t.mask, min_px).max()) for name in val_tiles
+                                 for t in load_tiles(TILES, TILES_MPP, 2.0, [name]))
+    assert chosen["threshold"] in (0.3, 0.4, 0.5, 0.6, 0.7) and chosen["min_area_um2"] == 1500
 
 
 def test_flip_tta_averages_the_four_flips(tiny_detector):

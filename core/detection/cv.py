@@ -47,7 +47,8 @@ from core.detection.scoring import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DetectorCVResult", "bootstrap_tiles", "plan_tile_folds", "rescore_detector_cv", "run_detector_cv"]
+__all__ = ["DetectorCVResult", "bootstrap_tiles", "choose_on_fold_validation", "plan_tile_folds", "rescore_detector_cv",
+           "run_detector_cv"]
 
 # figures with an interval, in report order
 FIGURES = ("f1", "precision", "recall", "dice", "ap", "count_mae")
@@ -189,6 +190,31 @@ def rescore_detector_cv(cv_dir: str | Path, post_overrides: dict[str, Any], boot
     tag = "-".join(f"{k}={v}" for k, v in sorted(post_overrides.items())) or "as-trained"
     (cv_dir / f"rescore-{tag}.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+def choose_on_fold_validation(cv_dir: str | Path, post_overrides: dict[str, Any] | None = None
+                              ) -> tuple[dict[str, Any], dict[str, float]]:
+    """One post-processing (threshold, ``min_score``) for a recipe, chosen on the **validation** tiles of
+    all folds pooled, each predicted by its own fold's model (never a test tile): four times the
+    validation glomeruli one run has. Returns (post-processing, its pooled validation figures); the
+    choice is :func:`core.detection.train.choose_postprocess`'s."""
+    from core.detection.config import load_detector_config
+    from core.detection.train import choose_postprocess
+
+    cv_dir = Path(cv_dir)
+    report = json.loads((cv_dir / "cv_report.json").read_text())
+    cfg = load_detector_config(cv_dir / "fold-0" / "config.yaml")
+    post = dict(cfg.postprocess.__dict__, **(post_overrides or {}))
+    device = resolve_device(cfg.train.device)
+    probs, masks = [], []
+    for f in report["per_fold"]:
+        model, meta = load_detector(cv_dir / f"fold-{f['fold']}" / "best.safetensors", device)
+        meta.postprocess = dict(meta.postprocess, **(post_overrides or {}))
+        predictor = Predictor(model, meta, device, amp=cfg.train.amp)
+        for t in load_tiles(cfg.data.tiles, cfg.data.tiles_mpp, meta.mpp, f["val_tiles"]):
+            probs.append(predict_image(predictor, t.rgb))
+            masks.append(t.mask)
+    return choose_postprocess(probs, masks, post, cfg.mpp)
 
 
 def run_detector_cv(cfg: DetectorConfig, folds: int = 4, *, out_dir: str | Path | None = None, bootstrap: int = 1000,
