@@ -513,25 +513,11 @@ def classifier_checkpoints(root: Path | None = None) -> list[str]:
 
 
 def classify_crops(Session, image_ids: list[int], checkpoint: str) -> int:
-    """Predict the crops ``image_ids`` with ``checkpoint``; one ``Prediction`` row each (the
-    Label queue's model-uncertain order and this page's summary read them). How many were stored."""
-    from annotation_db.images import image_abspath
-    from annotation_db.models import Image
-    from core.diagnosis import load_viewer_checkpoint
-    from core.viewer_store import record_predictions
+    """Predict the crops ``image_ids`` with ``checkpoint`` (as the page names it) and store a
+    ``Prediction`` row each (:func:`core.diagnosis.classify_crops`); how many were stored."""
+    from core.diagnosis import classify_crops as classify
 
-    ckpt = load_viewer_checkpoint(REPO / checkpoint, runs_dir())
-    with Session() as s:
-        images = [s.get(Image, i) for i in image_ids]
-        paths = [str(image_abspath(img.dataset, img)) for img in images]
-        unknown = set(ckpt.predictor.classes) - set(images[0].dataset.class_keys) if images else set()
-    if unknown:
-        raise GlomError(f"{checkpoint}: classes {sorted(unknown)} are none of the dataset's: pick another checkpoint")
-    with ckpt.lock:  # one request at a time on a shared model
-        results = ckpt.predictor.predict_paths(paths)
-    with Session() as s, s.begin():
-        return record_predictions(s, [(s.get(Image, i), r["probs"]) for i, r in zip(image_ids, results, strict=True)],
-                                  ckpt.id)
+    return len(classify(Session, image_ids, REPO / checkpoint, runs_dir()))
 
 
 def _mpp_key(name: str) -> str:

@@ -1,4 +1,5 @@
-"""``glom train-detector``, ``glom evaluate-detector``, ``glom cv-detector`` and ``glom detect``.
+"""``glom train-detector``, ``glom evaluate-detector``, ``glom cv-detector``, ``glom detect`` and
+``glom classify-slides`` (the crop + classify step after detection, :mod:`core.slide_classify`).
 
 Wiring: ``core.cli`` lists this module in ``COMMAND_MODULES`` and calls ``register``; each
 command returns its exit code (0 ok, 1 some slides failed, 2 bad input).
@@ -173,6 +174,88 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+# --- glom classify-slides -------------------------------------------------------------------------
+
+def _cmd_classify_slides(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from annotation_db import store
+    from annotation_db.db import open_store, resolve_url
+    from core.checkpoint import CheckpointError
+    from core.slide_classify import (
+        ClassifyJob,
+        ClassifySlideError,
+        SlideClassified,
+        check_classes,
+        classify_slide,
+        describe,
+    )
+
+    if args.ray and args.workers > 1:
+        return _error("--workers runs local processes; with --ray there is one Ray task per slide (drop --workers)")
+    weights = Path(args.checkpoint).with_suffix(".safetensors").absolute()
+    db_url = _absolute_sqlite(resolve_url(args.db))  # workers run elsewhere, in another folder
+    try:
+        Session = open_store(db_url)  # migrate once here: workers only check the schema
+        with Session() as s:
+            ds = store.get_dataset(s, args.dataset)
+            check_classes(weights, ds.class_keys, ds.name)
+            if not ds.root and args.out is None:
+                return _error(f"dataset {ds.name!r} has no root folder for the crops: pass --out")
+    except (CheckpointError, GlomError, OSError) as e:
+        return _error(str(e))
+    job = ClassifyJob(checkpoint=str(weights), dataset=args.dataset, db_url=db_url, mpp=args.mpp,
+                      out_dir=str(Path(args.out).absolute()) if args.out else None, annotator=args.annotator,
+                      threads=args.threads)
+    slides = [os.path.abspath(s) if Path(s).is_file() else s for s in args.slides]
+    failures = 0
+    overall = tqdm(total=len(slides), desc="slides", unit="slide", disable=args.no_progress)
+
+    def report(outcome: SlideClassified | None, error: str | None, node: str = "") -> None:
+        nonlocal failures
+        if error is not None:
+            failures += 1
+            tqdm.write(f"error: {error}", file=sys.stderr)
+        else:
+            tqdm.write(describe(outcome, args.dataset) + (f" [{node}]" if node else ""))
+        overall.update(1)
+
+    workers = max(1, min(args.workers, len(slides)))
+    if args.ray:
+        from core.detection.cluster import RayClusterError
+        from core.slide_classify import classify_on_ray
+
+        try:
+            for r in classify_on_ray(job, slides, address=args.ray, num_cpus=args.threads or 1):
+                report(r.value, r.error, r.node)
+        except RayClusterError as e:
+            overall.close()
+            return _error(str(e))
+    elif workers == 1:
+        for slide in slides:
+            try:
+                report(classify_slide(slide, job), None)
+            except ClassifySlideError as e:
+                report(None, str(e))
+    else:
+        from dataclasses import replace
+
+        job = replace(job, threads=args.threads or max(1, (os.cpu_count() or 1) // workers))
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(classify_slide, s, job): s for s in slides}
+            for fut in as_completed(futures):
+                try:
+                    report(fut.result(), None)
+                except ClassifySlideError as e:
+                    report(None, str(e))
+                except Exception as e:  # noqa: BLE001 - a crashed worker must still name its slide
+                    report(None, f"{futures[fut]}: {type(e).__name__}: {e}")
+    overall.close()
+    if failures:
+        print(f"{failures} of {len(slides)} slides failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
 def _absolute_sqlite(url: str) -> str:
     """An SQLite URL with an absolute file path (a relative one would resolve in each worker's own folder)."""
     from sqlalchemy.engine import make_url
@@ -184,7 +267,7 @@ def _absolute_sqlite(url: str) -> str:
 
 
 def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
-    """Add ``train-detector``, ``evaluate-detector``, ``cv-detector`` and ``detect``."""
+    """Add ``train-detector``, ``evaluate-detector``, ``cv-detector``, ``detect`` and ``classify-slides``."""
     parents = list(parents)
     p = subparsers.add_parser("train-detector", parents=parents, help="train the glomerulus detector from a recipe")
     p.add_argument("--recipe", help="recipes/detector/cpu.yaml (defaults for every key otherwise)")
@@ -239,3 +322,20 @@ def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.
     p.add_argument("--no-resume", action="store_true", help="detect again even where a result exists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_detect)
+
+    p = subparsers.add_parser("classify-slides", parents=parents,
+                              help="crop each slide's stored glomeruli into a dataset and classify them (resumable)")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (or names of slides the store has a path for)")
+    p.add_argument("--dataset", required=True, help="the dataset the crops go into (its classes: the classifier's)")
+    p.add_argument("--checkpoint", required=True, help="classifier checkpoint (glom train): .safetensors with its .json")
+    p.add_argument("--out", help="crops' folder (default <dataset root>/wsi)")
+    p.add_argument("--mpp", type=float, help="µm per level-0 pixel for slides that record none (file or store)")
+    p.add_argument("--annotator", help="store the boxes' classes as this person's labels (default: no labels)")
+    p.add_argument("--workers", type=int, default=1, help="slides in parallel (processes)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per worker (default: cores / workers); with --ray, CPUs per task (default 1)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="one task per slide on an existing Ray cluster (HOST:PORT, ray://HOST:PORT or auto); "
+                        "PostgreSQL store, slides, checkpoint and crops on storage every node sees")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_classify_slides)

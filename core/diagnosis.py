@@ -57,6 +57,7 @@ __all__ = [
     "UploadsPolicy",
     "ViewerCheckpoint",
     "checkpoint_id",
+    "classify_crops",
     "diagnose",
     "diagnose_batch",
     "diagnose_slide",
@@ -164,6 +165,38 @@ def _load_cached(path: str, size: int, mtime_ns: int, runs_dir: str | None) -> V
         raise CheckpointError(f"{Path(path).name}: no heatmap layer for {predictor.meta.architecture}: {e}") from None
     log.info("loaded %s (%s, classes %s)", path, predictor.meta.architecture, predictor.classes)
     return ViewerCheckpoint(Path(path), checkpoint_id(path, runs_dir), predictor, target)
+
+
+def classify_crops(Session: sessionmaker, image_ids: Sequence[int], checkpoint: str | Path,
+                   runs_dir: str | Path | None = None) -> list[str]:
+    """Predict the stored crops ``image_ids`` with ``checkpoint`` (loaded once per process, cached) and
+    store one ``Prediction`` row each, under the checkpoint's id (the Label queue's model-uncertain
+    order, the workspace's per-biopsy summary and ``glom classify-slides`` read them).
+
+    Returns the predicted class key of each crop, in order. Raises :class:`GlomError` naming the
+    checkpoint when one of its classes is none of the crops' dataset's (nothing is stored then).
+    """
+    from annotation_db.images import image_abspath
+    from core.errors import GlomError
+
+    if not image_ids:
+        return []
+    ckpt = load_viewer_checkpoint(checkpoint, runs_dir)
+    with Session() as s:
+        images = [s.get(Image, i) for i in image_ids]
+        paths = [str(image_abspath(img.dataset, img)) for img in images]
+        datasets = {img.dataset.name: set(img.dataset.class_keys) for img in images}
+    for name, keys in datasets.items():
+        unknown = set(ckpt.predictor.classes) - keys
+        if unknown:
+            raise GlomError(f"{checkpoint}: classes {sorted(unknown)} are none of dataset {name!r}'s: "
+                            "pick another checkpoint")
+    with ckpt.lock:  # one request at a time on a shared model
+        results = ckpt.predictor.predict_paths(paths)
+    with Session() as s, s.begin():
+        record_predictions(s, [(s.get(Image, i), r["probs"]) for i, r in zip(image_ids, results, strict=True)],
+                           ckpt.id)
+    return [r["predicted"] for r in results]
 
 
 def diagnose(ckpt: ViewerCheckpoint, rgbs: Sequence[np.ndarray], *, method: str | None = "gradcam",

@@ -108,3 +108,14 @@ def test_slide(tmp_path_factory: pytest.TempPathFactory):
     from tests.detector_fixtures import three_tile_slide
 
     return three_tile_slide(tmp_path_factory.mktemp("slide") / "three_tiles.tif")
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """A real two-node Ray cluster on loopback (one CPU each, ``tests/ray_local.py``), started once per session
+    and shared by the Ray tests (tests/test_detect_ray.py, tests/test_classify_slides.py); skipped without ray."""
+    pytest.importorskip("ray")
+    from tests.ray_local import local_ray_cluster
+
+    with local_ray_cluster(nodes=2, cpus_per_node=1) as address:
+        yield address

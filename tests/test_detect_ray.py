@@ -3,7 +3,8 @@
 A head and a second node (``ray start``, one CPU each: two workers, ``tests/ray_local.py``), the
 tiny real-tile detector and pyramidal TIFFs built from the real tiles (``tests/conftest.py``,
 ``tests/detector_fixtures.py``). The tests that need Ray are skipped only where ray is not
-importable; it is in requirements.txt, so CI runs them.
+importable; it is in requirements.txt, so CI runs them. The cluster (``ray_address``, tests/conftest.py)
+is started once per session and shared with tests/test_classify_slides.py.
 """
 
 from __future__ import annotations
@@ -24,14 +25,7 @@ from tests.detector_fixtures import (
     real_tile,
     write_pyramid_tiff,
 )
-from tests.ray_local import free_port, local_ray_cluster
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    pytest.importorskip("ray")
-    with local_ray_cluster(nodes=2, cpus_per_node=1) as address:
-        yield address
+from tests.ray_local import free_port
 
 
 def _slides(test_slide, root: Path) -> list[Path]:
