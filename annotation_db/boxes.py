@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from annotation_db.db import StoreError
+from annotation_db.errors import GlomError
 from annotation_db.models import Slide, SlideBox
 
 BOX_SOURCES = ("drawn", "proposal")  # and import:<file name>
@@ -26,7 +27,7 @@ class BoxError(StoreError):
     """A box that cannot be stored: empty, negative or malformed."""
 
 
-class OutlineError(ValueError):
+class OutlineError(GlomError, ValueError):
     """An outline that is no simple polygon; the message says what is wrong (no place: the caller adds it)."""
 
 
