@@ -207,7 +207,8 @@ def _cmd_classify_slides(args: argparse.Namespace) -> int:
     job = ClassifyJob(checkpoint=str(weights), dataset=args.dataset, db_url=db_url, mpp=args.mpp,
                       out_dir=str(Path(args.out).absolute()) if args.out else None, annotator=args.annotator,
                       threads=args.threads)
-    slides = [os.path.abspath(s) if Path(s).is_file() else s for s in args.slides]
+    # a path made absolute (workers run elsewhere, in another folder); a bare slide name stays a name
+    slides = [os.path.abspath(s) if Path(s).is_file() or "/" in s or Path(s).suffix else s for s in args.slides]
     failures = 0
     overall = tqdm(total=len(slides), desc="slides", unit="slide", disable=args.no_progress)
 

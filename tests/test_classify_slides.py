@@ -118,7 +118,7 @@ def test_crops_classifies_stores_and_a_second_run_does_nothing(setup, store_url:
         assert all(b.image_id for b in s.scalars(select(SlideBox)))
 
 
-def test_failing_slides_are_named_and_the_others_finish(setup, store_url: str, tmp_path: Path, capsys):
+def test_failing_slides_are_named_and_the_others_finish_in_worker_processes(setup, store_url: str, tmp_path: Path, capsys):
     from annotation_db.models import Prediction
 
     Session, ckpt, slide, boxes = setup
@@ -127,7 +127,7 @@ def test_failing_slides_are_named_and_the_others_finish(setup, store_url: str, t
     stranger = tmp_path / "never_stored.tif"
     shutil.copy(good, stranger)
     rc = glom(["classify-slides", str(gone), str(stranger), str(good), "--dataset", "glom", "--checkpoint", str(ckpt),
-               "--db", store_url, "--no-progress"])
+               "--db", store_url, "--workers", "2", "--threads", "1", "--no-progress"])  # local worker processes
     out, err = capsys.readouterr()
     assert rc == 1
     assert re.search(r"error: \S*biopsy_gone\.tif: file \S*biopsy_gone\.tif not found on this machine", err), err
