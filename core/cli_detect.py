@@ -13,9 +13,11 @@ import logging
 import multiprocessing as mp
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from annotation_db.db import StoreError
 from core.errors import GlomError
@@ -79,15 +81,12 @@ def _cmd_cv_detector(args: argparse.Namespace) -> int:
 # --- glom detect ----------------------------------------------------------------------------------
 
 def _cmd_detect(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from annotation_db.db import open_store, resolve_url
     from core.checkpoint import CheckpointError
     from core.detection.inference import resolve_device
     from core.detection.model import read_detector_meta
     from core.detection.slide_job import (
         DetectJob,
-        SlideOutcome,
         describe,
         detect_and_store,
     )
@@ -130,62 +129,22 @@ def _cmd_detect(args: argparse.Namespace) -> int:
                     threads=args.threads if workers == 1 else args.threads or max(1, (os.cpu_count() or 1) // workers),
                     dataset=args.dataset, db_url=db_url)
     slides = [os.path.abspath(s) for s in args.slides] if args.ray else list(args.slides)
-    failures = 0
-    overall = tqdm(total=len(slides), desc="slides", unit="slide", disable=args.no_progress)
+    from core.detection.cluster import detect_on_ray
 
-    def report(slide: str, outcome: SlideOutcome | None, error: str | None, node: str = "") -> None:
-        nonlocal failures
-        if error is not None:
-            failures += 1
-            tqdm.write(f"error: {error}", file=sys.stderr)
-        else:
-            tqdm.write(describe(outcome, args.dataset) + (f" [{node}]" if node else ""))
-        overall.update(1)
-
-    if args.ray:
-        from core.detection.cluster import RayClusterError, detect_on_ray
-
-        try:
-            for r in detect_on_ray(job, slides, address=args.ray, num_cpus=args.threads or 1):
-                report(r.item, r.value, r.error, r.node)
-        except RayClusterError as e:
-            overall.close()
-            return _error(str(e))
-    elif workers == 1:
-        for slide in slides:
-            try:
-                report(slide, detect_and_store(slide, job, progress=not args.no_progress, position=1), None)
-            except DetectSlideError as e:
-                report(slide, None, str(e))
-    else:
-        ctx = mp.get_context("spawn")  # no forked torch thread pools
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            futures = {pool.submit(detect_and_store, s, job): s for s in slides}
-            for fut in as_completed(futures):
-                try:
-                    report(futures[fut], fut.result(), None)
-                except DetectSlideError as e:
-                    report(futures[fut], None, str(e))
-                except Exception as e:  # noqa: BLE001 - a crashed worker must still name its slide
-                    report(futures[fut], None, f"{futures[fut]}: {type(e).__name__}: {e}")
-    overall.close()
-    if failures:
-        print(f"{failures} of {len(slides)} slides failed", file=sys.stderr)
-    return 1 if failures else 0
+    return _run_slides(slides, job, detect_and_store, on_ray=detect_on_ray, describe_one=describe,
+                       errors=DetectSlideError, args=args, workers=workers,
+                       in_process={"progress": not args.no_progress, "position": 1})
 
 
 # --- glom classify-slides -------------------------------------------------------------------------
 
 def _cmd_classify_slides(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from annotation_db import store
     from annotation_db.db import open_store, resolve_url
     from core.checkpoint import CheckpointError
     from core.slide_classify import (
         ClassifyJob,
         ClassifySlideError,
-        SlideClassified,
         check_classes,
         classify_slide,
         describe,
@@ -209,25 +168,40 @@ def _cmd_classify_slides(args: argparse.Namespace) -> int:
                       threads=args.threads)
     # a path made absolute (workers run elsewhere, in another folder); a bare slide name stays a name
     slides = [os.path.abspath(s) if Path(s).is_file() or "/" in s or Path(s).suffix else s for s in args.slides]
+    workers = max(1, min(args.workers, len(slides)))
+    if workers > 1:
+        job = replace(job, threads=args.threads or max(1, (os.cpu_count() or 1) // workers))
+    from core.slide_classify import classify_on_ray
+
+    return _run_slides(slides, job, classify_slide, on_ray=classify_on_ray, describe_one=describe,
+                       errors=ClassifySlideError, args=args, workers=workers)
+
+
+def _run_slides(slides: list[str], job: Any, run_one: Callable[..., Any], *, on_ray: Callable[..., Any],
+                describe_one: Callable[[Any, str | None], str], errors: type[Exception] | tuple[type[Exception], ...],
+                args: argparse.Namespace, workers: int, in_process: dict[str, Any] | None = None) -> int:
+    """The per-slide loop of ``detect`` and ``classify-slides``: ``run_one(slide, job)`` in this process,
+    in ``workers`` local processes, or one Ray task per slide (``--ray``, ``on_ray``); a line per slide,
+    every failure named and the others go on; exit status 1 if any slide failed."""
+    from tqdm import tqdm
+
     failures = 0
     overall = tqdm(total=len(slides), desc="slides", unit="slide", disable=args.no_progress)
 
-    def report(outcome: SlideClassified | None, error: str | None, node: str = "") -> None:
+    def report(outcome: Any, error: str | None, node: str = "") -> None:
         nonlocal failures
         if error is not None:
             failures += 1
             tqdm.write(f"error: {error}", file=sys.stderr)
         else:
-            tqdm.write(describe(outcome, args.dataset) + (f" [{node}]" if node else ""))
+            tqdm.write(describe_one(outcome, args.dataset) + (f" [{node}]" if node else ""))
         overall.update(1)
 
-    workers = max(1, min(args.workers, len(slides)))
     if args.ray:
         from core.detection.cluster import RayClusterError
-        from core.slide_classify import classify_on_ray
 
         try:
-            for r in classify_on_ray(job, slides, address=args.ray, num_cpus=args.threads or 1):
+            for r in on_ray(job, slides, address=args.ray, num_cpus=args.threads or 1):
                 report(r.value, r.error, r.node)
         except RayClusterError as e:
             overall.close()
@@ -235,19 +209,16 @@ def _cmd_classify_slides(args: argparse.Namespace) -> int:
     elif workers == 1:
         for slide in slides:
             try:
-                report(classify_slide(slide, job), None)
-            except ClassifySlideError as e:
+                report(run_one(slide, job, **(in_process or {})), None)
+            except errors as e:
                 report(None, str(e))
     else:
-        from dataclasses import replace
-
-        job = replace(job, threads=args.threads or max(1, (os.cpu_count() or 1) // workers))
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(classify_slide, s, job): s for s in slides}
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:  # no forked torch pools
+            futures = {pool.submit(run_one, s, job): s for s in slides}
             for fut in as_completed(futures):
                 try:
                     report(fut.result(), None)
-                except ClassifySlideError as e:
+                except errors as e:
                     report(None, str(e))
                 except Exception as e:  # noqa: BLE001 - a crashed worker must still name its slide
                     report(None, f"{futures[fut]}: {type(e).__name__}: {e}")
