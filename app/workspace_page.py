@@ -792,8 +792,9 @@ def _detector_panel(path: Path, name: str, dataset_name: str, user: str) -> None
         run = _RUNS.get(str(path))
         busy = run is not None and run.proc.poll() is None
         if c2.button("Run on this slide", key="ws_detect", disabled=busy, type="primary"):
-            start_detection(path, ckpt, dataset_name, user, store_url())
-        _detect_status(str(path))
+            run = start_detection(path, ckpt, dataset_name, user, store_url())
+        if run is not None:  # poll only once a run exists: a fragment rerun every 2 s closes an open checkpoint list
+            _detect_status(str(path))
 
 
 if __name__ == "__main__":

@@ -286,6 +286,7 @@ def test_run_the_detector_from_the_page_then_review_its_proposals(detector_serve
     presses the page's run button, sees it running while the view stays usable, and the detector's
     proposals appear in the view without a reload; she accepts the best and rejects the next by
     keyboard; the store holds them, attributed, with the checkpoint as their source."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
     from playwright.sync_api import sync_playwright
 
     from annotation_db.models import Slide
@@ -313,12 +314,18 @@ def test_run_the_detector_from_the_page_then_review_its_proposals(detector_serve
         best = str(checkpoint.with_suffix(""))  # outside the repository: offered by its full path
         picker = page.get_by_label("Detector checkpoint")
         picker.scroll_into_view_if_needed()
-        picker.click()
-        page.keyboard.press("ArrowDown")  # the list opens (every option a checkpoint of $GLOM_RUNS)
         option = page.get_by_role("option", name=best, exact=True)
-        option.wait_for(timeout=10_000)
-        assert all(o.startswith(str(checkpoint.parent.parent)) for o in page.get_by_role("option").all_inner_texts())
-        option.click()
+        for attempt in range(3):  # a list the page closes under the click (a rerun) is opened again
+            picker.click()
+            page.keyboard.press("ArrowDown")  # the list opens (every option a checkpoint of $GLOM_RUNS)
+            option.wait_for(timeout=10_000)
+            assert all(o.startswith(str(checkpoint.parent.parent)) for o in page.get_by_role("option").all_inner_texts())
+            try:
+                option.click(timeout=5_000)
+                break
+            except PlaywrightTimeoutError:
+                if attempt == 2:
+                    raise
         page.wait_for_selector(IDLE, timeout=30_000)
         page.get_by_role("button", name="Run on this slide").click()
         page.get_by_text("Detector running on this slide").wait_for(timeout=30_000)  # progress, on the page
