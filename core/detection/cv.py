@@ -121,13 +121,9 @@ def _fmt(fig: dict[str, Any], digits: int = 3) -> str:
 
 
 def _cv_dir(cfg: DetectorConfig, out_dir: str | Path | None) -> Path:
-    base = Path(out_dir) if out_dir else Path(cfg.output_dir) / f"{cfg.name}-cv"
-    d, i = base, 1
-    while d.exists() and any(d.iterdir()):
-        i += 1
-        d = base.with_name(f"{base.name}-{i}")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    from core.detection.train import fresh_dir
+
+    return fresh_dir(Path(out_dir) if out_dir else Path(cfg.output_dir) / f"{cfg.name}-cv")
 
 
 def _label(prob: np.ndarray, post: dict[str, Any], mpp: float) -> tuple[np.ndarray, list[float]]:

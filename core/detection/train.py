@@ -120,14 +120,18 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _run_dir(cfg: DetectorConfig) -> Path:
-    base = Path(cfg.output_dir) / cfg.name
-    run_dir, i = base, 1
-    while run_dir.exists() and any(run_dir.iterdir()):
+def fresh_dir(base: Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``, ... : the first that is missing or empty, created."""
+    d, i = base, 1
+    while d.exists() and any(d.iterdir()):
         i += 1
-        run_dir = base.with_name(f"{base.name}-{i}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+        d = base.with_name(f"{base.name}-{i}")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _run_dir(cfg: DetectorConfig) -> Path:
+    return fresh_dir(Path(cfg.output_dir) / cfg.name)
 
 
 def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
