@@ -88,6 +88,17 @@ def server(tmp_path: Path, wsi_dir: Path):
         yield base, url
 
 
+def sign_in_to_workspace(page, *, sign_in: bool = True) -> None:
+    """Sign in as alice (``sign_in``) and open the Slide workspace by its link (a page load would sign out)."""
+    if sign_in:
+        page.get_by_label("Your name").fill("alice")
+        page.get_by_label("Password", exact=True).fill(E2E_PASSWORD)
+        page.get_by_role("button", name="Sign in").click()
+        page.get_by_text("Signed in as alice").wait_for(timeout=30_000)
+    page.get_by_role("link", name="Slide workspace").click()
+    page.wait_for_selector(IDLE, timeout=30_000)
+
+
 def _state(frame, expr: str):
     return frame.evaluate(f"() => window.__glomWorkspace && window.__glomWorkspace.{expr}")
 
@@ -106,12 +117,7 @@ def test_open_zoom_draw_reload(server):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(base)
-        page.get_by_label("Your name").fill("alice")
-        page.get_by_label("Password", exact=True).fill(E2E_PASSWORD)
-        page.get_by_role("button", name="Sign in").click()
-        page.get_by_text("Signed in as alice").wait_for(timeout=30_000)
-        page.get_by_role("link", name="Slide workspace").click()  # a page load would sign out
-        page.wait_for_selector(IDLE, timeout=30_000)
+        sign_in_to_workspace(page)
         frame_el = page.wait_for_selector("iframe[title='st.iframe'], iframe", timeout=30_000)
         frame = frame_el.content_frame()
         frame.wait_for_function("() => window.__glomWorkspace && window.__glomWorkspace.ready"
@@ -296,12 +302,7 @@ def test_run_the_detector_from_the_page_then_review_its_proposals(detector_serve
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(base)
-        page.get_by_label("Your name").fill("alice")
-        page.get_by_label("Password", exact=True).fill(E2E_PASSWORD)
-        page.get_by_role("button", name="Sign in").click()
-        page.get_by_text("Signed in as alice").wait_for(timeout=30_000)
-        page.get_by_role("link", name="Slide workspace").click()
-        page.wait_for_selector(IDLE, timeout=30_000)
+        sign_in_to_workspace(page)
         _workspace_frame(page, SLIDE)  # the .svs first, as the folder lists them
         page.get_by_label("Slide", exact=True).click()
         page.get_by_role("option", name=KIDNEY).click()

@@ -18,8 +18,8 @@ from annotation_db.db import create_store_engine, make_sessionmaker
 from annotation_db.models import SlideBox
 from core.annotations import read_geojson
 from core.slide_crops import PROPOSED_CLASS
-from tests.test_label_e2e import CHROMIUM, CHROMIUM_ARGS, E2E_PASSWORD
-from tests.test_workspace_e2e import IDLE, _state, server  # noqa: F401 - the fixture
+from tests.test_label_e2e import CHROMIUM, CHROMIUM_ARGS
+from tests.test_workspace_e2e import IDLE, _state, server, sign_in_to_workspace  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.browser
 
@@ -28,13 +28,7 @@ PENTAGON = [(-60, -50), (50, -60), (80, 20), (10, 70), (-70, 30)]  # screen px a
 
 def _open_workspace(page, *, sign_in: bool):
     """Sign in (``sign_in``, or when a reload ended the Streamlit session) and open the workspace."""
-    if sign_in or page.get_by_label("Your name").count():
-        page.get_by_label("Your name").fill("alice")
-        page.get_by_label("Password", exact=True).fill(E2E_PASSWORD)
-        page.get_by_role("button", name="Sign in").click()
-        page.get_by_text("Signed in as alice").wait_for(timeout=30_000)
-    page.get_by_role("link", name="Slide workspace").click()  # a page load would sign out
-    page.wait_for_selector(IDLE, timeout=30_000)
+    sign_in_to_workspace(page, sign_in=sign_in or bool(page.get_by_label("Your name").count()))
     frame_el = page.wait_for_selector("iframe[title='st.iframe'], iframe", timeout=30_000)
     frame = frame_el.content_frame()
     frame.wait_for_function("() => window.__glomWorkspace && window.__glomWorkspace.ready"
