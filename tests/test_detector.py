@@ -229,6 +229,42 @@ def test_polygons_are_in_level0_pixels_of_the_slide() -> None:
     assert iou_matrix(found, mask.astype(np.int32))[0, 0] > 0.95
 
 
+
+class RecordingPredictor(MapPredictor):
+    """:class:`MapPredictor` that keeps every tile it is handed."""
+
+    def __init__(self, mpp: float) -> None:
+        super().__init__(mpp)
+        self.tiles: list[np.ndarray] = []
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        self.tiles += list(np.asarray(tiles))
+        return super().__call__(tiles)
+
+
+def test_a_slide_edge_is_mirrored_for_the_model_and_the_mirror_never_becomes_a_finding() -> None:
+    """A real glomerulus cut by the slide's left edge (tile 10103, tissue everywhere): with
+    ``edge_mirror_um`` the tiles reaching past the edge hold the slide's border mirrored, and the
+    findings are those found without it (the mirrored half is never emitted; outlines stay on the slide)."""
+    _, mask = real_tile("10103")
+    small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((256, 256), Image.Resampling.BILINEAR))
+    rgb = np.stack([small, np.full_like(small, 60), np.full_like(small, 90)], axis=2).astype(np.uint8)
+    rgb[:, :, 1] = np.arange(256, dtype=np.uint8)[None, :]  # a ramp: which column a pixel came from
+    reader = NumpySlideReader(rgb, mpp=2.0)
+    plain = detect_in_reader(reader, MapPredictor(2.0), DetectSettings(tile_px=128, overlap_px=32, thumbnail_px=256,
+                                                                      min_area_um2=2000))
+    rec = RecordingPredictor(2.0)
+    mirrored = detect_in_reader(reader, rec, DetectSettings(tile_px=128, overlap_px=32, thumbnail_px=256,
+                                                            min_area_um2=2000, edge_mirror_um=64))
+    assert len(plain.instances) >= 1 and plain.instances[0].box[0] == 0  # the cut glomerulus
+    assert sorted(i.box for i in mirrored.instances) == sorted(i.box for i in plain.instances)
+    assert all(x >= 0 and y >= 0 for i in mirrored.instances for x, y in i.polygon)
+    first = rec.tiles[0]  # top-left tile: 32 working px (64 µm) of mirror above and left of the slide
+    assert np.array_equal(first[32:, :32], first[32:, 32:64][:, ::-1])
+    assert np.array_equal(first[:32, 32:], first[32:64, 32:][::-1])
+    assert np.array_equal(first[32:, 32:], rgb[:96, :96])
+
+
 # --- pieces ---------------------------------------------------------------------------------------
 
 

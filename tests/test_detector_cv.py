@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from core.config import ConfigError
 from core.detection.config import load_detector_config
 from core.detection.cv import (
     choose_on_fold_validation,
@@ -19,7 +20,7 @@ from core.detection.data import load_tiles
 from core.detection.instances import filter_by_score, label_instances
 from core.detection.model import DetectorError
 from core.detection.scoring import gt_instances
-from core.detection.train import choose_postprocess
+from core.detection.train import MIN_SCORES, THRESHOLDS, choose_postprocess
 from tests.detector_fixtures import TILES, TILES_MPP
 
 NAMES = sorted(p.stem for p in (TILES / "images").glob("*.png"))
@@ -108,6 +109,13 @@ def test_cv_detector_two_folds_on_the_real_tiles(tmp_path):
     assert (out / "rescore-tta=True.json").is_file()
     assert tta["pooled"]["fixed"]["_pooled"]["n_true"] == n_true
     assert json.loads((out / "rescore-tta=True.json").read_text())["post_overrides"] == {"tta": True}
+    # with another setting (image edges mirrored), each fold's threshold / min_score chosen again on its
+    # validation tiles: the file says so, and the choices come from the grid training chooses from
+    mirrored = rescore_detector_cv(out, {"edge_mirror_um": 64.0}, bootstrap=0, retune=True)
+    assert json.loads((out / "rescore-edge_mirror_um=64.0-retuned.json").read_text())["retune"] is True
+    assert len(mirrored["chosen_per_fold"]) == 2
+    assert all(c["threshold"] in THRESHOLDS and c["min_score"] in MIN_SCORES for c in mirrored["chosen_per_fold"])
+    assert mirrored["pooled"]["chosen"]["_pooled"]["n_true"] == n_true
     # one post-processing chosen on the folds' validation tiles pooled (2 folds × 2 validation tiles)
     chosen, figs = choose_on_fold_validation(out)
     val_tiles = [t for sp in folds for t in sp["val_tiles"]]
@@ -130,6 +138,30 @@ def test_flip_tta_averages_the_four_flips(tiny_detector):
     assert np.abs(p - plain).max() > 1e-3  # not the plain forward
     flipped = tta(np.ascontiguousarray(rgb[::-1, ::-1])[None])[0][::-1, ::-1]
     assert np.abs(p - flipped).max() < 1e-4  # invariant to the flips it averages over
+
+
+def test_predict_image_mirrors_the_image_edges(tiny_detector):
+    from core.detection.inference import Predictor, mirror_edges, predict_image
+    from core.detection.model import load_detector
+
+    rgb = load_tiles(TILES, TILES_MPP, 2.0, ["10025"])[0].rgb[:200, :150]  # not square, smaller than a tile
+    m = mirror_edges(rgb, (3, 4, 5, 6))
+    assert m.shape == (207, 161, 3)
+    assert np.array_equal(m[3:-4, 5:-6], rgb) and np.array_equal(m[3:-4, :5], rgb[:, :5][:, ::-1])
+    assert np.array_equal(m[-4:, 5:-6], rgb[-4:][::-1])
+    model, meta = load_detector(tiny_detector, "cpu")
+    plain = predict_image(Predictor(model, meta), rgb)
+    meta.postprocess = dict(meta.postprocess, edge_mirror_um=64.0)  # 32 px at 2 µm/px
+    mirrored = predict_image(Predictor(model, meta), rgb)
+    assert mirrored.shape == plain.shape == (200, 150)
+    assert np.abs(mirrored[:, :8] - plain[:, :8]).max() > 1e-3  # the edge now sees its mirror, not glass
+
+
+def test_train_select_and_edge_mirror_are_checked():
+    with pytest.raises(ConfigError, match="train.select must be best or last"):
+        load_detector_config("recipes/detector/cpu.yaml", ["train.select=first"])
+    with pytest.raises(ConfigError, match="edge_mirror_um"):
+        load_detector_config("recipes/detector/cpu.yaml", ["postprocess.edge_mirror_um=-1"])
 
 
 def test_cv_detector_refuses_a_fixed_split(tmp_path):

@@ -91,6 +91,9 @@ class PostprocessConfig:
     simplify_um: float = 1.5  # polygon simplification tolerance
     min_score: float = 0.0  # findings whose mean probability is below this are dropped
     tta: bool = False  # predict each tile and its three flips, average (4× the forward cost)
+    # the image's own border mirrored outwards this far before prediction: a glomerulus cut by the edge
+    # of an image (or slide) is seen with its mirror image, whole-looking, instead of as a sliver (0 = off)
+    edge_mirror_um: float = 0.0
     tune: bool = False  # after training, choose threshold and min_score on the validation tiles (best F1, then Dice)
 
 
@@ -102,6 +105,9 @@ class DetectorTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     early_stopping_patience: int = 6  # epochs without a better validation Dice (0: off)
+    # which epoch's weights become the model (best.*): "best" validation Dice, or "last": the end of the
+    # one-cycle schedule (learning rate annealed; no early stop), steadier when validation holds few glomeruli
+    select: str = "best"
     max_minutes: float = 0.0  # > 0: stop after this wall time (checked per epoch)
     amp: bool = True  # CUDA only
     channels_last: bool = True  # CUDA only
@@ -133,6 +139,10 @@ def load_detector_config(path: str | Path | None = None, overrides: list[str] | 
     if cfg.mpp <= 0 or cfg.tile_size < 32 or cfg.tile_size % 32:
         raise ConfigError(f"mpp must be > 0 and tile_size a multiple of 32 ≥ 32 (got mpp={cfg.mpp}, "
                           f"tile_size={cfg.tile_size})")
+    if cfg.train.select not in ("best", "last"):
+        raise ConfigError(f"train.select must be best or last, got {cfg.train.select!r}")
+    if cfg.postprocess.edge_mirror_um < 0:
+        raise ConfigError(f"postprocess.edge_mirror_um must be ≥ 0, got {cfg.postprocess.edge_mirror_um}")
     st = cfg.data.store
     r = st.slide_ratios
     if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1) > 1e-6:

@@ -135,9 +135,12 @@ def _label(prob: np.ndarray, post: dict[str, Any], mpp: float) -> tuple[np.ndarr
 
 def _score_fold(checkpoint: Path, test_tiles: list[str], cfg: DetectorConfig, fold: int,
                 oof: dict[str, dict[str, list]], overlay_dir: Path | None,
-                post_overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                post_overrides: dict[str, Any] | None = None, val_tiles: list[str] | None = None
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Predict a fold's test tiles with its checkpoint, score them with the recipe's post-processing
-    (``fixed``) and the checkpoint's (``chosen``) into ``oof``; (chosen settings, per-tile rows)."""
+    (``fixed``) and the checkpoint's (``chosen``) into ``oof``; (chosen settings, per-tile rows). With
+    ``val_tiles`` the ``chosen`` threshold and ``min_score`` are chosen again on those validation tiles
+    (under ``post_overrides``), as training would have chosen them."""
     from core.detection.evaluate import overlay_outlines
 
     device = resolve_device(cfg.train.device)
@@ -145,6 +148,12 @@ def _score_fold(checkpoint: Path, test_tiles: list[str], cfg: DetectorConfig, fo
     meta.postprocess = dict(meta.postprocess, **(post_overrides or {}))
     predictor = Predictor(model, meta, device, amp=cfg.train.amp)
     chosen_post = dict(meta.postprocess, threshold=meta.threshold)
+    if val_tiles:
+        from core.detection.train import choose_postprocess
+
+        val = load_tiles(cfg.data.tiles, cfg.data.tiles_mpp, meta.mpp, val_tiles)
+        chosen_post, _ = choose_postprocess([predict_image(predictor, t.rgb) for t in val], [t.mask for t in val],
+                                            chosen_post, meta.mpp)
     fixed_post = dict(cfg.postprocess.__dict__, **(post_overrides or {}))
     min_px = int(cfg.postprocess.min_area_um2 / (meta.mpp * meta.mpp))
     rows = []
@@ -166,25 +175,37 @@ def _score_fold(checkpoint: Path, test_tiles: list[str], cfg: DetectorConfig, fo
     return chosen_post, rows
 
 
-def rescore_detector_cv(cv_dir: str | Path, post_overrides: dict[str, Any], bootstrap: int = 1000) -> dict[str, Any]:
+def _fold_splits(cv_dir: Path) -> list[dict[str, Any]]:
+    """Each fold's split (``splits/fold-<k>.json``: test, validation and training tiles), in fold order."""
+    paths = sorted((cv_dir / "splits").glob("fold-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    if not paths:
+        raise DetectorError(f"{cv_dir} holds no splits/fold-<k>.json: not a cv-detector folder")
+    return [dict(json.loads(p.read_text()), fold=int(p.stem.split("-")[1])) for p in paths]
+
+
+def rescore_detector_cv(cv_dir: str | Path, post_overrides: dict[str, Any], bootstrap: int = 1000,
+                        retune: bool = False) -> dict[str, Any]:
     """The pooled out-of-fold figures of a finished CV again, with post-processing settings changed
     (e.g. ``{"tta": True}``) on every fold's checkpoint, without retraining: a candidate that needs no
-    new training is compared on the same folds. Written to ``rescore-<settings>.json`` in ``cv_dir``."""
+    new training is compared on the same folds. With ``retune`` each fold's threshold and ``min_score``
+    are chosen again on its own validation tiles under the changed settings (never on a test tile).
+    Written to ``rescore-<settings>.json`` in ``cv_dir``."""
     from core.detection.config import load_detector_config
 
     cv_dir = Path(cv_dir)
-    report = json.loads((cv_dir / "cv_report.json").read_text())
     cfg = load_detector_config(cv_dir / "fold-0" / "config.yaml")
     oof: dict[str, dict[str, list]] = {"fixed": {"scores": [], "preds": [], "trues": []},
                                        "chosen": {"scores": [], "preds": [], "trues": []}}
-    for f in report["per_fold"]:
-        _score_fold(cv_dir / f"fold-{f['fold']}" / "best.safetensors", f["test_tiles"], cfg, f["fold"], oof, None,
-                    post_overrides)
-    out = {"post_overrides": post_overrides,
+    chosen = []
+    for f in _fold_splits(cv_dir):
+        post, _ = _score_fold(cv_dir / f"fold-{f['fold']}" / "best.safetensors", f["test_tiles"], cfg, f["fold"], oof,
+                              None, post_overrides, f["val_tiles"] if retune else None)
+        chosen.append({k: post.get(k) for k in ("threshold", "min_score")})
+    out = {"post_overrides": post_overrides, "retune": retune, "chosen_per_fold": chosen,
            "pooled": {w: bootstrap_tiles(oof[w]["scores"], oof[w]["preds"], oof[w]["trues"], n=bootstrap)
                       for w in ("fixed", "chosen")}}
     tag = "-".join(f"{k}={v}" for k, v in sorted(post_overrides.items())) or "as-trained"
-    (cv_dir / f"rescore-{tag}.json").write_text(json.dumps(out, indent=1))
+    (cv_dir / f"rescore-{tag}{'-retuned' if retune else ''}.json").write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -198,12 +219,11 @@ def choose_on_fold_validation(cv_dir: str | Path, post_overrides: dict[str, Any]
     from core.detection.train import choose_postprocess
 
     cv_dir = Path(cv_dir)
-    report = json.loads((cv_dir / "cv_report.json").read_text())
     cfg = load_detector_config(cv_dir / "fold-0" / "config.yaml")
     post = dict(cfg.postprocess.__dict__, **(post_overrides or {}))
     device = resolve_device(cfg.train.device)
     probs, masks = [], []
-    for f in report["per_fold"]:
+    for f in _fold_splits(cv_dir):
         model, meta = load_detector(cv_dir / f"fold-{f['fold']}" / "best.safetensors", device)
         meta.postprocess = dict(meta.postprocess, **(post_overrides or {}))
         predictor = Predictor(model, meta, device, amp=cfg.train.amp)

@@ -3,6 +3,8 @@
 ``Predictor`` turns a batch of HWC uint8 RGB tiles into glomerulus probabilities;
 ``blend_weights`` is the per-pixel weight tiles are accumulated with, so overlapping tiles fade
 into each other instead of leaving seams; ``predict_image`` runs both over an in-memory image.
+``mirror_edges`` extends an image by mirroring its border (the checkpoint's ``edge_mirror_um``): the
+detector then sees a glomerulus cut by the image edge together with its mirror image.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from torch import nn
 
 from core.detection.model import DetectorError, DetectorMeta
 
-__all__ = ["Predictor", "blend_weights", "predict_image", "resolve_device", "tile_origins"]
+__all__ = ["Predictor", "blend_weights", "edge_mirror_px", "mirror_edges", "predict_image", "resolve_device",
+           "tile_origins"]
 
 
 def resolve_device(pref: str = "auto") -> torch.device:
@@ -91,9 +94,32 @@ def tile_origins(length_px: int, size_px: int, overlap_px: int) -> list[int]:
     return starts
 
 
+def edge_mirror_px(meta: DetectorMeta) -> int:
+    """The checkpoint's ``edge_mirror_um`` in working px (0: image edges are not mirrored)."""
+    return max(0, round(float(meta.postprocess.get("edge_mirror_um", 0.0) or 0.0) / meta.mpp))
+
+
+def mirror_edges(rgb: np.ndarray, pad: tuple[int, int, int, int]) -> np.ndarray:
+    """``rgb`` (H, W, 3) extended by (top, bottom, left, right) px of its own border mirrored outwards
+    (``numpy.pad`` ``symmetric``; a pad wider than the image repeats the reflection)."""
+    top, bottom, left, right = (max(0, int(p)) for p in pad)
+    if not (top or bottom or left or right):
+        return rgb
+    return np.pad(rgb, ((top, bottom), (left, right), (0, 0)), mode="symmetric")
+
+
 def predict_image(predictor: Predictor, rgb: np.ndarray, tile_px: int = 512, overlap_px: int = 64,
                   batch_size: int = 8) -> np.ndarray:
-    """(H, W) probability of a whole in-memory image at the working resolution, tiled and blended."""
+    """(H, W) probability of a whole in-memory image at the working resolution, tiled and blended; the
+    image's edges are mirrored outwards first when the checkpoint says so (:func:`edge_mirror_px`)."""
+    m = edge_mirror_px(predictor.meta)
+    h, w = rgb.shape[:2]
+    prob = _predict_blended(predictor, mirror_edges(rgb, (m, m, m, m)), tile_px, overlap_px, batch_size)
+    return prob[m:m + h, m:m + w]
+
+
+def _predict_blended(predictor: Predictor, rgb: np.ndarray, tile_px: int, overlap_px: int,
+                     batch_size: int) -> np.ndarray:
     h, w = rgb.shape[:2]
     ph, pw = max(h, tile_px), max(w, tile_px)
     if (ph, pw) != (h, w):  # smaller than one tile: pad with white (slide background)

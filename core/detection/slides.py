@@ -30,7 +30,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
-from core.detection.inference import Predictor, blend_weights, tile_origins
+from core.detection.inference import Predictor, blend_weights, mirror_edges, tile_origins
 from core.detection.instances import Instance, instances_from_labels, label_instances
 from core.detection.model import DetectorError, DetectorMeta
 from core.errors import GlomError
@@ -74,6 +74,7 @@ class DetectSettings:
     simplify_um: float = 1.5
     min_score: float = 0.0  # findings with a lower mean probability are dropped
     max_object_um: float = 600.0  # a component taller than this is emitted even if it still grows
+    edge_mirror_um: float = 0.0  # where tissue reaches the slide's edge, the edge is mirrored outwards this far
     thumbnail_px: int = 1024
     tissue_min_fraction: float = 0.01  # a tile is read when this much of it is tissue on the thumbnail
 
@@ -128,7 +129,10 @@ def tissue_mask(thumb_rgb: np.ndarray) -> np.ndarray:
 def _tile_tasks(reader: Any, settings: DetectSettings, work_mpp: float) -> tuple[list[int], list[int],
                                                                                    list[tuple[int, int]], int, int,
                                                                                    tuple[int, int, int, int]]:
-    """Tile rows, columns and the (y, x) origins over tissue, in working px of the tissue bounding box."""
+    """Tile rows, columns and the (y, x) origins over tissue, in working px of the tissue bounding box.
+    Where the tissue reaches an edge of the slide (a region cut from a larger field, a tile) and
+    ``edge_mirror_um`` is set, the box reaches that far beyond the edge: :func:`detect_in_reader` fills
+    it with the slide's border mirrored, as :func:`core.detection.inference.predict_image` does."""
     slide_mpp = reader.require_mpp()
     f = work_mpp / slide_mpp  # level-0 px per working px
     w0, h0 = reader.dimensions
@@ -143,6 +147,10 @@ def _tile_tasks(reader: Any, settings: DetectSettings, work_mpp: float) -> tuple
     by0 = max(0, int(ys.min() / sy) - 1)
     bx1 = min(w0, int(np.ceil((xs.max() + 1) / sx)) + 1)
     by1 = min(h0, int(np.ceil((ys.max() + 1) / sy)) + 1)
+    m0 = round(settings.edge_mirror_um / slide_mpp)  # level-0 px
+    if m0 > 0:
+        bx0, by0 = (-m0 if bx0 == 0 else bx0), (-m0 if by0 == 0 else by0)
+        bx1, by1 = (w0 + m0 if bx1 == w0 else bx1), (h0 + m0 if by1 == h0 else by1)
     wb, hb = max(1, int(np.ceil((bx1 - bx0) / f))), max(1, int(np.ceil((by1 - by0) / f)))
     t = settings.tile_px
     rows, cols = tile_origins(hb, t, settings.overlap_px), tile_origins(wb, t, settings.overlap_px)
@@ -151,6 +159,7 @@ def _tile_tasks(reader: Any, settings: DetectSettings, work_mpp: float) -> tuple
         for x in cols:
             tx0, ty0 = int((bx0 + x * f) * sx), int((by0 + y * f) * sy)
             tx1, ty1 = int(np.ceil((bx0 + (x + t) * f) * sx)), int(np.ceil((by0 + (y + t) * f) * sy))
+            tx0, ty0 = max(tx0, 0), max(ty0, 0)  # a tile reaching into the mirrored margin
             window = tissue[ty0:max(ty1, ty0 + 1), tx0:max(tx1, tx0 + 1)]
             if window.size and window.mean() >= settings.tissue_min_fraction:
                 tasks.append((y, x))
@@ -240,10 +249,24 @@ def detect_in_reader(reader: Any, predictor: Predictor, settings: DetectSettings
     forward_s = 0.0
     t_post = 0.0
 
+    w0, h0 = reader.dimensions
+    mirrored = settings.edge_mirror_um > 0
+
     def read(task: tuple[int, int]) -> np.ndarray:
         y, x = task
-        loc = (round(bx0 + x * f), round(by0 + y * f))
-        return reader.read_region(loc, (t, t), mpp=work_mpp)
+        lx, ly = bx0 + x * f, by0 + y * f  # level-0 top-left
+        if mirrored:  # the part outside the slide: its border mirrored (working px on each side)
+            left, top = min(t - 1, int(np.ceil(max(0.0, -lx) / f))), min(t - 1, int(np.ceil(max(0.0, -ly) / f)))
+            right = min(t - 1 - left, int(np.ceil(max(0.0, lx + t * f - w0) / f)))
+            bottom = min(t - 1 - top, int(np.ceil(max(0.0, ly + t * f - h0) / f)))
+            if left or top or right or bottom:
+                inner = reader.read_region((round(lx + left * f), round(ly + top * f)),
+                                           (t - left - right, t - top - bottom), mpp=work_mpp)
+                return mirror_edges(inner, (top, bottom, left, right))
+        return reader.read_region((round(lx), round(ly)), (t, t), mpp=work_mpp)
+
+    # canvas columns outside the slide (the mirrored margin): never part of a finding
+    outside_cols = ((bx0 + np.arange(wb) * f) < 0) | ((bx0 + np.arange(wb) * f) >= w0) if mirrored else None
 
     def finalise(fin: int, final: bool) -> None:
         nonlocal t_post
@@ -255,6 +278,10 @@ def detect_in_reader(reader: Any, predictor: Predictor, settings: DetectSettings
         wsum = strip.wsum[:h].astype(np.float32)
         prob = np.where(wsum > 0, strip.acc[:h] / np.maximum(wsum, 1e-6), 0.0)
         prob[strip.done[:h]] = 0.0
+        if outside_cols is not None:
+            prob[:, outside_cols] = 0.0
+            rows_y0 = by0 + (strip.top + np.arange(h)) * f
+            prob[(rows_y0 < 0) | (rows_y0 >= h0)] = 0.0
         labels, _ = label_instances(prob, settings.threshold, work_mpp, settings.min_area_um2,
                                     settings.split_min_distance_um)
         emit, new_top = [], fin
@@ -312,7 +339,7 @@ def detect_in_reader(reader: Any, predictor: Predictor, settings: DetectSettings
             finalise(hb, final=True)
     finally:
         bar.close()
-    w0, h0 = reader.dimensions  # tiles a whole-slide grid would have read, for comparison
+    # tiles a whole-slide grid would have read, for comparison
     grid = len(tile_origins(int(w0 / f), t, settings.overlap_px)) * len(tile_origins(int(h0 / f), t, settings.overlap_px))
     return SlideDetection(reader.name, found, slide_mpp, work_mpp, grid, len(tasks),
                           time.perf_counter() - t_start, forward_s,

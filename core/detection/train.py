@@ -1,8 +1,9 @@
 """``glom train-detector``: train the glomerulus segmenter from a recipe.
 
 ``runs/<name>/`` receives ``config.yaml`` (resolved), ``split.json``, ``metrics.csv`` (one row per
-epoch), ``best.safetensors`` + ``best.json`` (highest validation Dice; ties: F1), ``last.*`` and
-``report.json`` (validation and held-out test tiles: object F1 at IoU ≥ 0.5, Dice, AP).
+epoch), ``best.safetensors`` + ``best.json`` (the model: highest validation Dice, ties F1; with
+``train.select: last`` the last epoch's), ``last.*`` and ``report.json`` (validation and held-out test
+tiles: object F1 at IoU ≥ 0.5, Dice, AP).
 """
 
 from __future__ import annotations
@@ -230,7 +231,8 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
         meta.epoch = epoch
         meta.metrics = {"val": val}
         save_detector(model, run_dir / "last", meta)
-        key = (val["dice"], val["f1"]) if val_tiles else (float(epoch), 0.0)  # no validation: the last is best
+        # train.select last (or no validation): every epoch is the newest best, early stopping never fires
+        key = (val["dice"], val["f1"]) if val_tiles and t_cfg.select == "best" else (float(epoch), 0.0)
         if key > best_key:
             best_key, best_epoch, stale = key, epoch, 0
             save_detector(model, run_dir / "best", meta)
