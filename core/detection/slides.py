@@ -339,8 +339,11 @@ def detect_in_reader(reader: Any, predictor: Predictor, settings: DetectSettings
             finalise(hb, final=True)
     finally:
         bar.close()
-    # tiles a whole-slide grid would have read, for comparison
-    grid = len(tile_origins(int(w0 / f), t, settings.overlap_px)) * len(tile_origins(int(h0 / f), t, settings.overlap_px))
+    # tiles a whole-slide grid would have read, for comparison (with the same mirrored margins)
+    mx = (max(0.0, -bbox[0]) + max(0.0, bbox[0] + bbox[2] - w0)) / f
+    my = (max(0.0, -bbox[1]) + max(0.0, bbox[1] + bbox[3] - h0)) / f
+    grid = (len(tile_origins(int((w0 / f) + mx), t, settings.overlap_px))
+            * len(tile_origins(int((h0 / f) + my), t, settings.overlap_px)))
     return SlideDetection(reader.name, found, slide_mpp, work_mpp, grid, len(tasks),
                           time.perf_counter() - t_start, forward_s,
                           timings={"tissue_mask_s": round(t_mask, 3), "postprocess_s": round(t_post, 3)})
