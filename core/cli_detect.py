@@ -67,6 +67,8 @@ def _cmd_cv_detector(args: argparse.Namespace) -> int:
     from core.detection.config import load_detector_config
     from core.detection.cv import run_detector_cv, summary_lines
 
+    if args.rescore:
+        return _rescore_cv(args)
     try:
         cfg = load_detector_config(args.recipe, args.overrides)
         res = run_detector_cv(cfg, args.folds, out_dir=args.out, bootstrap=args.bootstrap,
@@ -75,6 +77,34 @@ def _cmd_cv_detector(args: argparse.Namespace) -> int:
         return _error(str(e))
     print("\n".join(summary_lines(res.report)))
     print(f"report, per-tile CSV, overlays and the fold runs in {res.out_dir}")
+    return 0
+
+
+def _rescore_cv(args: argparse.Namespace) -> int:
+    """``--rescore CV_DIR``: the finished folds scored again with ``postprocess.*`` overrides."""
+    from core.config import ConfigError
+    from core.detection.config import load_detector_config
+    from core.detection.cv import FIGURES, _fmt, rescore_detector_cv
+
+    recipe = Path(args.rescore) / "fold-0" / "config.yaml"
+    try:
+        if not recipe.is_file():
+            raise GlomError(f"{args.rescore}: no fold-0/config.yaml: not a cv-detector folder")
+        wrong = [o for o in args.overrides if not o.startswith("postprocess.")]
+        if wrong:
+            raise ConfigError(f"--rescore changes post-processing only (postprocess.<key>=...), not {', '.join(wrong)}")
+        base = load_detector_config(recipe).postprocess.__dict__
+        new = load_detector_config(recipe, args.overrides).postprocess.__dict__
+        overrides = {k: v for k, v in new.items() if v != base[k]}
+        out = rescore_detector_cv(args.rescore, overrides, bootstrap=args.bootstrap, retune=args.retune)
+    except (ConfigError, GlomError, OSError) as e:
+        return _error(str(e))
+    print(f"out of fold, {overrides or 'as trained'}" + (", threshold / min_score chosen again on each fold's "
+                                                        f"validation tiles: {out['chosen_per_fold']}" if args.retune else ""))
+    for which, p in out["pooled"].items():
+        print(f"  {which}: " + ", ".join(f"{name} {_fmt(p[k])}" for k, name in
+                                         zip(FIGURES[:4], ("F1", "precision", "recall", "Dice")))
+              + f"; found / true / matched {p['_pooled']['n_pred']} / {p['_pooled']['n_true']} / {p['_pooled']['tp']}")
     return 0
 
 
@@ -270,6 +300,10 @@ def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples of the tiles for the intervals")
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--rescore", type=Path, metavar="CV_DIR",
+                   help="score a finished CV again with --set postprocess.<key>=... (no training)")
+    p.add_argument("--retune", action="store_true",
+                   help="with --rescore: choose threshold / min_score again on each fold's validation tiles")
     p.set_defaults(func=_cmd_cv_detector)
 
     p = subparsers.add_parser("detect", parents=parents,

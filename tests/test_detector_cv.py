@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from core.cli import main as glom
 from core.config import ConfigError
 from core.detection.config import load_detector_config
 from core.detection.cv import (
@@ -64,7 +65,7 @@ def test_choose_postprocess_drops_a_faint_finding_on_a_real_tile():
     assert chosen["threshold"] > 0.62 or chosen["min_score"] > 0.62
 
 
-def test_cv_detector_two_folds_on_the_real_tiles(tmp_path):
+def test_cv_detector_two_folds_on_the_real_tiles(tmp_path, capsys):
     cfg = load_detector_config("recipes/detector/cpu.yaml", [
         f"output_dir={tmp_path}", "name=tiny", "mpp=2.0", "tile_size=128", f"data.tiles={TILES}",
         "data.val_tiles=2", "data.crops_csv=", "train.epochs=1", "train.samples_per_epoch=8", "train.batch_size=4",
@@ -111,8 +112,13 @@ def test_cv_detector_two_folds_on_the_real_tiles(tmp_path):
     assert json.loads((out / "rescore-tta=True.json").read_text())["post_overrides"] == {"tta": True}
     # with another setting (image edges mirrored), each fold's threshold / min_score chosen again on its
     # validation tiles: the file says so, and the choices come from the grid training chooses from
-    mirrored = rescore_detector_cv(out, {"edge_mirror_um": 64.0}, bootstrap=0, retune=True)
-    assert json.loads((out / "rescore-edge_mirror_um=64.0-retuned.json").read_text())["retune"] is True
+    assert glom(["cv-detector", "--rescore", str(out), "--set", "postprocess.edge_mirror_um=64", "--retune",
+                 "--bootstrap", "0"]) == 0
+    assert "F1" in capsys.readouterr().out
+    mirrored = json.loads((out / "rescore-edge_mirror_um=64.0-retuned.json").read_text())
+    assert mirrored["retune"] is True and mirrored["post_overrides"] == {"edge_mirror_um": 64.0}
+    assert glom(["cv-detector", "--rescore", str(out), "--set", "train.epochs=3"]) == 2
+    assert "postprocess.<key>" in capsys.readouterr().err
     assert len(mirrored["chosen_per_fold"]) == 2
     assert all(c["threshold"] in THRESHOLDS and c["min_score"] in MIN_SCORES for c in mirrored["chosen_per_fold"])
     assert mirrored["pooled"]["chosen"]["_pooled"]["n_true"] == n_true
