@@ -30,7 +30,12 @@ import numpy as np
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
-from core.detection.inference import Predictor, blend_weights, mirror_edges, tile_origins
+from core.detection.inference import (
+    Predictor,
+    blend_weights,
+    mirror_edges,
+    tile_origins,
+)
 from core.detection.instances import Instance, instances_from_labels, label_instances
 from core.detection.model import DetectorError, DetectorMeta
 from core.errors import GlomError
