@@ -84,7 +84,7 @@ def _rescore_cv(args: argparse.Namespace) -> int:
     """``--rescore CV_DIR``: the finished folds scored again with ``postprocess.*`` overrides."""
     from core.config import ConfigError
     from core.detection.config import load_detector_config
-    from core.detection.cv import FIGURES, _fmt, rescore_detector_cv
+    from core.detection.cv import pooled_table, rescore_detector_cv
 
     recipe = Path(args.rescore) / "fold-0" / "config.yaml"
     try:
@@ -101,10 +101,8 @@ def _rescore_cv(args: argparse.Namespace) -> int:
         return _error(str(e))
     print(f"out of fold, {overrides or 'as trained'}" + (", threshold / min_score chosen again on each fold's "
                                                         f"validation tiles: {out['chosen_per_fold']}" if args.retune else ""))
-    for which, p in out["pooled"].items():
-        print(f"  {which}: " + ", ".join(f"{name} {_fmt(p[k])}" for k, name in
-                                         zip(FIGURES[:4], ("F1", "precision", "recall", "Dice")))
-              + f"; found / true / matched {p['_pooled']['n_pred']} / {p['_pooled']['n_true']} / {p['_pooled']['tp']}")
+    print("\n".join(pooled_table(out["pooled"], {"fixed": "recipe's fixed + these settings",
+                                                 "chosen": "each fold's " + ("chosen again" if args.retune else "chosen")})))
     return 0
 
 

@@ -114,7 +114,7 @@ def test_cv_detector_two_folds_on_the_real_tiles(tmp_path, capsys):
     # validation tiles: the file says so, and the choices come from the grid training chooses from
     assert glom(["cv-detector", "--rescore", str(out), "--set", "postprocess.edge_mirror_um=64", "--retune",
                  "--bootstrap", "0"]) == 0
-    assert "F1" in capsys.readouterr().out
+    assert "| F1@0.5 |" in capsys.readouterr().out
     mirrored = json.loads((out / "rescore-edge_mirror_um=64.0-retuned.json").read_text())
     assert mirrored["retune"] is True and mirrored["post_overrides"] == {"edge_mirror_um": 64.0}
     assert glom(["cv-detector", "--rescore", str(out), "--set", "train.epochs=3"]) == 2

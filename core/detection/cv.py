@@ -47,8 +47,8 @@ from core.detection.scoring import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DetectorCVResult", "bootstrap_tiles", "choose_on_fold_validation", "plan_tile_folds", "rescore_detector_cv",
-           "run_detector_cv"]
+__all__ = ["DetectorCVResult", "bootstrap_tiles", "choose_on_fold_validation", "plan_tile_folds", "pooled_table",
+           "rescore_detector_cv", "run_detector_cv"]
 
 # figures with an interval, in report order
 FIGURES = ("f1", "precision", "recall", "dice", "ap", "count_mae")
@@ -307,6 +307,18 @@ def run_detector_cv(cfg: DetectorConfig, folds: int = 4, *, out_dir: str | Path 
     return DetectorCVResult(cv_dir, report)
 
 
+def pooled_table(pooled: dict[str, dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    """Markdown rows of pooled out-of-fold figures (with intervals), one per post-processing in ``labels``."""
+    lines = ["| post-processing | F1@0.5 | precision | recall | Dice | AP@[.5:.95] | count MAE | found / true / matched |",
+             "|---|---|---|---|---|---|---|---|"]
+    for which, label in labels.items():
+        p = pooled[which]
+        q = p["_pooled"]
+        lines.append(f"| {label} | " + " | ".join(_fmt(p[k]) for k in FIGURES[:5]) + f" | {_fmt(p['count_mae'], 2)} | "
+                     f"{q['n_pred']} / {q['n_true']} / {q['tp']} |")
+    return lines
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """Markdown: the pooled out-of-fold figures with intervals, then one row per fold."""
     r = report["recipe"]
@@ -315,14 +327,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
               f"{r['train']['samples_per_epoch']} samples; training minutes per fold: "
               f"{', '.join(str(m) for m in report['train_minutes'])}; whole CV {report['minutes']} min."), "",
              ("Out of fold, all tiles pooled, 95 % interval by bootstrap over tiles "
-              f"({report['pooled']['chosen']['_resampled']['n']} resamples):"), "",
-             "| post-processing | F1@0.5 | precision | recall | Dice | AP@[.5:.95] | count MAE | found / true / matched |",
-             "|---|---|---|---|---|---|---|---|"]
-    for which, label in (("fixed", "recipe's fixed"), ("chosen", "chosen on each fold's validation")):
-        p = report["pooled"][which]
-        q = p["_pooled"]
-        lines.append(f"| {label} | " + " | ".join(_fmt(p[k]) for k in FIGURES[:5]) + f" | {_fmt(p['count_mae'], 2)} | "
-                     f"{q['n_pred']} / {q['n_true']} / {q['tp']} |")
+              f"({report['pooled']['chosen']['_resampled']['n']} resamples):"), ""]
+    lines += pooled_table(report["pooled"], {"fixed": "recipe's fixed", "chosen": "chosen on each fold's validation"})
     lines += ["", ("| fold | test tiles | best epoch | minutes | post-processing chosen | F1 (fixed) | Dice (fixed) "
                    "| F1 (chosen) | Dice (chosen) |"), "|---|---|---|---|---|---|---|---|---|"]
     for f in report["per_fold"]:
