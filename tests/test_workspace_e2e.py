@@ -316,16 +316,19 @@ def test_run_the_detector_from_the_page_then_review_its_proposals(detector_serve
         picker = page.get_by_label("Detector checkpoint")
         picker.scroll_into_view_if_needed()
         option = page.get_by_role("option", name=best, exact=True)
-        for attempt in range(3):  # a list the page closes under the click (a rerun) is opened again
+        for attempt in range(4):  # a list the page closes (a rerun) before it shows or under the click: again
+            page.wait_for_selector(IDLE, timeout=30_000)
             picker.click()
             page.keyboard.press("ArrowDown")  # the list opens (every option a checkpoint of $GLOM_RUNS)
-            option.wait_for(timeout=10_000)
-            assert all(o.startswith(str(checkpoint.parent.parent)) for o in page.get_by_role("option").all_inner_texts())
             try:
+                option.wait_for(timeout=10_000)
+                assert all(o.startswith(str(checkpoint.parent.parent))
+                           for o in page.get_by_role("option").all_inner_texts())
                 option.click(timeout=5_000)
                 break
             except PlaywrightTimeoutError:
-                if attempt == 2:
+                page.keyboard.press("Escape")
+                if attempt == 3:
                     raise
         page.wait_for_selector(IDLE, timeout=30_000)
         page.get_by_role("button", name="Run on this slide").click()
