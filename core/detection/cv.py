@@ -133,6 +133,20 @@ def _label(prob: np.ndarray, post: dict[str, Any], mpp: float) -> tuple[np.ndarr
     return labels, scores
 
 
+def _fold_predictor(checkpoint: Path, cfg: DetectorConfig, post_overrides: dict[str, Any] | None) -> Predictor:
+    """A fold's checkpoint as a predictor, its post-processing changed by ``post_overrides``."""
+    device = resolve_device(cfg.train.device)
+    model, meta = load_detector(checkpoint, device)
+    meta.postprocess = dict(meta.postprocess, **(post_overrides or {}))
+    return Predictor(model, meta, device, amp=cfg.train.amp)
+
+
+def _predict_tiles(predictor: Predictor, cfg: DetectorConfig, names: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(probability maps, true masks) of the tiles ``names`` at the predictor's working µm/px."""
+    tiles = load_tiles(cfg.data.tiles, cfg.data.tiles_mpp, predictor.meta.mpp, names)
+    return [predict_image(predictor, t.rgb) for t in tiles], [t.mask for t in tiles]
+
+
 def _score_fold(checkpoint: Path, test_tiles: list[str], cfg: DetectorConfig, fold: int,
                 oof: dict[str, dict[str, list]], overlay_dir: Path | None,
                 post_overrides: dict[str, Any] | None = None, val_tiles: list[str] | None = None
@@ -143,17 +157,13 @@ def _score_fold(checkpoint: Path, test_tiles: list[str], cfg: DetectorConfig, fo
     (under ``post_overrides``), as training would have chosen them."""
     from core.detection.evaluate import overlay_outlines
 
-    device = resolve_device(cfg.train.device)
-    model, meta = load_detector(checkpoint, device)
-    meta.postprocess = dict(meta.postprocess, **(post_overrides or {}))
-    predictor = Predictor(model, meta, device, amp=cfg.train.amp)
+    predictor = _fold_predictor(checkpoint, cfg, post_overrides)
+    meta = predictor.meta
     chosen_post = dict(meta.postprocess, threshold=meta.threshold)
     if val_tiles:
         from core.detection.train import choose_postprocess
 
-        val = load_tiles(cfg.data.tiles, cfg.data.tiles_mpp, meta.mpp, val_tiles)
-        chosen_post, _ = choose_postprocess([predict_image(predictor, t.rgb) for t in val], [t.mask for t in val],
-                                            chosen_post, meta.mpp)
+        chosen_post, _ = choose_postprocess(*_predict_tiles(predictor, cfg, val_tiles), chosen_post, meta.mpp)
     fixed_post = dict(cfg.postprocess.__dict__, **(post_overrides or {}))
     min_px = int(cfg.postprocess.min_area_um2 / (meta.mpp * meta.mpp))
     rows = []
@@ -221,15 +231,12 @@ def choose_on_fold_validation(cv_dir: str | Path, post_overrides: dict[str, Any]
     cv_dir = Path(cv_dir)
     cfg = load_detector_config(cv_dir / "fold-0" / "config.yaml")
     post = dict(cfg.postprocess.__dict__, **(post_overrides or {}))
-    device = resolve_device(cfg.train.device)
     probs, masks = [], []
     for f in _fold_splits(cv_dir):
-        model, meta = load_detector(cv_dir / f"fold-{f['fold']}" / "best.safetensors", device)
-        meta.postprocess = dict(meta.postprocess, **(post_overrides or {}))
-        predictor = Predictor(model, meta, device, amp=cfg.train.amp)
-        for t in load_tiles(cfg.data.tiles, cfg.data.tiles_mpp, meta.mpp, f["val_tiles"]):
-            probs.append(predict_image(predictor, t.rgb))
-            masks.append(t.mask)
+        p, m = _predict_tiles(_fold_predictor(cv_dir / f"fold-{f['fold']}" / "best.safetensors", cfg, post_overrides),
+                              cfg, f["val_tiles"])
+        probs += p
+        masks += m
     return choose_postprocess(probs, masks, post, cfg.mpp)
 
 
