@@ -271,7 +271,8 @@ def detect_in_reader(reader: Any, predictor: Predictor, settings: DetectSettings
         return reader.read_region((round(lx), round(ly)), (t, t), mpp=work_mpp)
 
     # canvas columns outside the slide (the mirrored margin): never part of a finding
-    outside_cols = ((bx0 + np.arange(wb) * f) < 0) | ((bx0 + np.arange(wb) * f) >= w0) if mirrored else None
+    col_x0 = bx0 + np.arange(wb) * f  # level-0 x of each canvas column
+    outside_cols = ((col_x0 < 0) | (col_x0 >= w0)) if mirrored else None
 
     def finalise(fin: int, final: bool) -> None:
         nonlocal t_post
