@@ -168,6 +168,44 @@ def test_train_select_and_edge_mirror_are_checked():
         load_detector_config("recipes/detector/cpu.yaml", ["train.select=first"])
     with pytest.raises(ConfigError, match="edge_mirror_um"):
         load_detector_config("recipes/detector/cpu.yaml", ["postprocess.edge_mirror_um=-1"])
+    with pytest.raises(ConfigError, match=r"augment.edge_mirror_p must be in \[0, 1\], got 1.5"):
+        load_detector_config("recipes/detector/cpu.yaml", ["augment.edge_mirror_p=1.5"])
+    with pytest.raises(ConfigError, match="edge_mirror_p needs postprocess.edge_mirror_um > 0"):
+        load_detector_config("recipes/detector/cpu.yaml", ["augment.edge_mirror_p=0.5", "postprocess.edge_mirror_um=0"])
+
+
+def test_training_windows_reach_into_the_mirrored_tile_edge():
+    """With ``augment.edge_mirror_p`` a training window may cross the tile's edge into its mirror image
+    (image and mask mirrored together), as prediction sees an image's edge; without it, never."""
+    from core.detection.config import DetectorAugmentConfig
+    from core.detection.data import DetectorTrainingSet, TileImage
+    from core.detection.inference import mirror_edges
+
+    yy, xx = np.mgrid[:96, :80]
+    rgb = np.stack([(yy * 2) % 256, (xx * 3) % 256, (yy + xx) % 256], axis=2).astype(np.uint8)
+    tile = TileImage("t", rgb, (xx < 20) | (yy > 70))  # the glomerulus touches two edges
+    plain = dict(paste_p=0.0, rotate90=False, flip=False, hed_jitter=0.0, color_jitter=0.0, blur=0.0,
+                 scale_jitter=0.0, centre_on_glomerulus_p=0.5)
+    padded_rgb, padded_mask = mirror_edges(rgb, (16,) * 4), mirror_edges(tile.mask[..., None], (16,) * 4)[..., 0]
+
+    def origins(edge_mirror_p):
+        ds = DetectorTrainingSet([tile], [], 32, 1.0, DetectorAugmentConfig(**plain, edge_mirror_p=edge_mirror_p),
+                                 64, (0, 0, 0), (1, 1, 1), seed=3, edge_mirror_px=16)
+        found = []
+        for i in range(64):
+            win, m = ds.sample(i)
+            hits = [(y, x) for y in range(padded_rgb.shape[0] - 31) for x in range(padded_rgb.shape[1] - 31)
+                    if np.array_equal(padded_rgb[y:y + 32, x:x + 32], win)]
+            assert len(hits) == 1, f"sample {i} is no window of the mirrored tile"
+            y, x = hits[0]
+            assert np.array_equal(padded_mask[y:y + 32, x:x + 32], m), f"sample {i}: mask not mirrored with image"
+            found.append((y, x))
+        return found
+
+    inside = lambda y, x: 16 <= y <= 16 + 96 - 32 and 16 <= x <= 16 + 80 - 32  # noqa: E731
+    assert all(inside(*o) for o in origins(0.0))
+    crossing = [o for o in origins(1.0) if not inside(*o)]
+    assert len(crossing) > 16  # most windows of the mirrored mode cross an edge
 
 
 def test_cv_detector_refuses_a_fixed_split(tmp_path):

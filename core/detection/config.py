@@ -81,6 +81,10 @@ class DetectorAugmentConfig:
     color_jitter: float = 0.15  # brightness / contrast / saturation strength
     blur: float = 0.2  # probability of a Gaussian blur (σ 0.3–1.5 px)
     scale_jitter: float = 0.1  # ± relative zoom of tile samples (scanner µm/px differences)
+    # probability that a tile sample's window may reach past the tile's edge by up to
+    # postprocess.edge_mirror_um, the outside filled with the tile mirrored: what prediction sees at an
+    # image's (or slide's) edge, seen in training too (0 = off; needs edge_mirror_um > 0)
+    edge_mirror_p: float = 0.0
 
 
 @dataclass
@@ -143,6 +147,11 @@ def load_detector_config(path: str | Path | None = None, overrides: list[str] | 
         raise ConfigError(f"train.select must be best or last, got {cfg.train.select!r}")
     if cfg.postprocess.edge_mirror_um < 0:
         raise ConfigError(f"postprocess.edge_mirror_um must be ≥ 0, got {cfg.postprocess.edge_mirror_um}")
+    if not 0 <= cfg.augment.edge_mirror_p <= 1:
+        raise ConfigError(f"augment.edge_mirror_p must be in [0, 1], got {cfg.augment.edge_mirror_p}")
+    if cfg.augment.edge_mirror_p and not cfg.postprocess.edge_mirror_um:
+        raise ConfigError("augment.edge_mirror_p needs postprocess.edge_mirror_um > 0 (the margin it mirrors): "
+                          f"got edge_mirror_p={cfg.augment.edge_mirror_p}, edge_mirror_um=0")
     st = cfg.data.store
     r = st.slide_ratios
     if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1) > 1e-6:

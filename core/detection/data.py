@@ -36,6 +36,7 @@ from core.detection.config import (
     DetectorConfig,
     DetectorStoreConfig,
 )
+from core.detection.inference import mirror_edges
 from core.detection.model import DetectorError
 
 log = logging.getLogger(__name__)
@@ -515,11 +516,12 @@ class DetectorTrainingSet(torch.utils.data.Dataset):
 
     def __init__(self, tiles: list[TileImage], crops: list[GlomerulusCrop], size_px: int, mpp: float,
                  aug: DetectorAugmentConfig, length: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 seed: int = 0) -> None:
+                 seed: int = 0, edge_mirror_px: int = 0) -> None:
         if not tiles:
             raise DetectorError("no training tiles")
         self.tiles, self.crops, self.size, self.mpp, self.aug = tiles, crops, size_px, mpp, aug
-        self.length, self.seed = length, seed
+        self.length, self.seed, self.margin = length, seed, max(0, int(edge_mirror_px))
+        self._mirrored: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.mean, self.std = np.array(mean, np.float32), np.array(std, np.float32)
         self._centres = [np.argwhere(t.mask) for t in tiles]
         self._epoch = 0
@@ -538,15 +540,20 @@ class DetectorTrainingSet(torch.utils.data.Dataset):
         tile = self.tiles[ti]
         zoom = 1 + rng.uniform(-a.scale_jitter, a.scale_jitter) if a.scale_jitter else 1.0
         win = min(round(s * zoom), tile.rgb.shape[0], tile.rgb.shape[1])
-        h, w = tile.mask.shape
+        src_rgb, src_mask, m = tile.rgb, tile.mask, 0
+        if self.margin and a.edge_mirror_p and rng.random() < a.edge_mirror_p:
+            # the window may reach past the tile's edge into its mirror image, as prediction sees an edge
+            src_rgb, src_mask = self._mirrored_tile(ti)
+            m = self.margin
+        h, w = src_mask.shape
         if len(self._centres[ti]) and rng.random() < a.centre_on_glomerulus_p:
-            cy, cx = self._centres[ti][int(rng.integers(len(self._centres[ti])))]
+            cy, cx = self._centres[ti][int(rng.integers(len(self._centres[ti])))] + m
             y0 = int(np.clip(cy - rng.integers(win), 0, h - win))
             x0 = int(np.clip(cx - rng.integers(win), 0, w - win))
         else:
             y0, x0 = int(rng.integers(h - win + 1)), int(rng.integers(w - win + 1))
-        rgb = tile.rgb[y0:y0 + win, x0:x0 + win].copy()
-        mask = tile.mask[y0:y0 + win, x0:x0 + win].copy()
+        rgb = src_rgb[y0:y0 + win, x0:x0 + win].copy()
+        mask = src_mask[y0:y0 + win, x0:x0 + win].copy()
         if win != s:
             rgb = np.asarray(Image.fromarray(rgb).resize((s, s), Image.Resampling.BILINEAR))
             mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((s, s), Image.Resampling.BILINEAR)) > 127
@@ -575,6 +582,15 @@ class DetectorTrainingSet(torch.utils.data.Dataset):
         if a.blur and rng.random() < a.blur:
             out = np.asarray(Image.fromarray(out).filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5))))
         return np.ascontiguousarray(out), np.ascontiguousarray(mask)
+
+    def _mirrored_tile(self, ti: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tile ``ti`` (RGB, mask) extended by ``margin`` px of its border mirrored outwards on every side,
+        as :func:`core.detection.inference.mirror_edges` extends an image before prediction."""
+        if ti not in self._mirrored:
+            t, m = self.tiles[ti], self.margin
+            self._mirrored[ti] = (mirror_edges(t.rgb, (m, m, m, m)),
+                                  mirror_edges(t.mask[..., None], (m, m, m, m))[..., 0])
+        return self._mirrored[ti]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rgb, mask = self.sample(index)

@@ -179,7 +179,8 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
         model = model.to(memory_format=torch.channels_last)
 
     ds = DetectorTrainingSet(train_tiles, crops, cfg.tile_size, cfg.mpp, cfg.augment, t_cfg.samples_per_epoch,
-                             tuple(meta.mean), tuple(meta.std), seed=cfg.seed)
+                             tuple(meta.mean), tuple(meta.std), seed=cfg.seed,
+                             edge_mirror_px=round(cfg.postprocess.edge_mirror_um / cfg.mpp))
     loader = torch.utils.data.DataLoader(ds, batch_size=t_cfg.batch_size, shuffle=False,
                                          num_workers=t_cfg.num_workers, pin_memory=cuda, drop_last=True,
                                          persistent_workers=t_cfg.num_workers > 0)
