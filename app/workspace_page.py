@@ -36,6 +36,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -643,8 +644,11 @@ def start_detection(slide_path: Path, checkpoint: str, dataset: str, user: str, 
         run = _RUNS.get(str(slide_path))
         if run is not None and run.proc.poll() is None:
             return run
-        out = Path(tempfile.gettempdir()) / "glomlab-workspace-detect"  # the GeoJSON copies; the store holds the rest
-        out.mkdir(parents=True, exist_ok=True)
+        if run is not None:  # the finished run this one replaces: its log and GeoJSON copy go
+            shutil.rmtree(run.log_path.parent, ignore_errors=True)
+        # a folder per run (the GeoJSON copy and the log; the store holds the rest): slides of the same
+        # name in different folders, or two servers, never write over each other's
+        out = Path(tempfile.mkdtemp(prefix="glomlab-workspace-detect-"))
         log_path = out / f"{slide_path.stem}.log"
         argv = [sys.executable, "-m", "core.cli", "detect", str(slide_path), "--checkpoint", checkpoint,
                 "--dataset", dataset, "--db", store, "--out", str(out), "--no-resume", "--workers", "1",

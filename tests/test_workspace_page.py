@@ -4,6 +4,7 @@ run started from the page running in the background and reporting how it ended."
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -35,6 +36,34 @@ def test_a_detector_run_in_the_background_reports_its_failure(tmp_path: Path, ws
     state, last = run.status()
     assert state == "failed" and last.startswith("error:") and "missing" in last, last
     workspace_page._RUNS.clear()
+
+
+def test_detector_runs_of_same_named_slides_keep_their_own_folders(tmp_path: Path, wsi_dir: Path):
+    """Two slides of one file name in different folders: each run its own log (and GeoJSON copy); a
+    new run of a slide clears the folder of its finished earlier run."""
+    slides = []
+    for case in ("case1", "case2"):
+        (tmp_path / case).mkdir()
+        slides.append(tmp_path / case / "biopsy.svs")
+        slides[-1].symlink_to(wsi_dir / "cmu-1-small-region.svs")
+    try:
+        runs = [workspace_page.start_detection(sl, str(tmp_path / f"missing-{i}"), "glom", "alice",
+                                               f"sqlite:///{tmp_path / 'none.db'}") for i, sl in enumerate(slides)]
+        assert runs[0].log_path.parent != runs[1].log_path.parent
+        for i, run in enumerate(runs):
+            run.proc.wait(120)
+            state, last = run.status()
+            assert state == "failed" and f"missing-{i}" in last, last  # its own log, not the other's
+        again = workspace_page.start_detection(slides[0], str(tmp_path / "missing-0"), "glom", "alice",
+                                               f"sqlite:///{tmp_path / 'none.db'}")
+        assert again is not runs[0] and not runs[0].log_path.parent.exists() and runs[1].log_path.exists()
+        again.proc.wait(120)
+    finally:
+        for run in workspace_page._RUNS.values():
+            if run.proc.poll() is None:
+                run.proc.kill()
+            shutil.rmtree(run.log_path.parent, ignore_errors=True)
+        workspace_page._RUNS.clear()
 
 
 def test_drawn_boxes_cropped_then_classified_with_the_chosen_checkpoint(tmp_path: Path, wsi_dir: Path, monkeypatch):
