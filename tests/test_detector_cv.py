@@ -184,8 +184,8 @@ def test_training_windows_reach_into_the_mirrored_tile_edge():
     yy, xx = np.mgrid[:96, :80]
     rgb = np.stack([(yy * 2) % 256, (xx * 3) % 256, (yy + xx) % 256], axis=2).astype(np.uint8)
     tile = TileImage("t", rgb, (xx < 20) | (yy > 70))  # the glomerulus touches two edges
-    plain = dict(paste_p=0.0, rotate90=False, flip=False, hed_jitter=0.0, color_jitter=0.0, blur=0.0,
-                 scale_jitter=0.0, centre_on_glomerulus_p=0.5)
+    plain = {"paste_p": 0.0, "rotate90": False, "flip": False, "hed_jitter": 0.0, "color_jitter": 0.0,
+             "blur": 0.0, "scale_jitter": 0.0, "centre_on_glomerulus_p": 0.5}
     padded_rgb, padded_mask = mirror_edges(rgb, (16,) * 4), mirror_edges(tile.mask[..., None], (16,) * 4)[..., 0]
 
     def origins(edge_mirror_p):
@@ -202,7 +202,9 @@ def test_training_windows_reach_into_the_mirrored_tile_edge():
             found.append((y, x))
         return found
 
-    inside = lambda y, x: 16 <= y <= 16 + 96 - 32 and 16 <= x <= 16 + 80 - 32  # noqa: E731
+    def inside(y, x):  # the window lies within the tile (margin 16, tile 96 x 80, window 32)
+        return 16 <= y <= 16 + 96 - 32 and 16 <= x <= 16 + 80 - 32
+
     assert all(inside(*o) for o in origins(0.0))
     crossing = [o for o in origins(1.0) if not inside(*o)]
     assert len(crossing) > 16  # most windows of the mirrored mode cross an edge
