@@ -588,8 +588,7 @@ class DetectorTrainingSet(torch.utils.data.Dataset):
         as :func:`core.detection.inference.mirror_edges` extends an image before prediction."""
         if ti not in self._mirrored:
             t, m = self.tiles[ti], self.margin
-            self._mirrored[ti] = (mirror_edges(t.rgb, (m, m, m, m)),
-                                  mirror_edges(t.mask[..., None], (m, m, m, m))[..., 0])
+            self._mirrored[ti] = (mirror_edges(t.rgb, (m, m, m, m)), mirror_edges(t.mask, (m, m, m, m)))
         return self._mirrored[ti]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

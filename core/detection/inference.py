@@ -100,12 +100,12 @@ def edge_mirror_px(meta: DetectorMeta) -> int:
 
 
 def mirror_edges(rgb: np.ndarray, pad: tuple[int, int, int, int]) -> np.ndarray:
-    """``rgb`` (H, W, 3) extended by (top, bottom, left, right) px of its own border mirrored outwards
-    (``numpy.pad`` ``symmetric``; a pad wider than the image repeats the reflection)."""
+    """``rgb`` (H, W, 3), or a (H, W) mask, extended by (top, bottom, left, right) px of its own border
+    mirrored outwards (``numpy.pad`` ``symmetric``; a pad wider than the image repeats the reflection)."""
     top, bottom, left, right = (max(0, int(p)) for p in pad)
     if not (top or bottom or left or right):
         return rgb
-    return np.pad(rgb, ((top, bottom), (left, right), (0, 0)), mode="symmetric")
+    return np.pad(rgb, ((top, bottom), (left, right)) + ((0, 0),) * (rgb.ndim - 2), mode="symmetric")
 
 
 def predict_image(predictor: Predictor, rgb: np.ndarray, tile_px: int = 512, overlap_px: int = 64,

@@ -34,7 +34,12 @@ from core.detection.data import (
     resolve_data_path,
     split_detector_data,
 )
-from core.detection.inference import Predictor, predict_image, resolve_device
+from core.detection.inference import (
+    Predictor,
+    edge_mirror_px,
+    predict_image,
+    resolve_device,
+)
 from core.detection.instances import filter_by_score, label_instances
 from core.detection.model import (
     DetectorError,
@@ -180,7 +185,7 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
 
     ds = DetectorTrainingSet(train_tiles, crops, cfg.tile_size, cfg.mpp, cfg.augment, t_cfg.samples_per_epoch,
                              tuple(meta.mean), tuple(meta.std), seed=cfg.seed,
-                             edge_mirror_px=round(cfg.postprocess.edge_mirror_um / cfg.mpp))
+                             edge_mirror_px=edge_mirror_px(meta))
     loader = torch.utils.data.DataLoader(ds, batch_size=t_cfg.batch_size, shuffle=False,
                                          num_workers=t_cfg.num_workers, pin_memory=cuda, drop_last=True,
                                          persistent_workers=t_cfg.num_workers > 0)
