@@ -113,6 +113,13 @@ class DetectorTrainConfig:
     # one-cycle schedule (learning rate annealed; no early stop), steadier when validation holds few glomeruli
     select: str = "best"
     max_minutes: float = 0.0  # > 0: stop after this wall time (checked per epoch)
+    # hard negative mining: from epoch hard_negative_start on, each epoch begins by predicting the
+    # training tiles (up to hard_negative_tiles of them per epoch, in turn); this share of the epoch's
+    # windows is then centred on a false finding of the model (probability ≥ 0.3 away from every
+    # glomerulus) instead of a random place (0 = off)
+    hard_negative_p: float = 0.0
+    hard_negative_start: int = 5
+    hard_negative_tiles: int = 64
     amp: bool = True  # CUDA only
     channels_last: bool = True  # CUDA only
     device: str = "auto"
@@ -152,6 +159,10 @@ def load_detector_config(path: str | Path | None = None, overrides: list[str] | 
     if cfg.augment.edge_mirror_p and not cfg.postprocess.edge_mirror_um:
         raise ConfigError("augment.edge_mirror_p needs postprocess.edge_mirror_um > 0 (the margin it mirrors): "
                           f"got edge_mirror_p={cfg.augment.edge_mirror_p}, edge_mirror_um=0")
+    t = cfg.train
+    if not 0 <= t.hard_negative_p <= 1 or t.hard_negative_start < 1 or t.hard_negative_tiles < 1:
+        raise ConfigError("train.hard_negative_p must be in [0, 1], hard_negative_start and hard_negative_tiles ≥ 1 "
+                          f"(got {t.hard_negative_p}, {t.hard_negative_start}, {t.hard_negative_tiles})")
     st = cfg.data.store
     r = st.slide_ratios
     if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1) > 1e-6:

@@ -13,7 +13,9 @@
 
 Splits are grouped: tiles by tile (each is its own group), crops and stored slides by slide. A
 training sample is a random ``tile_size`` window (sometimes centred on a glomerulus) of a training
-tile, plus pasted crops, rotated/flipped, stain (HED) and colour jittered, sometimes blurred.
+tile, plus pasted crops, rotated/flipped, stain (HED) and colour jittered, sometimes blurred. With
+``train.hard_negative_p`` a share of the windows is centred instead on what the model being trained
+marks wrongly on its own training tiles (mined each epoch): artery walls, tubules with casts.
 """
 
 from __future__ import annotations
@@ -44,11 +46,13 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DetectorSplit",
     "DetectorTrainingSet",
+    "HardPoint",
     "GlomerulusCrop",
     "StoreWindow",
     "StoredGlomerulus",
     "StoredSlide",
     "TileImage",
+    "TrainingSampler",
     "hed_jitter",
     "load_crops",
     "load_store_windows",
@@ -508,10 +512,48 @@ def _paste(rgb: np.ndarray, mask: np.ndarray, crop: GlomerulusCrop, diameter_px:
     mask[ys, xs] |= hard
 
 
+HardPoint = tuple[int, int, int]  # (training tile index, y, x) of a mined false finding, tile px
+
+
+class TrainingSampler(torch.utils.data.Sampler):
+    """The keys of one epoch of :class:`DetectorTrainingSet`: ``(epoch, index, hard point or None)``.
+
+    A sampler is iterated in the main process every epoch, also when the loader keeps persistent
+    worker processes, so the epoch (and the hard negatives mined by the current model) reach the
+    workers through the keys; state set on the dataset object would stay behind in their copies and
+    every epoch would replay the first one's samples. ``hard_negative_p`` of the keys carry a point
+    drawn from :meth:`set_hard_negatives` (none until the first mining), deterministically in
+    (seed, epoch, index).
+    """
+
+    def __init__(self, length: int, seed: int = 0, hard_negative_p: float = 0.0) -> None:
+        self.length, self.seed, self.hard_negative_p = length, seed, hard_negative_p
+        self.epoch = 0
+        self.hard: list[HardPoint] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_hard_negatives(self, points: list[HardPoint]) -> None:
+        self.hard = list(points)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch, 0x4E45])  # its own stream: samples are unchanged
+        for i in range(self.length):
+            hard = None
+            if self.hard and rng.random() < self.hard_negative_p:
+                hard = self.hard[int(rng.integers(len(self.hard)))]
+            yield (self.epoch, i, hard)
+
+
 class DetectorTrainingSet(torch.utils.data.Dataset):
     """Endless random samples (``length`` per epoch): tile windows with pasted crops, augmented.
 
-    Returns ``(image tensor 3×S×S normalised, mask tensor 1×S×S float)``.
+    Indexed by :class:`TrainingSampler` keys ``(epoch, index, hard point)`` (a bare index uses the epoch of
+    :meth:`set_epoch`). Returns ``(image tensor 3×S×S normalised, mask tensor 1×S×S float)``.
     """
 
     def __init__(self, tiles: list[TileImage], crops: list[GlomerulusCrop], size_px: int, mpp: float,
@@ -532,11 +574,18 @@ class DetectorTrainingSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """One augmented (HWC uint8 RGB, bool mask) pair; deterministic in (seed, epoch, index)."""
-        rng = np.random.default_rng([self.seed, self._epoch, index])
+    def sample(self, index: int, epoch: int | None = None,
+               hard: HardPoint | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One augmented (HWC uint8 RGB, bool mask) pair; deterministic in (seed, epoch, index, hard).
+
+        ``hard``: a window of that training tile holding that point (a false finding of the model
+        being trained, mined by :func:`core.detection.train.mine_hard_negatives`) instead of a random one.
+        """
+        rng = np.random.default_rng([self.seed, self._epoch if epoch is None else epoch, index])
         a, s = self.aug, self.size
         ti = int(rng.integers(len(self.tiles)))
+        if hard is not None:
+            ti = hard[0]
         tile = self.tiles[ti]
         zoom = 1 + rng.uniform(-a.scale_jitter, a.scale_jitter) if a.scale_jitter else 1.0
         win = min(round(s * zoom), tile.rgb.shape[0], tile.rgb.shape[1])
@@ -546,8 +595,11 @@ class DetectorTrainingSet(torch.utils.data.Dataset):
             src_rgb, src_mask = self._mirrored_tile(ti)
             m = self.margin
         h, w = src_mask.shape
-        if len(self._centres[ti]) and rng.random() < a.centre_on_glomerulus_p:
-            cy, cx = self._centres[ti][int(rng.integers(len(self._centres[ti])))] + m
+        if hard is not None or (len(self._centres[ti]) and rng.random() < a.centre_on_glomerulus_p):
+            if hard is not None:
+                cy, cx = hard[1] + m, hard[2] + m
+            else:
+                cy, cx = self._centres[ti][int(rng.integers(len(self._centres[ti])))] + m
             y0 = int(np.clip(cy - rng.integers(win), 0, h - win))
             x0 = int(np.clip(cx - rng.integers(win), 0, w - win))
         else:
@@ -558,7 +610,7 @@ class DetectorTrainingSet(torch.utils.data.Dataset):
             rgb = np.asarray(Image.fromarray(rgb).resize((s, s), Image.Resampling.BILINEAR))
             mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((s, s), Image.Resampling.BILINEAR)) > 127
             rgb, mask = rgb.copy(), mask.copy()
-        if self.crops and rng.random() < a.paste_p:
+        if self.crops and rng.random() < a.paste_p and hard is None:  # no glomerulus pasted over the hard negative
             for _ in range(int(rng.integers(1, a.paste_max + 1))):
                 crop = self.crops[int(rng.integers(len(self.crops)))]
                 _paste(rgb, mask, crop, rng.uniform(*a.paste_diameter_um) / self.mpp, rng)
@@ -591,7 +643,7 @@ class DetectorTrainingSet(torch.utils.data.Dataset):
             self._mirrored[ti] = (mirror_edges(t.rgb, (m, m, m, m)), mirror_edges(t.mask, (m, m, m, m)))
         return self._mirrored[ti]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rgb, mask = self.sample(index)
+    def __getitem__(self, key: int | tuple[int, int, HardPoint | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        rgb, mask = self.sample(key) if isinstance(key, int) else self.sample(key[1], key[0], key[2])
         x = (rgb.astype(np.float32) / 255 - self.mean) / self.std
         return torch.from_numpy(x.transpose(2, 0, 1).copy()), torch.from_numpy(mask[None].astype(np.float32))

@@ -27,7 +27,9 @@ from tqdm import tqdm
 from core.detection.config import DetectorConfig
 from core.detection.data import (
     DetectorTrainingSet,
+    HardPoint,
     TileImage,
+    TrainingSampler,
     load_crops,
     load_store_windows,
     load_tiles,
@@ -51,7 +53,8 @@ from core.detection.scoring import ImageScore, gt_instances, score_image, summar
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DetectorRun", "choose_postprocess", "dice_bce_loss", "evaluate_tiles", "train_detector"]
+__all__ = ["DetectorRun", "choose_postprocess", "dice_bce_loss", "evaluate_tiles", "mine_hard_negatives",
+           "train_detector"]
 
 
 @dataclass
@@ -90,6 +93,36 @@ def evaluate_tiles(predictor: Predictor, tiles: list[TileImage], post: dict[str,
         trues.append(true)
         probs.append(prob)
     return summarise(scores), scores, preds, trues, probs
+
+
+MINING_THRESHOLD = 0.3  # near misses count: what a stricter tuned threshold would still let through
+MINING_CLEARANCE_UM = 20.0  # a finding this close to a true glomerulus is its outline's error, not a false one
+
+
+def mine_hard_negatives(predictor: Predictor, tiles: list[TileImage], indices: list[int],
+                        min_area_um2: float) -> dict[int, list[HardPoint]]:
+    """False findings of the model on these training tiles: for each tile index, one point (the most
+    probable pixel) of every region with probability ≥ ``MINING_THRESHOLD``, at least
+    ``MINING_CLEARANCE_UM`` from every glomerulus of the mask and of at least a quarter of
+    ``min_area_um2``. The model is left in eval mode."""
+    from scipy import ndimage as ndi
+
+    mpp = predictor.meta.mpp
+    clear = max(1, round(MINING_CLEARANCE_UM / mpp))
+    min_px = max(1, int(min_area_um2 / 4 / (mpp * mpp)))
+    out: dict[int, list[HardPoint]] = {}
+    for ti in indices:
+        t = tiles[ti]
+        prob = predict_image(predictor, t.rgb)
+        near = ndi.binary_dilation(t.mask, iterations=clear) if t.mask.any() else t.mask
+        labels, n = ndi.label((prob >= MINING_THRESHOLD) & ~near)
+        points = []
+        if n:
+            areas = np.bincount(labels.ravel(), minlength=n + 1)
+            peaks = ndi.maximum_position(prob, labels, range(1, n + 1))
+            points = [(ti, int(y), int(x)) for k, (y, x) in enumerate(peaks, start=1) if areas[k] >= min_px]
+        out[ti] = points
+    return out
 
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -186,15 +219,19 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
     ds = DetectorTrainingSet(train_tiles, crops, cfg.tile_size, cfg.mpp, cfg.augment, t_cfg.samples_per_epoch,
                              tuple(meta.mean), tuple(meta.std), seed=cfg.seed,
                              edge_mirror_px=edge_mirror_px(meta))
-    loader = torch.utils.data.DataLoader(ds, batch_size=t_cfg.batch_size, shuffle=False,
+    # the sampler carries the epoch and the mined hard negatives to the (persistent) workers
+    sampler = TrainingSampler(t_cfg.samples_per_epoch, seed=cfg.seed, hard_negative_p=t_cfg.hard_negative_p)
+    loader = torch.utils.data.DataLoader(ds, batch_size=t_cfg.batch_size, sampler=sampler,
                                          num_workers=t_cfg.num_workers, pin_memory=cuda, drop_last=True,
                                          persistent_workers=t_cfg.num_workers > 0)
+    hard: dict[int, list[HardPoint]] = {}  # training tile index -> its latest mined false findings
+    next_mined = 0
     opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
     steps = max(1, t_cfg.epochs * len(loader))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t_cfg.lr, total_steps=steps, pct_start=0.1)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and t_cfg.amp)
     post = dict(cfg.postprocess.__dict__)
-    fields = ["epoch", "train_loss", "val_dice", "val_f1", "val_precision", "val_recall", "lr", "seconds"]
+    fields = ["epoch", "train_loss", "hard_negatives", "val_dice", "val_f1", "val_precision", "val_recall", "lr", "seconds"]
     csv_path = run_dir / "metrics.csv"
     with csv_path.open("w", newline="") as f:
         csv.DictWriter(f, fieldnames=fields).writeheader()
@@ -203,8 +240,16 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
     start = time.monotonic()
     epochs = tqdm(range(1, t_cfg.epochs + 1), desc="epochs", disable=not progress, unit="ep")
     for epoch in epochs:
+        if t_cfg.hard_negative_p and epoch >= t_cfg.hard_negative_start:
+            model.eval()
+            turn = [(next_mined + k) % len(train_tiles) for k in range(min(t_cfg.hard_negative_tiles, len(train_tiles)))]
+            next_mined = (next_mined + len(turn)) % len(train_tiles)
+            hard.update(mine_hard_negatives(Predictor(model, meta, device, amp=t_cfg.amp), train_tiles, turn,
+                                            cfg.postprocess.min_area_um2))
+            sampler.set_hard_negatives([p for pts in hard.values() for p in pts])
         model.train()
         ds.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         losses = []
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
         for x, y in bar:
@@ -226,7 +271,8 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
         model.eval()
         predictor = Predictor(model, meta, device, amp=t_cfg.amp)
         val, *_ = evaluate_tiles(predictor, val_tiles, post)
-        row = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "val_dice": round(val["dice"], 5),
+        row = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "hard_negatives": len(sampler.hard),
+               "val_dice": round(val["dice"], 5),
                "val_f1": round(val["f1"], 5), "val_precision": round(val["precision"], 5),
                "val_recall": round(val["recall"], 5), "lr": opt.param_groups[0]["lr"],
                "seconds": round(time.monotonic() - start, 1)}
