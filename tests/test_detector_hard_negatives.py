@@ -56,9 +56,9 @@ def test_hard_negative_keys_centre_windows_on_the_mined_point():
     hard = [k for k in keys if k[2] is not None]
     assert 16 < len(hard) < 48 and all(k[2] == (0, 70, 60) for k in hard)
     for k in hard:
-        rgb, mask = ds.sample(k[1], k[0], k[2])
+        rgb, _ = ds.sample(k[1], k[0], k[2])
         assert (rgb == (255, 0, 255)).all(axis=2).sum() == 1, f"key {k}: window misses the hard point"
-    for k, k0 in zip(keys, plain_keys):  # the other keys, and their samples, are the ones without mining
+    for k, k0 in zip(keys, plain_keys):  # the other keys are the ones drawn without mining
         if k[2] is None:
             assert k == k0
 

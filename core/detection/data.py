@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DetectorSplit",
     "DetectorTrainingSet",
-    "HardPoint",
     "GlomerulusCrop",
+    "HardPoint",
     "StoreWindow",
     "StoredGlomerulus",
     "StoredSlide",
