@@ -91,7 +91,8 @@ def test_training_mines_hard_negatives_and_checks_its_settings(tmp_path):
     cfg = load_detector_config("recipes/detector/cpu.yaml", [
         f"output_dir={tmp_path}", "name=hn", "mpp=2.0", "tile_size=64", f"data.tiles={TILES}", "data.val_tiles=1",
         "data.test_tiles=1", "data.crops_csv=", "train.epochs=2", "train.samples_per_epoch=8", "train.batch_size=4",
-        "train.max_minutes=0", "train.hard_negative_p=0.5", "train.hard_negative_start=2", "train.hard_negative_tiles=3",
+        "train.max_minutes=0", "train.hard_negative_p=0.5", "train.hard_negative_start=2",
+        "train.hard_negative_tiles=3",
         "postprocess.tune=false", "model.decoder_channels=[16,16,16,8,8]", "model.pretrained_file="])
     run = train_detector(cfg, progress=False)
     with (run.run_dir / "metrics.csv").open() as f:

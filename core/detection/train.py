@@ -231,7 +231,8 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t_cfg.lr, total_steps=steps, pct_start=0.1)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and t_cfg.amp)
     post = dict(cfg.postprocess.__dict__)
-    fields = ["epoch", "train_loss", "hard_negatives", "val_dice", "val_f1", "val_precision", "val_recall", "lr", "seconds"]
+    fields = ["epoch", "train_loss", "hard_negatives", "val_dice", "val_f1", "val_precision", "val_recall", "lr",
+              "seconds"]
     csv_path = run_dir / "metrics.csv"
     with csv_path.open("w", newline="") as f:
         csv.DictWriter(f, fieldnames=fields).writeheader()
@@ -242,7 +243,8 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
     for epoch in epochs:
         if t_cfg.hard_negative_p and epoch >= t_cfg.hard_negative_start:
             model.eval()
-            turn = [(next_mined + k) % len(train_tiles) for k in range(min(t_cfg.hard_negative_tiles, len(train_tiles)))]
+            n_turn = min(t_cfg.hard_negative_tiles, len(train_tiles))
+            turn = [(next_mined + k) % len(train_tiles) for k in range(n_turn)]
             next_mined = (next_mined + len(turn)) % len(train_tiles)
             hard.update(mine_hard_negatives(Predictor(model, meta, device, amp=t_cfg.amp), train_tiles, turn,
                                             cfg.postprocess.min_area_um2))
