@@ -26,14 +26,13 @@ def _tile() -> TileImage:
 
 
 def test_persistent_workers_draw_new_samples_every_epoch():
-    """The epoch travels in the sampler's keys: a persistent worker's copy of the dataset never sees
-    ``set_epoch`` on the main process's one, and used to replay epoch 1's windows every epoch."""
+    """The epoch travels in the sampler's keys: a persistent worker's copy of the dataset never saw the
+    epoch set on the main process's one, and used to replay epoch 1's windows every epoch."""
     ds = DetectorTrainingSet([_tile()], [], 32, 1.0, DetectorAugmentConfig(**PLAIN), 8, (0, 0, 0), (1, 1, 1), seed=5)
     sampler = TrainingSampler(8, seed=5)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=1, persistent_workers=True)
     epochs = []
     for epoch in (1, 2):
-        ds.set_epoch(epoch)
         sampler.set_epoch(epoch)
         epochs.append(torch.cat([x for x, _ in loader]))
     assert not torch.equal(epochs[0], epochs[1])

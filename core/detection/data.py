@@ -552,8 +552,8 @@ class TrainingSampler(torch.utils.data.Sampler):
 class DetectorTrainingSet(torch.utils.data.Dataset):
     """Endless random samples (``length`` per epoch): tile windows with pasted crops, augmented.
 
-    Indexed by :class:`TrainingSampler` keys ``(epoch, index, hard point)`` (a bare index uses the epoch of
-    :meth:`set_epoch`). Returns ``(image tensor 3×S×S normalised, mask tensor 1×S×S float)``.
+    Indexed by :class:`TrainingSampler` keys ``(epoch, index, hard point)`` (a bare index: epoch 0, no hard
+    point). Returns ``(image tensor 3×S×S normalised, mask tensor 1×S×S float)``.
     """
 
     def __init__(self, tiles: list[TileImage], crops: list[GlomerulusCrop], size_px: int, mpp: float,
@@ -566,22 +566,17 @@ class DetectorTrainingSet(torch.utils.data.Dataset):
         self._mirrored: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.mean, self.std = np.array(mean, np.float32), np.array(std, np.float32)
         self._centres = [np.argwhere(t.mask) for t in tiles]
-        self._epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
 
     def __len__(self) -> int:
         return self.length
 
-    def sample(self, index: int, epoch: int | None = None,
-               hard: HardPoint | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def sample(self, index: int, epoch: int = 0, hard: HardPoint | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One augmented (HWC uint8 RGB, bool mask) pair; deterministic in (seed, epoch, index, hard).
 
         ``hard``: a window of that training tile holding that point (a false finding of the model
         being trained, mined by :func:`core.detection.train.mine_hard_negatives`) instead of a random one.
         """
-        rng = np.random.default_rng([self.seed, self._epoch if epoch is None else epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         a, s = self.aug, self.size
         ti = int(rng.integers(len(self.tiles)))
         if hard is not None:
@@ -595,11 +590,13 @@ class DetectorTrainingSet(torch.utils.data.Dataset):
             src_rgb, src_mask = self._mirrored_tile(ti)
             m = self.margin
         h, w = src_mask.shape
-        if hard is not None or (len(self._centres[ti]) and rng.random() < a.centre_on_glomerulus_p):
-            if hard is not None:
-                cy, cx = hard[1] + m, hard[2] + m
-            else:
-                cy, cx = self._centres[ti][int(rng.integers(len(self._centres[ti])))] + m
+        centre = None  # a window holding this point, at a random offset, else a random window
+        if hard is not None:
+            centre = (hard[1] + m, hard[2] + m)
+        elif len(self._centres[ti]) and rng.random() < a.centre_on_glomerulus_p:
+            centre = self._centres[ti][int(rng.integers(len(self._centres[ti])))] + m
+        if centre is not None:
+            cy, cx = centre
             y0 = int(np.clip(cy - rng.integers(win), 0, h - win))
             x0 = int(np.clip(cx - rng.integers(win), 0, w - win))
         else:

@@ -33,10 +33,9 @@ def gt_instances(mask: np.ndarray, min_px: int = 0) -> np.ndarray:
     """Label image of a bool ground-truth mask (connected components ≥ ``min_px``)."""
     labels, n = ndi.label(mask)
     if min_px and n:
-        sizes = ndi.sum_labels(mask, labels, index=np.arange(1, n + 1))
-        for i, s in enumerate(sizes, start=1):
-            if s < min_px:
-                labels[labels == i] = 0
+        small = np.bincount(labels.ravel(), minlength=n + 1) < min_px  # one pass, however many specks
+        small[0] = False
+        labels[small[labels]] = 0
         labels, _ = ndi.label(labels > 0)
     return labels.astype(np.int32)
 

@@ -120,14 +120,10 @@ def mine_hard_negatives(predictor: Predictor, tiles: list[TileImage], indices: l
         t = tiles[ti]
         side = -(-(max(t.rgb.shape[:2]) + 2 * m) // 32) * 32
         prob = predict_image(predictor, t.rgb, tile_px=min(side, MINING_MAX_TILE_PX))
-        near = ndi.binary_dilation(t.mask, iterations=clear) if t.mask.any() else t.mask
-        labels, n = ndi.label((prob >= MINING_THRESHOLD) & ~near)
-        points = []
-        if n:
-            areas = np.bincount(labels.ravel(), minlength=n + 1)
-            peaks = ndi.maximum_position(prob, labels, range(1, n + 1))
-            points = [(ti, int(y), int(x)) for k, (y, x) in enumerate(peaks, start=1) if areas[k] >= min_px]
-        out[ti] = points
+        near = ndi.binary_dilation(t.mask, iterations=clear)
+        labels = gt_instances((prob >= MINING_THRESHOLD) & ~near, min_px)  # regions of at least min_px
+        peaks = ndi.maximum_position(prob, labels, range(1, int(labels.max()) + 1))
+        out[ti] = [(ti, int(y), int(x)) for y, x in peaks]
     return out
 
 
@@ -248,7 +244,6 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
     epochs = tqdm(range(1, t_cfg.epochs + 1), desc="epochs", disable=not progress, unit="ep")
     for epoch in epochs:
         if t_cfg.hard_negative_p and epoch >= t_cfg.hard_negative_start:
-            model.eval()
             n_turn = min(t_cfg.hard_negative_tiles, len(train_tiles))
             turn = [(next_mined + k) % len(train_tiles) for k in range(n_turn)]
             next_mined = (next_mined + len(turn)) % len(train_tiles)
@@ -256,7 +251,6 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
                                             cfg.postprocess.min_area_um2))
             sampler.set_hard_negatives([p for pts in hard.values() for p in pts])
         model.train()
-        ds.set_epoch(epoch)
         sampler.set_epoch(epoch)
         losses = []
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
