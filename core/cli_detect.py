@@ -170,6 +170,7 @@ def _cmd_classify_slides(args: argparse.Namespace) -> int:
     from annotation_db import store
     from annotation_db.db import open_store, resolve_url
     from core.checkpoint import CheckpointError
+    from core.detection.inference import resolve_device
     from core.slide_classify import (
         ClassifyJob,
         ClassifySlideError,
@@ -189,11 +190,13 @@ def _cmd_classify_slides(args: argparse.Namespace) -> int:
             check_classes(weights, ds.class_keys, ds.name)
             if not ds.root and args.out is None:
                 return _error(f"dataset {ds.name!r} has no root folder for the crops: pass --out")
+        if not args.ray:  # on Ray the workers' devices count, not this machine's
+            resolve_device(args.device)
     except (CheckpointError, GlomError, OSError) as e:
         return _error(str(e))
     job = ClassifyJob(checkpoint=str(weights), dataset=args.dataset, db_url=db_url, mpp=args.mpp,
                       out_dir=str(Path(args.out).absolute()) if args.out else None, annotator=args.annotator,
-                      threads=args.threads)
+                      threads=args.threads, device=args.device)
     # a path made absolute (workers run elsewhere, in another folder); a bare slide name stays a name
     slides = [os.path.abspath(s) if Path(s).is_file() or "/" in s or Path(s).suffix else s for s in args.slides]
     workers = max(1, min(args.workers, len(slides)))
@@ -341,5 +344,7 @@ def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.
     p.add_argument("--ray", metavar="ADDRESS",
                    help="one task per slide on an existing Ray cluster (HOST:PORT, ray://HOST:PORT or auto); "
                         "PostgreSQL store, slides, checkpoint and crops on storage every node sees")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present) | cpu | cuda | cuda:N; with --ray, a GPU per task when the cluster has them")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_classify_slides)

@@ -131,15 +131,18 @@ def checkpoint_id(path: str | Path, runs_dir: str | Path | None = None) -> str:
     return f"{name}@{digest.hexdigest()[:12]}"
 
 
-def load_viewer_checkpoint(path: str | Path, runs_dir: str | Path | None = None) -> ViewerCheckpoint:
-    """Load (or reuse) the checkpoint at ``path``; raises :class:`CheckpointError` in plain words."""
+def load_viewer_checkpoint(path: str | Path, runs_dir: str | Path | None = None,
+                           device: str = "cpu") -> ViewerCheckpoint:
+    """Load (or reuse) the checkpoint at ``path`` on ``device`` (``cpu``, ``cuda``, ``cuda:N``; the viewer's
+    default is the CPU); raises :class:`CheckpointError` in plain words."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     st = path.stat()
-    return _load_cached(str(path.resolve()), st.st_size, st.st_mtime_ns, str(runs_dir) if runs_dir else None)
+    return _load_cached(str(path.resolve()), st.st_size, st.st_mtime_ns, str(runs_dir) if runs_dir else None,
+                        device)
 
 
 # What a damaged or foreign checkpoint raises while loading: a truncated or non-safetensors file
@@ -150,10 +153,10 @@ _LOAD_FAILURES = (SafetensorError, ValueError, RuntimeError, OSError)
 
 
 @lru_cache(maxsize=4)
-def _load_cached(path: str, size: int, mtime_ns: int, runs_dir: str | None) -> ViewerCheckpoint:
+def _load_cached(path: str, size: int, mtime_ns: int, runs_dir: str | None, device: str = "cpu") -> ViewerCheckpoint:
     try:
         read_meta(path)  # a missing or newer-format sidecar fails here, before any weights are read
-        predictor = Predictor.from_checkpoint(path)
+        predictor = Predictor.from_checkpoint(path, device)
     except CheckpointError:
         raise
     except _LOAD_FAILURES as e:
@@ -168,7 +171,7 @@ def _load_cached(path: str, size: int, mtime_ns: int, runs_dir: str | None) -> V
 
 
 def classify_crops(Session: sessionmaker, image_ids: Sequence[int], checkpoint: str | Path,
-                   runs_dir: str | Path | None = None) -> list[str]:
+                   runs_dir: str | Path | None = None, device: str = "cpu") -> list[str]:
     """Predict the stored crops ``image_ids`` with ``checkpoint`` (loaded once per process, cached) and
     store one ``Prediction`` row each, under the checkpoint's id (the Label queue's model-uncertain
     order, the workspace's per-biopsy summary and ``glom classify-slides`` read them).
@@ -181,7 +184,7 @@ def classify_crops(Session: sessionmaker, image_ids: Sequence[int], checkpoint: 
 
     if not image_ids:
         return []
-    ckpt = load_viewer_checkpoint(checkpoint, runs_dir)
+    ckpt = load_viewer_checkpoint(checkpoint, runs_dir, device)
     with Session() as s:
         images = [s.get(Image, i) for i in image_ids]
         paths = [str(image_abspath(img.dataset, img)) for img in images]

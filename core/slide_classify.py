@@ -52,6 +52,7 @@ class ClassifyJob:
     out_dir: str | None = None  # crops' folder (default <dataset root>/wsi), absolute
     annotator: str | None = None  # store the boxes' classes as this person's labels (None: no labels)
     threads: int = 0  # torch threads in a worker (0: torch's default)
+    device: str = "auto"  # auto (CUDA when the worker has it) | cpu | cuda | cuda:N, resolved in each worker
 
 
 @dataclass
@@ -108,6 +109,7 @@ def classify_slide(slide: str, job: ClassifyJob) -> SlideClassified:
     from annotation_db import store
     from annotation_db.db import open_store
     from annotation_db.models import Image, Prediction
+    from core.detection.inference import resolve_device
     from core.diagnosis import checkpoint_id, classify_crops
     from core.slide_crops import crop_into_dataset
 
@@ -116,6 +118,7 @@ def classify_slide(slide: str, job: ClassifyJob) -> SlideClassified:
 
         torch.set_num_threads(job.threads)
     try:
+        device = str(resolve_device(job.device))
         Session = open_store(job.db_url, create=False)  # the driver migrated it: workers never race a migration
         with Session() as s:
             ds = store.get_dataset(s, job.dataset)
@@ -137,7 +140,7 @@ def classify_slide(slide: str, job: ClassifyJob) -> SlideClassified:
             mine = select(Image.id).where(Image.slide_id == slide_id, Image.dataset_id == ds.id)
             have = select(Prediction.image_id).where(Prediction.checkpoint_id == ckpt_id)
             todo_ids = list(s.scalars(mine.where(Image.id.not_in(have)).order_by(Image.id)))
-        classify_crops(Session, todo_ids, job.checkpoint)
+        classify_crops(Session, todo_ids, job.checkpoint, device=device)
         with Session() as s:
             # the latest prediction of this classifier per crop (a crop predicted twice counts once)
             latest: dict[int, str] = {}
@@ -173,13 +176,15 @@ def describe(r: SlideClassified, dataset: str) -> str:
 def classify_on_ray(job: ClassifyJob, slides: Sequence[str], *, address: str, num_cpus: int = 1) -> Iterator:
     """``glom classify-slides --ray``: one task per slide (:func:`classify_slide`), a ``TaskResult`` per slide as
     they finish. The store must be one every node reaches (PostgreSQL); each worker process loads the
-    classifier once."""
+    classifier once. A GPU is requested per task when the cluster has one and ``job.device`` is not ``cpu``."""
     from dataclasses import replace
 
-    from core.detection.cluster import connect, run_on_ray
+    from core.detection.cluster import connect, gpus_per_task, run_on_ray
 
     job = replace(job, threads=num_cpus)
-    with connect(address):
-        log.info("%d slides to crop and classify on the Ray cluster at %s", len(slides), address)
-        yield from run_on_ray(classify_slide, list(slides), args=(job,), num_cpus=num_cpus,
+    with connect(address) as ray:
+        num_gpus = gpus_per_task(ray, job.device, address)
+        log.info("%d slides to crop and classify on the Ray cluster at %s (%d CPU, %d GPU per task)", len(slides),
+                 address, num_cpus, num_gpus)
+        yield from run_on_ray(classify_slide, list(slides), args=(job,), num_cpus=num_cpus, num_gpus=num_gpus,
                               label="glom classify-slides")

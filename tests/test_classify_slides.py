@@ -153,6 +153,33 @@ def test_a_classifier_whose_classes_are_not_the_datasets_is_refused(setup, store
     assert rc == 2 and "nope" in capsys.readouterr().err
 
 
+def test_the_device_is_the_one_asked_for_and_a_missing_gpu_is_refused_before_any_work(setup, store_url: str,
+                                                                                     capsys, monkeypatch):
+    import torch
+
+    from annotation_db.models import Image, Prediction
+    from core import diagnosis
+
+    Session, ckpt, slide, boxes = setup
+    path = slide("biopsy_dev")
+    common = [str(path), "--dataset", "glom", "--checkpoint", str(ckpt), "--db", store_url, "--no-progress"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine as one without a GPU
+    assert glom(["classify-slides", *common, "--device", "cuda"]) == 2
+    assert "device 'cuda' was asked for but this machine has no CUDA GPU" in capsys.readouterr().err
+    assert _count(Session, Image) == 0 and _count(Session, Prediction) == 0  # refused before cropping
+    assert glom(["classify-slides", *common, "--device", "bogus"]) == 2
+    assert "unknown device 'bogus'" in capsys.readouterr().err
+
+    loaded = []
+    real = diagnosis.Predictor.from_checkpoint
+    monkeypatch.setattr(diagnosis.Predictor, "from_checkpoint",
+                        lambda p, device="cpu": loaded.append(str(device)) or real(p, device))
+    diagnosis._load_cached.cache_clear()
+    assert glom(["classify-slides", *common, "--device", "auto"]) == 0  # auto: the CPU on a machine without CUDA
+    assert loaded == ["cpu"] and _count(Session, Prediction) == len(boxes)
+    capsys.readouterr()
+
+
 def test_on_ray_one_task_per_slide_gives_the_local_results(ray_address: str, setup, store_url: str, capsys):
     Session, ckpt, slide, boxes = setup
     local, on_ray = [slide("local_a"), slide("local_b")], [slide("ray_a"), slide("ray_b")]
@@ -178,3 +205,6 @@ def test_on_ray_one_task_per_slide_gives_the_local_results(ray_address: str, set
     # resumed: a second Ray run crops and predicts nothing
     assert glom(["classify-slides", *map(str, on_ray), *common, "--ray", ray_address]) == 0
     assert capsys.readouterr().out.count("0 cropped into 'glom', 0 predicted") == 2
+    # the loopback cluster has no GPU: asking for CUDA is refused before a task is submitted
+    assert glom(["classify-slides", *map(str, on_ray), *common, "--ray", ray_address, "--device", "cuda"]) == 2
+    assert f"--device cuda: the Ray cluster at {ray_address} has no GPU" in capsys.readouterr().err

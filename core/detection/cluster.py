@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RayClusterError", "TaskResult", "connect", "detect_on_ray", "run_on_ray"]
+__all__ = ["RayClusterError", "TaskResult", "connect", "detect_on_ray", "gpus_per_task", "run_on_ray"]
 
 RAY_REQUIREMENT = "ray==2.60.0"
 DRIVER = "driver"  # TaskResult.node of an item the driver settled itself (already done)
@@ -84,6 +84,15 @@ def connect(address: str) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def gpus_per_task(ray: Any, device: str, address: str) -> int:
+    """A GPU per task when the connected cluster has one and ``device`` is not ``cpu``; raises
+    :class:`RayClusterError` when ``device`` names CUDA and the cluster has no GPU."""
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    if device.startswith("cuda") and not gpus:
+        raise RayClusterError(f"--device {device}: the Ray cluster at {address} has no GPU")
+    return 1 if gpus and device != "cpu" else 0
 
 
 def _node() -> str:
@@ -155,10 +164,7 @@ def detect_on_ray(job: DetectJob, slides: Sequence[str], *, address: str, num_cp
     if not todo:
         return
     with connect(address) as ray:
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        if job.device.startswith("cuda") and not gpus:
-            raise RayClusterError(f"--device {job.device}: the Ray cluster at {address} has no GPU")
-        num_gpus = 1 if gpus and job.device != "cpu" else 0
+        num_gpus = gpus_per_task(ray, job.device, address)
         log.info("%d slides to detect on the Ray cluster at %s (%d CPU, %d GPU per task)", len(todo), address,
                  num_cpus, num_gpus)
         yield from run_on_ray(detect_and_store, todo, args=(job,), num_cpus=num_cpus, num_gpus=num_gpus,
