@@ -33,7 +33,7 @@ from core.detection.scoring import (
 )
 from core.detection.slides import DetectSettings, detect_in_reader, tissue_mask
 from core.wsi import NumpySlideReader
-from tests.detector_fixtures import SLIDE_TILES, TILES, TILES_MPP, real_tile
+from tests.detector_fixtures import SHARED, SLIDE_TILES, TILES, TILES_MPP, real_tile
 
 
 def _mask_of(features: list[dict], shape: tuple[int, int]) -> np.ndarray:
@@ -89,6 +89,25 @@ def test_the_default_split_is_grouped_by_tile_and_by_slide() -> None:
     assert sum(len(p) for p in parts) == 24 and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
     assert s.train_slides and s.heldout_slides and not set(s.train_slides) & set(s.heldout_slides)
     assert split_detector_data(cfg) == s  # deterministic
+
+
+def test_pasted_crops_can_be_limited_to_the_classes_the_tile_masks_mark(tmp_path: Path) -> None:
+    from core.detection.data import DetectorError, load_crops
+
+    crops_csv = SHARED / "glomeruli-bueno" / "labels.csv"
+    rows = list(csv.DictReader(crops_csv.open(newline="")))
+    slides = {r["slide_id"] for r in rows[::3]}
+    want = [r["path"] for r in rows if r["label"] == "non_globally_sclerotic" and r["slide_id"] in slides]
+    got = load_crops(crops_csv, slides, ["non_globally_sclerotic"])
+    assert sorted(c.path.relative_to(crops_csv.parent).as_posix() for c in got) == sorted(want)
+    assert len(load_crops(crops_csv, slides)) > len(got)  # [] / None: every class
+    with pytest.raises(DetectorError, match=r"labels\.csv: data\.crop_labels \['sclerosed'\] match no row.*"
+                                            r"globally_sclerotic"):
+        load_crops(crops_csv, slides, ["non_globally_sclerotic", "sclerosed"])
+    bare = tmp_path / "no_label.csv"
+    bare.write_text("path,slide_id,mask_path\nx.png,s1,m.png\n")
+    with pytest.raises(DetectorError, match=r"no_label\.csv:2: no column\(s\) \['label'\]"):
+        load_crops(bare, None, ["normal"])
 
 
 # --- glom detect on a pyramidal TIFF ----------------------------------------------------------

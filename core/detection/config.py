@@ -52,6 +52,9 @@ class DetectorDataConfig:
     tiles: str = "$SHARED/glomeruli-tiles"  # images/<id>.png + masks/<id>.png
     tiles_mpp: float = 0.5  # µm/px of the tiles as stored
     crops_csv: str = "$SHARED/glomeruli-bueno/labels.csv"  # path,label,slide_id,mask_path ("" = no crops)
+    # the crops' ``label`` values that are pasted ([] = every crop): pasted crops must be what the tile
+    # masks call a glomerulus (the tiles mark glomeruli with a cellular tuft, not globally sclerotic ones)
+    crop_labels: list[str] = field(default_factory=list)
     val_tiles: int = 4  # tiles held out for early stopping (grouped by tile)
     test_tiles: int = 6  # tiles held out for the final figures
     crop_slide_ratios: list[float] = field(default_factory=lambda: [0.8, 0.2])  # train/held-out slides

@@ -121,18 +121,25 @@ def load_tiles(folder: str | Path, tiles_mpp: float, mpp: float, names: list[str
     return out
 
 
-def load_crops(csv_path: str | Path, slides: set[str] | None = None) -> list[GlomerulusCrop]:
-    """Crops with an outline mask from a ``path,label,slide_id,mask_path`` CSV (rows without a mask skipped)."""
+def load_crops(csv_path: str | Path, slides: set[str] | None = None,
+               labels: list[str] | None = None) -> list[GlomerulusCrop]:
+    """Crops with an outline mask from a ``path,label,slide_id,mask_path`` CSV (rows without a mask skipped),
+    of the ``slides`` and with a ``label`` among ``labels`` when given (a label no row has is an error)."""
     csv_path = resolve_data_path(str(csv_path))
     if not csv_path.is_file():
         raise DetectorError(f"crop list {csv_path} does not exist")
     out = []
+    wanted = set(labels or ())
+    seen: set[str] = set()
     with csv_path.open(newline="") as f:
         for line, row in enumerate(csv.DictReader(f), start=2):
-            missing = [k for k in ("path", "slide_id", "mask_path") if k not in row]
+            missing = [k for k in ("path", "slide_id", "mask_path", *(("label",) if wanted else ())) if k not in row]
             if missing:
                 raise DetectorError(f"{csv_path}:{line}: no column(s) {missing}")
+            seen.add(row.get("label") or "")
             if not row["mask_path"] or (slides is not None and row["slide_id"] not in slides):
+                continue
+            if wanted and row["label"] not in wanted:
                 continue
             img, mask = csv_path.parent / row["path"], csv_path.parent / row["mask_path"]
             if not img.is_file() or not mask.is_file():
@@ -141,6 +148,9 @@ def load_crops(csv_path: str | Path, slides: set[str] | None = None) -> list[Glo
             if m.sum() < 100:
                 continue
             out.append(GlomerulusCrop(img, row["slide_id"], np.asarray(Image.open(img).convert("RGB")), m))
+    if wanted - seen:
+        raise DetectorError(f"{csv_path}: data.crop_labels {sorted(wanted - seen)} match no row's label "
+                            f"(the labels there: {sorted(seen)})")
     return out
 
 

@@ -194,7 +194,8 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
     train_tiles = load_tiles(tiles_dir, cfg.data.tiles_mpp, cfg.mpp, split.train_tiles)
     val_tiles = load_tiles(tiles_dir, cfg.data.tiles_mpp, cfg.mpp, split.val_tiles)
     test_tiles = load_tiles(tiles_dir, cfg.data.tiles_mpp, cfg.mpp, split.test_tiles)
-    crops = load_crops(cfg.data.crops_csv, set(split.train_slides)) if cfg.data.crops_csv else []
+    crops = (load_crops(cfg.data.crops_csv, set(split.train_slides), cfg.data.crop_labels)
+             if cfg.data.crops_csv else [])
     stored = load_store_windows(cfg, split)  # glomeruli stored on slides, as tiles (grouped by slide)
     train_tiles += [w.tile for w in stored["train"]]
     val_tiles += [w.tile for w in stored["val"]]
@@ -210,6 +211,7 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
                         postprocess=dict(cfg.postprocess.__dict__),
                         training_data={"tiles": str(resolve_data_path(tiles_dir)), "tiles_mpp": cfg.data.tiles_mpp,
                                        "crops_csv": str(resolve_data_path(cfg.data.crops_csv)) if cfg.data.crops_csv else "",
+                                       "crop_labels": list(cfg.data.crop_labels),
                                        "n_train_tiles": len(train_tiles), "n_pasted_crops": len(crops),
                                        "n_store_windows": {k: len(v) for k, v in stored.items()},
                                        "encoder_weights": m.pretrained_file or "none"},
