@@ -67,15 +67,14 @@ def _load_eval_samples(args: argparse.Namespace, meta, data: str | None, kind: s
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from core.adapt import adapt_checkpoint
     from core.checkpoint import CheckpointError, load_checkpoint
-    from core.splits import Split
+    from core.devices import resolve_device
     from core.engine import make_step_context
     from core.evaluate import evaluate_model
     from core.intervals import HEADLINE, format_ci
     from core.predict import Predictor
+    from core.splits import Split
 
-    import torch
-
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model, meta = load_checkpoint(args.checkpoint, device)
     ckpt_dir = Path(args.checkpoint).resolve().parent
     cfg, ls = _load_eval_samples(args, meta, args.data)

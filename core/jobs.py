@@ -109,11 +109,10 @@ def job_overrides(epochs: int | None = None, input_size_px: int | None = None,
 
 
 def resolve_device(pref: str = "auto") -> str:
-    if pref != "auto":
-        return pref
-    import torch
+    """The device name a job runs on (``auto`` resolved, a named one validated: :mod:`core.devices`)."""
+    from core.devices import resolve_device as _resolve
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(_resolve(pref))
 
 
 def jobs_dir(runs_dir: str | Path) -> Path:

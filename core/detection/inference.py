@@ -17,22 +17,11 @@ import torch
 from torch import nn
 
 from core.detection.model import DetectorError, DetectorMeta
+from core.devices import resolve_device
 
+# resolve_device (core.devices) is re-exported: the detector modules import it from here
 __all__ = ["Predictor", "blend_weights", "edge_mirror_px", "mirror_edges", "predict_image", "resolve_device",
            "tile_origins"]
-
-
-def resolve_device(pref: str = "auto") -> torch.device:
-    """``auto``: CUDA when present, else CPU; otherwise the named device."""
-    if pref == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(pref)
-    except RuntimeError as e:
-        raise DetectorError(f"unknown device {pref!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DetectorError(f"device {pref!r} was asked for but this machine has no CUDA GPU")
-    return dev
 
 
 class Predictor:
