@@ -138,7 +138,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         return _error(f"no such slide file: {', '.join(missing)}")
     settings = DetectSettings.from_meta(meta, tile_px=args.tile_px, overlap_px=args.overlap_px,
                                         batch_size=args.batch_size, threshold=args.threshold,
-                                        min_area_um2=args.min_area_um2)
+                                        min_area_um2=args.min_area_um2, min_score=args.min_score, tta=args.tta)
     if settings.tile_px % 32 or settings.overlap_px >= settings.tile_px:
         return _error(f"--tile-px must be a multiple of 32 larger than --overlap-px (got {settings.tile_px}, "
                       f"{settings.overlap_px})")
@@ -326,6 +326,10 @@ def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.
     p.add_argument("--batch-size", type=int, help="tiles per forward pass (default 8)")
     p.add_argument("--threshold", type=float, help="probability threshold (default: the checkpoint's)")
     p.add_argument("--min-area-um2", type=float, help="drop findings smaller than this (default: the checkpoint's)")
+    p.add_argument("--min-score", type=float,
+                   help="drop findings whose mean probability is below this (default: the checkpoint's)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="mean of the four flips of each tile, 4x the forward cost (default: the checkpoint's)")
     p.add_argument("--no-resume", action="store_true", help="detect again even where a result exists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_detect)

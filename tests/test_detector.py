@@ -156,6 +156,13 @@ def test_detect_resumes_and_redoes_only_when_the_settings_change(tiny_detector: 
     assert glom(args + ["--threshold", "0.6"]) == 0
     assert "already done" not in capsys.readouterr().out
     assert json.loads(result.read_text())["glomlab"]["settings"]["threshold"] == 0.6
+    plain = [f["properties"]["measurements"]["score"] for f in json.loads(result.read_text())["features"]]
+    assert glom(args + ["--threshold", "0.6", "--tta"]) == 0  # the checkpoint has none: the flag turns it on
+    assert "already done" not in capsys.readouterr().out
+    doc = json.loads(result.read_text())
+    assert doc["glomlab"]["settings"]["tta"] is True
+    flipped = [f["properties"]["measurements"]["score"] for f in doc["features"]]
+    assert plain and flipped and flipped != plain  # the four flips' mean, not the plain forward
 
 
 def test_detect_stores_its_findings_as_proposals(tiny_detector: Path, test_slide, tmp_path: Path, capsys) -> None:

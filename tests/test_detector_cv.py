@@ -144,6 +144,8 @@ def test_flip_tta_averages_the_four_flips(tiny_detector):
     assert np.abs(p - plain).max() > 1e-3  # not the plain forward
     flipped = tta(np.ascontiguousarray(rgb[::-1, ::-1])[None])[0][::-1, ::-1]
     assert np.abs(p - flipped).max() < 1e-4  # invariant to the flips it averages over
+    off = Predictor(model, meta, tta=False)(rgb[None])[0]  # the caller's choice over the checkpoint's
+    assert np.array_equal(off, plain)
 
 
 def test_predict_image_mirrors_the_image_edges(tiny_detector):

@@ -28,7 +28,7 @@ class Predictor:
     """Glomerulus probability of HWC uint8 RGB tiles (all the same size), batched on one device."""
 
     def __init__(self, model: nn.Module, meta: DetectorMeta, device: torch.device | str = "cpu",
-                 amp: bool = True) -> None:
+                 amp: bool = True, tta: bool | None = None) -> None:
         self.device = torch.device(device)
         self.meta = meta
         self.cuda = self.device.type == "cuda"
@@ -36,7 +36,8 @@ class Predictor:
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp = amp and self.cuda
-        self.tta = bool(meta.postprocess.get("tta", False))  # flip test-time augmentation, a checkpoint setting
+        # flip test-time augmentation: a checkpoint setting unless ``tta`` says otherwise
+        self.tta = bool(meta.postprocess.get("tta", False)) if tta is None else tta
         self._mean = torch.tensor(meta.mean, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1) * 255
 

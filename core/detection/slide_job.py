@@ -98,7 +98,9 @@ def predictor_for(job: DetectJob) -> Predictor:
         model, meta = load_detector(weights, dev)
         _PREDICTORS.clear()  # one model per process: a run with another checkpoint replaces it
         _PREDICTORS[key] = Predictor(model, meta, dev)
-    return _PREDICTORS[key]
+    predictor = _PREDICTORS[key]
+    predictor.tta = job.settings.tta  # the run's setting (the checkpoint's unless --tta / --no-tta)
+    return predictor
 
 
 def store_proposals(job: DetectJob, slide: str, geojson: str | Path) -> int:

@@ -78,6 +78,7 @@ class DetectSettings:
     split_min_distance_um: float = 60.0
     simplify_um: float = 1.5
     min_score: float = 0.0  # findings with a lower mean probability are dropped
+    tta: bool = False  # mean of the four flips of each tile (4 forward passes)
     max_object_um: float = 600.0  # a component taller than this is emitted even if it still grows
     edge_mirror_um: float = 0.0  # where tissue reaches the slide's edge, the edge is mirrored outwards this far
     thumbnail_px: int = 1024

@@ -249,8 +249,8 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
             n_turn = min(t_cfg.hard_negative_tiles, len(train_tiles))
             turn = [(next_mined + k) % len(train_tiles) for k in range(n_turn)]
             next_mined = (next_mined + len(turn)) % len(train_tiles)
-            hard.update(mine_hard_negatives(Predictor(model, meta, device, amp=t_cfg.amp), train_tiles, turn,
-                                            cfg.postprocess.min_area_um2))
+            miner = Predictor(model, meta, device, amp=t_cfg.amp, tta=False)  # plain forward: what the model marks
+            hard.update(mine_hard_negatives(miner, train_tiles, turn, cfg.postprocess.min_area_um2))
             sampler.set_hard_negatives([p for pts in hard.values() for p in pts])
         model.train()
         sampler.set_epoch(epoch)
@@ -273,7 +273,8 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         model.eval()
-        predictor = Predictor(model, meta, device, amp=t_cfg.amp)
+        # the model as it is now, without flip TTA (4x the cost): a progress signal, not the checkpoint's figure
+        predictor = Predictor(model, meta, device, amp=t_cfg.amp, tta=False)
         val, *_ = evaluate_tiles(predictor, val_tiles, post)
         row = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "hard_negatives": len(sampler.hard),
                "val_dice": round(val["dice"], 5),
