@@ -54,7 +54,8 @@ def train_tiny_detector(root: Path) -> Path:
         "train.samples_per_epoch=40", "train.batch_size=8", "train.lr=0.003", "train.early_stopping_patience=0",
         "train.max_minutes=0", "augment.paste_p=0", "augment.blur=0", "augment.scale_jitter=0",
         "augment.centre_on_glomerulus_p=0.7", "postprocess.min_area_um2=3000",
-        "postprocess.tune=false"])
+        # the plain forward and no score filter: tests that want TTA or a min_score ask for them
+        "postprocess.tune=false", "postprocess.tta=false", "postprocess.min_score=0"])
     from core.detection.train import train_detector
 
     return train_detector(cfg, progress=False).checkpoint

@@ -69,7 +69,8 @@ def test_cv_detector_two_folds_on_the_real_tiles(tmp_path, capsys):
     cfg = load_detector_config("recipes/detector/cpu.yaml", [
         f"output_dir={tmp_path}", "name=tiny", "mpp=2.0", "tile_size=128", f"data.tiles={TILES}",
         "data.val_tiles=2", "data.crops_csv=", "train.epochs=1", "train.samples_per_epoch=8", "train.batch_size=4",
-        "train.max_minutes=0", "augment.paste_p=0", "postprocess.tune=true", "model.decoder_channels=[16,16,16,8,8]"])
+        "train.max_minutes=0", "augment.paste_p=0", "postprocess.tune=true", "postprocess.tta=false",
+        "model.decoder_channels=[16,16,16,8,8]"])
     res = run_detector_cv(cfg, 2, bootstrap=50, progress=False)
     out = res.out_dir
     assert out == tmp_path / "tiny-cv"
