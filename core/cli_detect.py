@@ -126,6 +126,9 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
     if args.ray and args.workers > 1:
         return _error("--workers runs local processes; with --ray there is one Ray task per slide (drop --workers)")
+    for flag, v in (("--threshold", args.threshold), ("--min-score", args.min_score)):
+        if v is not None and not 0.0 <= v <= 1.0:
+            return _error(f"{flag} is a probability, 0 to 1 (got {v})")
     try:
         meta = read_detector_meta(args.checkpoint)
         digest = checkpoint_digest(args.checkpoint)

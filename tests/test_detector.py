@@ -191,6 +191,17 @@ def test_detect_stores_its_findings_as_proposals(tiny_detector: Path, test_slide
     assert "three_tiles.tif" in err and "nope" in err
 
 
+def test_detect_refuses_a_threshold_or_min_score_outside_0_to_1(tiny_detector: Path, test_slide, tmp_path: Path,
+                                                                 capsys) -> None:
+    path, _ = test_slide
+    base = ["detect", str(path), "--checkpoint", str(tiny_detector), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert glom(base + ["--min-score", "80"]) == 2
+    assert "--min-score is a probability, 0 to 1 (got 80.0)" in capsys.readouterr().err
+    assert glom(base + ["--threshold", "-0.1"]) == 2
+    assert "--threshold" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any slide
+
+
 def test_detect_names_the_slide_that_fails(tiny_detector: Path, test_slide, tmp_path: Path, capsys) -> None:
     path, _ = test_slide
     bad = tmp_path / "broken.tif"
