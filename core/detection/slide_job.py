@@ -76,7 +76,7 @@ _PREDICTORS: dict[tuple[str, str, int], Predictor] = {}
 
 def predictor_for(job: DetectJob) -> Predictor:
     """The job's predictor, loaded on first use in this process and kept for the next slides."""
-    key = (job.digest, job.device, job.threads)
+    key = (job.digest, job.device, job.threads, job.settings.tta)
     if key not in _PREDICTORS:
         import torch
 
@@ -97,10 +97,9 @@ def predictor_for(job: DetectJob) -> Predictor:
         dev = resolve_device(job.device)
         model, meta = load_detector(weights, dev)
         _PREDICTORS.clear()  # one model per process: a run with another checkpoint replaces it
-        _PREDICTORS[key] = Predictor(model, meta, dev)
-    predictor = _PREDICTORS[key]
-    predictor.tta = job.settings.tta  # the run's setting (the checkpoint's unless --tta / --no-tta)
-    return predictor
+        # the run's TTA setting (the checkpoint's unless --tta / --no-tta)
+        _PREDICTORS[key] = Predictor(model, meta, dev, tta=job.settings.tta)
+    return _PREDICTORS[key]
 
 
 def store_proposals(job: DetectJob, slide: str, geojson: str | Path) -> int:

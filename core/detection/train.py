@@ -241,6 +241,9 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
     with csv_path.open("w", newline="") as f:
         csv.DictWriter(f, fieldnames=fields).writeheader()
 
+    # mining and per-epoch validation see the model as it is now through the plain forward: what the model marks,
+    # and a progress signal, not the checkpoint's figure (flip TTA would cost 4x)
+    plain = Predictor(model, meta, device, amp=t_cfg.amp, tta=False)
     best_key, best_epoch, stale = (-1.0, -1.0), -1, 0
     start = time.monotonic()
     epochs = tqdm(range(1, t_cfg.epochs + 1), desc="epochs", disable=not progress, unit="ep")
@@ -249,8 +252,7 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
             n_turn = min(t_cfg.hard_negative_tiles, len(train_tiles))
             turn = [(next_mined + k) % len(train_tiles) for k in range(n_turn)]
             next_mined = (next_mined + len(turn)) % len(train_tiles)
-            miner = Predictor(model, meta, device, amp=t_cfg.amp, tta=False)  # plain forward: what the model marks
-            hard.update(mine_hard_negatives(miner, train_tiles, turn, cfg.postprocess.min_area_um2))
+            hard.update(mine_hard_negatives(plain, train_tiles, turn, cfg.postprocess.min_area_um2))
             sampler.set_hard_negatives([p for pts in hard.values() for p in pts])
         model.train()
         sampler.set_epoch(epoch)
@@ -273,9 +275,7 @@ def train_detector(cfg: DetectorConfig, progress: bool = True) -> DetectorRun:
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         model.eval()
-        # the model as it is now, without flip TTA (4x the cost): a progress signal, not the checkpoint's figure
-        predictor = Predictor(model, meta, device, amp=t_cfg.amp, tta=False)
-        val, *_ = evaluate_tiles(predictor, val_tiles, post)
+        val, *_ = evaluate_tiles(plain, val_tiles, post)
         row = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5), "hard_negatives": len(sampler.hard),
                "val_dice": round(val["dice"], 5),
                "val_f1": round(val["f1"], 5), "val_precision": round(val["precision"], 5),
